@@ -1,0 +1,171 @@
+"""LMDB shards: one single-file LMDB environment holding records 0..n-1.
+
+Keys are the record's index in the shard as 8-byte big-endian integers (so LMDB's key
+order is the index order and appends are cheap); values are `records.encode_record`
+bytes. Nothing else is stored in a shard.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from esen_train.data.records import RecordError, StructureRecord, decode_record, encode_record
+
+_KEY = struct.Struct(">Q")
+_INITIAL_MAP_SIZE = 1 << 30  # grown by doubling when full; the file only holds used pages
+
+
+class ShardError(ValueError):
+    """A shard that cannot be opened or read; the message names the file."""
+
+
+def record_key(index: int) -> bytes:
+    return _KEY.pack(index)
+
+
+class ShardWriter:
+    """Writes records to a new shard file, in index order, in batched transactions."""
+
+    def __init__(self, path: str | Path, batch_size: int = 1024):
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} already exists")
+        self._env = lmdb.open(
+            str(self.path), subdir=False, lock=False, map_size=_INITIAL_MAP_SIZE, meminit=False
+        )
+        self._batch_size = batch_size
+        self._pending: list[tuple[bytes, bytes]] = []
+        self.num_records = 0
+
+    def append(self, record: StructureRecord) -> None:
+        self.append_encoded(encode_record(record))
+
+    def append_encoded(self, value: bytes) -> None:
+        self._pending.append((record_key(self.num_records), value))
+        self.num_records += 1
+        if len(self._pending) >= self._batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value, append=True)
+                break
+            except lmdb.MapFullError:
+                # The transaction was aborted; retry it with twice the address space.
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Write what is pending and close; the file is complete after this returns."""
+        if self._env is None:
+            return
+        self._flush()
+        self._env.sync(True)
+        self._env.close()
+        self._env = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class ShardReader:
+    """Reads records from one shard; opens the LMDB environment lazily on first access.
+
+    Picklable before and after opening (the environment is never pickled), and reopens
+    itself in a forked child, so each DataLoader worker gets its own environment.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._env = None
+        self._txn = None
+        self._pid = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def _open(self) -> lmdb.Transaction:
+        if self._txn is not None and self._pid == os.getpid():
+            return self._txn
+        if not self.path.is_file():
+            raise ShardError(f"{self.path}: shard file is missing")
+        try:
+            env = lmdb.open(
+                str(self.path),
+                subdir=False,
+                readonly=True,
+                lock=False,
+                readahead=False,
+                meminit=False,
+            )
+        except lmdb.Error as error:
+            raise ShardError(f"{self.path}: not a readable LMDB shard ({error})") from None
+        self._check_not_truncated(env)
+        self._env = env
+        # The file never changes after conversion, so one read transaction serves all reads.
+        self._txn = env.begin(buffers=False)
+        self._pid = os.getpid()
+        return self._txn
+
+    def _check_not_truncated(self, env: lmdb.Environment) -> None:
+        # Reading a page past the end of a truncated file would kill the interpreter with
+        # SIGBUS (the file is memory-mapped), so compare the size LMDB expects first.
+        expected = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        actual = self.path.stat().st_size
+        if actual < expected:
+            env.close()
+            raise ShardError(
+                f"{self.path}: shard is truncated ({actual} bytes, LMDB expects {expected})"
+            )
+
+    def __len__(self) -> int:
+        return self._open().stat()["entries"]
+
+    def read_bytes(self, index: int) -> bytes:
+        txn = self._open()
+        try:
+            value = txn.get(record_key(index))
+        except lmdb.Error as error:
+            raise ShardError(f"{self.path} record {index}: LMDB error ({error})") from None
+        if value is None:
+            raise IndexError(f"{self.path}: no record {index} (shard has {len(self)} records)")
+        return value
+
+    def read(self, index: int) -> StructureRecord:
+        if index < 0:
+            raise IndexError(f"{self.path}: negative record index {index}")
+        return decode_record(self.read_bytes(index), where=f"{self.path} record {index}")
+
+    def __iter__(self) -> Iterator[StructureRecord]:
+        """All records in index order, with a cursor (faster than `read` in a loop)."""
+        txn = self._open()
+        try:
+            for position, (key, value) in enumerate(txn.cursor()):
+                where = f"{self.path} record {position}"
+                if key != record_key(position):
+                    raise ShardError(f"{where}: unexpected key {key!r} (records must be 0..n-1)")
+                yield decode_record(value, where=where)
+        except lmdb.Error as error:
+            raise ShardError(f"{self.path}: LMDB error while iterating ({error})") from None
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._txn.abort()
+            self._env.close()
+        self._env = self._txn = self._pid = None
+
+
+__all__ = ["RecordError", "ShardError", "ShardReader", "ShardWriter", "record_key"]
