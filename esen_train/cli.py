@@ -1,0 +1,81 @@
+"""`esen-train`: fit, eval, md and quickstart.
+
+    esen-train fit CONFIG [key=value ...] [--nproc N]
+    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json]
+    esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
+    esen-train quickstart [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.evaluation.commands import add_eval_parser, add_md_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="esen-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_fit_parser(commands)
+    add_eval_parser(commands)
+    add_md_parser(commands)
+    _add_quickstart_parser(commands)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def _add_fit_parser(commands) -> None:
+    fit = commands.add_parser("fit", help="train the stages of a config")
+    fit.add_argument("config", help="YAML file in configs/ (e.g. configs/tiny.yaml)")
+    fit.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. direct.max_steps=100")
+    fit.add_argument("--nproc", type=int, default=1, help="start N local processes (torch.distributed.run)")
+    fit.set_defaults(run=_run_fit)
+
+
+def _run_fit(args) -> int:
+    try:
+        config = load_train_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"esen-train fit: {error}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_local_processes(args, config.run_dir)
+    from esen_train.engine.fit import fit
+
+    run_dir = fit(config)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _launch_local_processes(args, run_dir: str) -> int:
+    """Re-run this command under torch's launcher with N processes on this machine.
+    The run directory is fixed here so every process agrees on it."""
+    overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    if not any(o.startswith("strategy.name=") for o in overrides) and load_train_config(args.config, overrides).strategy.name == "single":
+        overrides.append("strategy.name=ddp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        "-m", "esen_train.cli", "fit", args.config, *overrides,
+    ]
+    return subprocess.call(command)
+
+
+def _add_quickstart_parser(commands) -> None:
+    quickstart = commands.add_parser("quickstart", help="the whole recipe on built-in EMT data")
+    quickstart.add_argument("--out", default="runs/quickstart", help="output directory")
+    quickstart.add_argument("--nproc", type=int, default=2, help="processes for direct pretraining")
+    quickstart.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args) -> int:
+    from esen_train.quickstart import run_quickstart
+
+    run_quickstart(args.out, nproc=args.nproc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

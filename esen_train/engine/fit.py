@@ -1,0 +1,88 @@
+"""`esen-train fit`: prepare the run directory and data, then run the stages in order."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from esen_train.data.dataset import LMDBDataset
+from esen_train.data.emt import generate_emt_dataset
+from esen_train.data.loader import build_dataloader
+from esen_train.data.stats import reference_energies
+from esen_train.engine import distributed
+from esen_train.engine.config import TrainConfig, save_config
+from esen_train.engine.tracking import RunLogger, read_metrics
+from esen_train.engine.trainer import StageData, StageTrainer
+from esen_train.evaluation.plots import plot_learning_curves
+
+
+def fit(config: TrainConfig) -> Path:
+    """Train every stage in `config.stages`; returns the run directory."""
+    dist = distributed.init_distributed()
+    run_dir = Path(config.run_dir).resolve()
+    try:
+        if distributed.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _ensure_emt_data(config, run_dir)
+            save_config(config, run_dir / "config.yaml")
+        distributed.barrier()
+        train_dirs, val_dirs = _data_dirs(config, run_dir)
+        logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
+        try:
+            for stage in config.stages:
+                data = _stage_data(config, stage, train_dirs, val_dirs, dist)
+                StageTrainer(stage, config, data, run_dir, logger, dist).run()
+        finally:
+            logger.close()
+        if distributed.is_main():
+            plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+            _write_summary(run_dir, config)
+    finally:
+        distributed.cleanup()
+    return run_dir
+
+
+def _ensure_emt_data(config: TrainConfig, run_dir: Path) -> None:
+    """Generate the built-in EMT data into RUN/data once (90% train, 10% validation)."""
+    if config.data.train or config.data.emt_structures <= 0:
+        return
+    num_val = max(config.data.emt_structures // 10, 2)
+    for split, num, seed in (("train", config.data.emt_structures - num_val, config.data.emt_seed),
+                             ("val", num_val, config.data.emt_seed + 1)):
+        if not (run_dir / "data" / split / "manifest.json").exists():
+            generate_emt_dataset(run_dir / "data" / split, num=num, seed=seed)
+
+
+def _data_dirs(config: TrainConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    if config.data.train:
+        return list(config.data.train), list(config.data.val or config.data.train)
+    return [str(run_dir / "data" / "train")], [str(run_dir / "data" / "val")]
+
+
+def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs: list[str], dist) -> StageData:
+    settings = getattr(config, stage)
+    cutoff = config.model.cutoff
+    train_set = LMDBDataset(train_dirs, cutoff=cutoff)
+    val_set = LMDBDataset(val_dirs, cutoff=cutoff)
+    loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=config.seed, num_workers=config.data.num_workers)
+    references, force_rms = reference_energies(train_dirs, config.model.max_num_elements)
+    return StageData(
+        train_loader=build_dataloader(train_set, settings.max_atoms, shuffle=True, **loader_args),
+        val_loader=build_dataloader(val_set, settings.max_atoms, shuffle=False, **loader_args),
+        element_references=torch.as_tensor(references, dtype=torch.float64),
+        energy_scale=float(force_rms),
+        has_stress=train_set.has_stress,
+    )
+
+
+def _write_summary(run_dir: Path, config: TrainConfig) -> None:
+    """RUN/summary.json: the last validation metrics of each stage."""
+    rows = read_metrics(run_dir)
+    summary = {}
+    for stage in config.stages:
+        val_rows = [row for row in rows if row["stage"] == stage and row["split"] == "val" and "loaded_from" not in row]
+        if val_rows:
+            summary[stage] = val_rows[-1]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

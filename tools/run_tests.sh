@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything, start the local SLURM cluster, run the whole test suite.
+# Fails if pytest fails or collects no test (pytest exit code 5).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh || exit 1
+eval "$(bash launch/local_slurm.sh start)" || { echo "local SLURM cluster failed to start" >&2; exit 1; }
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+python3 -m pytest tests "$@"
+status=$?
+bash launch/local_slurm.sh stop >/dev/null 2>&1 || true
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: failing" >&2
+    exit 1
+fi
+exit "$status"
