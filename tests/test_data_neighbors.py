@@ -1,0 +1,101 @@
+"""The neighbour list equals ASE's (same set of (i, j, S)) on every kind of structure."""
+from __future__ import annotations
+
+import ase.build
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.neighborlist import primitive_neighbor_list
+
+from esen_train.data.neighbors import build_neighbor_list
+
+
+def _ase_pairs(atoms: Atoms, cutoff: float) -> set[tuple]:
+    i, j, shifts = primitive_neighbor_list(
+        "ijS", atoms.pbc, atoms.cell.array, atoms.positions, cutoff, self_interaction=False
+    )
+    return {(a, b, tuple(s)) for a, b, s in zip(i.tolist(), j.tolist(), shifts.tolist())}
+
+
+def _our_pairs(atoms: Atoms, cutoff: float) -> set[tuple]:
+    edge_index, offsets = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    assert edge_index.dtype == np.int64 and edge_index.shape[0] == 2
+    assert offsets.shape == (edge_index.shape[1], 3)
+    centres, neighbours = edge_index[1].tolist(), edge_index[0].tolist()
+    pairs = {(i, j, tuple(s)) for i, j, s in zip(centres, neighbours, offsets.tolist())}
+    assert len(pairs) == edge_index.shape[1], "duplicate edges"
+    return pairs
+
+
+def _rattled_cu_108() -> Atoms:
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+    atoms.rattle(0.1, seed=1)
+    return atoms
+
+
+def _skewed_cell() -> Atoms:
+    rng = np.random.default_rng(1)
+    cell = [[3.0, 0.0, 0.0], [2.8, 1.0, 0.0], [0.5, 0.3, 3.0]]
+    return Atoms("Cu4", positions=rng.random((4, 3)) * 3.0, cell=cell, pbc=True)
+
+
+def _atoms_outside_cell() -> Atoms:
+    atoms = _rattled_cu_108()
+    atoms.positions += [7.0, -13.0, 25.0]
+    return atoms
+
+
+def _slab() -> Atoms:
+    slab = ase.build.fcc111("Cu", (2, 2, 3), vacuum=5.0)
+    slab.rattle(0.05, seed=2)
+    return slab
+
+
+def _molecule() -> Atoms:
+    molecule = ase.build.molecule("CH3CH2OCH3")
+    assert not molecule.pbc.any() and not molecule.cell.array.any()
+    return molecule
+
+
+@pytest.mark.parametrize(
+    ("make", "cutoff"),
+    [
+        (_rattled_cu_108, 6.0),  # cutoff above half the box: several images of the same atom
+        (lambda: ase.build.bulk("Cu"), 6.0),  # 1-atom cell: only self-images
+        (_skewed_cell, 5.0),
+        (_atoms_outside_cell, 5.0),
+        (_slab, 6.0),  # periodic in x, y only
+        (_molecule, 2.5),
+        (_molecule, 100.0),  # everything connected
+    ],
+)
+def test_neighbor_list_equals_ase(make, cutoff):
+    atoms = make()
+    expected = _ase_pairs(atoms, cutoff)
+    assert len(expected) > 0
+    assert _our_pairs(atoms, cutoff) == expected
+
+
+def test_edge_vectors_follow_the_documented_convention():
+    atoms = _rattled_cu_108()
+    edge_index, offsets = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
+    source, target = edge_index
+    vectors = atoms.positions[source] - atoms.positions[target] + offsets @ atoms.cell.array
+    distances = np.linalg.norm(vectors, axis=1)
+    assert distances.max() < 6.0 and distances.min() > 0.5
+    # Ordered pairs come in both directions: (j -> i, S) and (i -> j, -S).
+    forward = {(j, i, tuple(s)) for j, i, s in zip(source.tolist(), target.tolist(), offsets.tolist())}
+    backward = {(i, j, tuple(-np.asarray(s))) for j, i, s in forward}
+    assert forward == backward
+
+
+def test_isolated_atom_has_no_edges():
+    edge_index, offsets = build_neighbor_list(np.zeros((1, 3)), np.zeros((3, 3)), [False] * 3, 6.0)
+    assert edge_index.shape == (2, 0) and offsets.shape == (0, 3)
+
+
+def test_periodic_direction_without_lattice_vector_is_rejected():
+    with pytest.raises(ValueError, match="lattice vector 2"):
+        build_neighbor_list(np.zeros((2, 3)), np.diag([3.0, 3.0, 0.0]), [True, True, True], 5.0)
+    with pytest.raises(ValueError, match="shape"):
+        build_neighbor_list(np.zeros((2, 2)), np.eye(3), [True] * 3, 5.0)
