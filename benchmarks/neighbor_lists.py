@@ -1,0 +1,207 @@
+"""Neighbour-list libraries compared on the structures the data reader sees; prints JSON.
+
+    OMP_NUM_THREADS=1 python benchmarks/neighbor_lists.py [--seconds 0.5]
+
+Systems: 108-atom periodic Cu (3x3x3 fcc conventional cells, rattled) at 6 Å,
+the same at 5 Å (below half the box: see the note in the output), and rMD17
+aspirin (21 atoms, no cell) at 6 Å. For each library: the median time of one
+full neighbour list (both directions of every pair, image shifts), pairs per
+second, and whether its set of (i, j, S) equals ASE's. Every library runs on one
+thread, as in a DataLoader worker. neighborlist-rs and freud are measured when
+installed (they are not project dependencies). Agreement with ASE is also checked
+on harder structures: a slab, a skewed triclinic cell, a 1-atom cell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ase.build
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.neighborlist import primitive_neighbor_list
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+
+ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
+
+
+def rattled_cu_108() -> Atoms:
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
+def aspirin() -> Atoms:
+    if not ASPIRIN.exists():
+        raise SystemExit(f"{ASPIRIN} is absent: the aspirin case needs ../shared/data")
+    return ase.io.read(ASPIRIN, index=0)
+
+
+# Each function returns (i, j, S) with r = pos[j] - pos[i] + S @ cell, both directions.
+def ase_pairs(atoms: Atoms, cutoff: float):
+    return primitive_neighbor_list(
+        "ijS", atoms.pbc, atoms.cell.array, atoms.positions, cutoff, self_interaction=False
+    )
+
+
+def vesin_pairs(atoms: Atoms, cutoff: float):
+    edge_index, shifts = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    return edge_index[1], edge_index[0], shifts
+
+
+def vesin_torch_pairs(atoms: Atoms, cutoff: float):
+    import torch
+    from vesin_torch import NeighborList
+
+    calculator = NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+    i, j, shifts = calculator.compute(
+        torch.from_numpy(atoms.positions),
+        torch.from_numpy(atoms.cell.array),
+        torch.from_numpy(atoms.pbc),
+        "ijS",
+    )
+    return i.numpy(), j.numpy(), shifts.numpy()
+
+
+def matscipy_pairs(atoms: Atoms, cutoff: float):
+    from matscipy.neighbours import neighbour_list
+
+    if not atoms.pbc.any():  # matscipy needs a box even without periodicity
+        atoms = atoms.copy()
+        atoms.center(vacuum=cutoff)
+    return neighbour_list("ijS", atoms, cutoff)
+
+
+def neighborlist_rs_pairs(atoms: Atoms, cutoff: float):
+    import neighborlist_rs
+
+    neighborlist_rs.set_num_threads(1)
+    cell = neighborlist_rs.PyCell(atoms.cell.array.tolist(), pbc=atoms.pbc.tolist()) if atoms.pbc.any() else None
+    result = neighborlist_rs.build_neighborlists(cell, atoms.positions, cutoff, parallel=False)
+    (i, j), shifts = result["edge_index"], result["shift"]  # a half list: add the reverse
+    return np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([shifts, -shifts])
+
+
+def freud_pairs(atoms: Atoms, cutoff: float):
+    import freud
+
+    box = freud.box.Box.from_matrix(atoms.cell.array.T)
+    points = box.wrap(atoms.positions)
+    query = freud.locality.AABBQuery(box, points)
+    pairs = query.query(points, {"r_max": cutoff, "exclude_ii": True}).toNeighborList()
+    # freud gives no image shifts, only pairs: not usable for a periodic graph as is.
+    return pairs.query_point_indices, pairs.point_indices, None
+
+
+LIBRARIES = {
+    "vesin": vesin_pairs,
+    "vesin-torch": vesin_torch_pairs,
+    "matscipy": matscipy_pairs,
+    "ase": ase_pairs,
+    "neighborlist-rs": neighborlist_rs_pairs,
+    "freud": freud_pairs,
+}
+
+
+def as_set(i, j, shifts) -> set:
+    if shifts is None:
+        return {(a, b) for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist())}
+    shifts = np.asarray(shifts).astype(int).tolist()
+    return {(a, b, tuple(s)) for a, b, s in zip(np.asarray(i).tolist(), np.asarray(j).tolist(), shifts)}
+
+
+def median_seconds(function, seconds: float) -> float:
+    function()  # warm-up (imports, first allocation)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(atoms: Atoms, cutoff: float, seconds: float) -> dict:
+    reference = as_set(*ase_pairs(atoms, cutoff))
+    reference_pairs = {(a, b) for a, b, _ in reference}
+    results = {}
+    for name, pairs in LIBRARIES.items():
+        try:
+            found = pairs(atoms, cutoff)
+        except ImportError:
+            results[name] = {"skipped": "not installed"}
+            continue
+        except Exception as error:  # a library refusing the structure is a result too
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        agrees = as_set(*found) == (reference if found[2] is not None else reference_pairs)
+        elapsed = median_seconds(lambda: pairs(atoms, cutoff), seconds)
+        results[name] = {
+            "ms_per_structure": round(elapsed * 1e3, 4),
+            "pairs_per_s": round(len(found[0]) / elapsed),
+            "agrees_with_ase": agrees,
+        }
+    return {"atoms": len(atoms), "cutoff": cutoff, "pairs": len(reference), "libraries": results}
+
+
+def agreement(atoms: Atoms, cutoff: float) -> dict:
+    """Whether each library's (i, j, S) equals ASE's on a structure (no timing)."""
+    reference = as_set(*ase_pairs(atoms, cutoff))
+    results = {}
+    for name, pairs in LIBRARIES.items():
+        try:
+            found = pairs(atoms, cutoff)
+        except ImportError:
+            continue
+        except Exception as error:
+            results[name] = f"{type(error).__name__}: {error}"
+            continue
+        results[name] = found[2] is not None and as_set(*found) == reference
+    return results
+
+
+def correctness_cases() -> dict[str, tuple[Atoms, float]]:
+    slab = ase.build.fcc111("Cu", (2, 2, 3), vacuum=5.0)  # periodic in x and y only
+    slab.rattle(0.05, seed=0)
+    skewed = Atoms(
+        "Cu4",
+        positions=np.random.default_rng(1).random((4, 3)) * 3.0,
+        cell=[[3.0, 0.0, 0.0], [2.8, 1.0, 0.0], [0.5, 0.3, 3.0]],
+        pbc=True,
+    )
+    return {
+        "slab_pbc_xy_6A": (slab, 6.0),
+        "skewed_triclinic_4_atoms_5A": (skewed, 5.0),
+        "primitive_fcc_1_atom_6A": (ase.build.bulk("Cu"), 6.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per library and system")
+    args = parser.parse_args()
+    report = {
+        "cu108_6A": measure(rattled_cu_108(), 6.0, args.seconds),
+        "cu108_5A": measure(rattled_cu_108(), 5.0, args.seconds),
+        "aspirin_6A": measure(aspirin(), 6.0, args.seconds),
+        "agrees_with_ase_on_hard_cases": {
+            name: agreement(atoms, cutoff) for name, (atoms, cutoff) in correctness_cases().items()
+        },
+        "note": (
+            "vesin's cell list uses cells no smaller than the cutoff; when a periodic cell is "
+            "thinner than twice the cutoff (Cu108: 10.8 A < 12 A) it has one cell per direction "
+            "and checks all 27 images of every pair, hence the gap between 5 A and 6 A."
+        ),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
