@@ -78,16 +78,63 @@ class ShardWriter:
         self.close()
 
 
+# Environments open in this process, shared by all readers of the same file (py-lmdb
+# refuses to open one file twice in a process): file identity -> [environment, readers].
+# A forked child inherits this table and reuses the parent's read-only, lock-free
+# mapping; its readers' counts keep it from ever closing the parent's environment.
+_OPEN_ENVIRONMENTS: dict[tuple[int, int], list] = {}
+
+
+def _acquire_environment(path: Path) -> tuple[tuple[int, int], lmdb.Environment]:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file is missing") from None
+    key = (status.st_dev, status.st_ino)
+    entry = _OPEN_ENVIRONMENTS.get(key)
+    if entry is None:
+        try:
+            env = lmdb.open(
+                str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False
+            )
+        except lmdb.Error as error:
+            raise ShardError(f"{path}: not a readable LMDB shard ({error})") from None
+        entry = _OPEN_ENVIRONMENTS[key] = [env, 0]
+    # Reading a page past the end of a truncated file would kill the interpreter with
+    # SIGBUS (the file is memory-mapped), so compare the size LMDB expects first.
+    env = entry[0]
+    expected = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if status.st_size < expected:
+        if entry[1] == 0:
+            _close_environment(key)
+        raise ShardError(
+            f"{path}: shard is truncated ({status.st_size} bytes, LMDB expects {expected})"
+        )
+    entry[1] += 1
+    return key, env
+
+
+def _release_environment(key: tuple[int, int]) -> None:
+    entry = _OPEN_ENVIRONMENTS[key]
+    entry[1] -= 1
+    if entry[1] == 0:
+        _close_environment(key)
+
+
+def _close_environment(key: tuple[int, int]) -> None:
+    _OPEN_ENVIRONMENTS.pop(key)[0].close()
+
+
 class ShardReader:
     """Reads records from one shard; opens the LMDB environment lazily on first access.
 
-    Picklable before and after opening (the environment is never pickled), and reopens
-    itself in a forked child, so each DataLoader worker gets its own environment.
+    Picklable before and after opening (only the path is pickled), so DataLoader workers
+    started by spawn open their own environment; see `_OPEN_ENVIRONMENTS` for fork.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._env = None
+        self._key = None
         self._txn = None
         self._pid = None
 
@@ -100,36 +147,11 @@ class ShardReader:
     def _open(self) -> lmdb.Transaction:
         if self._txn is not None and self._pid == os.getpid():
             return self._txn
-        if not self.path.is_file():
-            raise ShardError(f"{self.path}: shard file is missing")
-        try:
-            env = lmdb.open(
-                str(self.path),
-                subdir=False,
-                readonly=True,
-                lock=False,
-                readahead=False,
-                meminit=False,
-            )
-        except lmdb.Error as error:
-            raise ShardError(f"{self.path}: not a readable LMDB shard ({error})") from None
-        self._check_not_truncated(env)
-        self._env = env
+        self._key, env = _acquire_environment(self.path)
         # The file never changes after conversion, so one read transaction serves all reads.
         self._txn = env.begin(buffers=False)
         self._pid = os.getpid()
         return self._txn
-
-    def _check_not_truncated(self, env: lmdb.Environment) -> None:
-        # Reading a page past the end of a truncated file would kill the interpreter with
-        # SIGBUS (the file is memory-mapped), so compare the size LMDB expects first.
-        expected = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        actual = self.path.stat().st_size
-        if actual < expected:
-            env.close()
-            raise ShardError(
-                f"{self.path}: shard is truncated ({actual} bytes, LMDB expects {expected})"
-            )
 
     def __len__(self) -> int:
         return self._open().stat()["entries"]
@@ -162,10 +184,11 @@ class ShardReader:
             raise ShardError(f"{self.path}: LMDB error while iterating ({error})") from None
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
+        """Release this reader's environment (closed when its last reader in this process is)."""
+        if self._txn is not None and self._pid == os.getpid():
             self._txn.abort()
-            self._env.close()
-        self._env = self._txn = self._pid = None
+            _release_environment(self._key)
+        self._key = self._txn = self._pid = None
 
 
 __all__ = ["RecordError", "ShardError", "ShardReader", "ShardWriter", "record_key"]

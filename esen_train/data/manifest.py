@@ -1,0 +1,232 @@
+"""A dataset directory: `manifest.json`, `natoms.npy` and the shards it lists.
+
+    DIR/
+      manifest.json      what the dataset holds (this module's `Manifest`)
+      natoms.npy         int32 [num_structures]: atoms per structure, in global order
+      shard_00000.lmdb   records (see `shards.py`); more shards follow the same pattern
+
+The global index of a structure counts through shard 0, then shard 1, and so on, in the
+order the manifest lists them; `natoms.npy` follows the same order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from esen_train.data.records import StructureRecord
+from esen_train.data.shards import ShardError, ShardReader
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+NATOMS_NAME = "natoms.npy"
+UNITS = {"positions": "Å", "energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}
+
+
+class DatasetError(ValueError):
+    """A dataset directory that is missing, incomplete or inconsistent; names the file."""
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name inside the dataset directory
+    num_structures: int
+    num_atoms: int
+    checksum: str  # "sha256:<hex digest of the file>"
+
+
+@dataclass
+class DatasetStats:
+    """Normalisation statistics, written by `esen-data stats`."""
+
+    # Per-element reference energies (eV) from least squares of E against element counts.
+    element_references: dict[int, float]
+    # Root mean square of all force components (eV/Å).
+    force_rms: float
+    # Total energy per atom (eV/atom), raw and after subtracting the references.
+    energy_per_atom_mean: float
+    energy_per_atom_std: float
+    energy_per_atom_min: float
+    energy_per_atom_max: float
+    residual_energy_per_atom_mean: float
+    residual_energy_per_atom_std: float
+
+
+@dataclass
+class Manifest:
+    num_structures: int
+    num_atoms: int
+    elements: list[int]  # sorted atomic numbers present
+    # Labels carried: always energy and forces; stress, charge, spin where at least one
+    # record has them (a record without stress has `stress is None`).
+    properties: list[str]
+    shards: list[ShardInfo]
+    provenance: dict = field(default_factory=dict)  # tool, inputs, options, time
+    skipped: int = 0  # invalid input structures left out by --skip-invalid
+    stats: DatasetStats | None = None
+    units: dict[str, str] = field(default_factory=lambda: dict(UNITS))
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> Manifest:
+        try:
+            data = dict(data)
+            data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+            if data.get("stats") is not None:
+                stats = dict(data["stats"])
+                stats["element_references"] = {
+                    int(z): float(e) for z, e in stats["element_references"].items()
+                }
+                data["stats"] = DatasetStats(**stats)
+            return cls(**data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DatasetError(f"{where}: malformed manifest ({error})") from None
+
+    def save(self, directory: str | Path) -> None:
+        """Write DIR/manifest.json atomically (temporary file, then rename)."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(Path(directory) / MANIFEST_NAME, text.encode())
+
+    @classmethod
+    def load(cls, directory: str | Path, check_shards: bool = True) -> Manifest:
+        """Read and validate DIR/manifest.json.
+
+        Checks the format version, that the totals add up, and (with `check_shards`)
+        that every shard file exists, is not truncated and holds the number of records
+        the manifest says. Errors name the file at fault.
+        """
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not directory.is_dir():
+            raise DatasetError(f"{directory}: dataset directory does not exist")
+        if not path.is_file():
+            if not any(directory.iterdir()):
+                raise DatasetError(f"{directory}: directory is empty, not a dataset")
+            raise DatasetError(f"{path}: missing (is {directory} an esen-train dataset?)")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DatasetError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            version = data.get("format_version") if isinstance(data, dict) else None
+            raise DatasetError(
+                f"{path}: format_version {version!r}, this esen-train reads {FORMAT_VERSION}"
+            )
+        manifest = cls.from_dict(data, where=str(path))
+        manifest._check_totals(path)
+        if check_shards:
+            for shard in manifest.shards:
+                _check_shard_file(directory, shard)
+        return manifest
+
+    def _check_totals(self, path: Path) -> None:
+        structures = sum(shard.num_structures for shard in self.shards)
+        atoms = sum(shard.num_atoms for shard in self.shards)
+        if structures != self.num_structures or atoms != self.num_atoms:
+            raise DatasetError(
+                f"{path}: shards hold {structures} structures / {atoms} atoms but the manifest "
+                f"says {self.num_structures} / {self.num_atoms}"
+            )
+
+
+def _check_shard_file(directory: Path, shard: ShardInfo) -> None:
+    path = directory / shard.name
+    if not path.is_file():
+        raise DatasetError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
+    reader = ShardReader(path)
+    try:
+        count = len(reader)
+    except ShardError as error:
+        raise DatasetError(str(error)) from None
+    finally:
+        reader.close()
+    if count != shard.num_structures:
+        raise DatasetError(
+            f"{path}: holds {count} records but {MANIFEST_NAME} says {shard.num_structures}"
+        )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+def save_natoms(directory: str | Path, natoms: np.ndarray) -> None:
+    path = Path(directory) / NATOMS_NAME
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        np.save(f, np.asarray(natoms, dtype=np.int32), allow_pickle=False)
+    os.replace(f.name, path)
+
+
+def load_natoms(directory: str | Path, mmap: bool = False) -> np.ndarray:
+    """Atoms per structure (int32 [num_structures]) in global order; never unpickles."""
+    path = Path(directory) / NATOMS_NAME
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (atoms-per-structure array of the dataset)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as error:
+        raise DatasetError(f"{path}: unreadable ({error})") from None
+
+
+def file_checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+class DatasetDirectory:
+    """An opened dataset directory: its manifest, one lazy reader per shard, and the
+    mapping from global structure index to (shard, local index).
+
+    Picklable; shards open on first read in each process.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)
+        self.readers = [ShardReader(self.path / shard.name) for shard in self.manifest.shards]
+        counts = [shard.num_structures for shard in self.manifest.shards]
+        # starts[k] = global index of the first record of shard k
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.manifest.num_structures
+
+    def natoms(self, mmap: bool = False) -> np.ndarray:
+        natoms = load_natoms(self.path, mmap=mmap)
+        if natoms.shape != (len(self),):
+            raise DatasetError(
+                f"{self.path / NATOMS_NAME}: shape {natoms.shape}, expected ({len(self)},) "
+                f"from {MANIFEST_NAME}"
+            )
+        return natoms
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, index inside that shard) of global structure `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: structure {index} out of range 0..{len(self) - 1}")
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, int(index - self.starts[shard])
+
+    def read(self, index: int) -> StructureRecord:
+        shard, local = self.locate(index)
+        return self.readers[shard].read(local)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()

@@ -1,0 +1,231 @@
+"""Reading input files as `StructureRecord`s, in chunks that workers convert in parallel.
+
+Three kinds of input, each read a chunk at a time so no big file is ever in memory:
+
+* extended XYZ (`.xyz`, `.extxyz`): one scan finds the byte range of every chunk of
+  frames; a worker reads just its byte range and parses it with ASE's extxyz reader.
+  (ASE's own `iread` first builds an index of every frame of the whole file, which for
+  a file of 100 million frames is itself too large.)
+* ASE databases (`.db`, `.json`, and fairchem's `.aselmdb` through `ase-db-backends`):
+  the row count is known up front, and a worker reads rows start..start+count.
+* anything else ASE reads (VASP OUTCAR/vasprun.xml, `.traj`, ...): one chunk per file,
+  streamed with `ase.io.iread`.
+
+The index of a structure is its position in `ase.io.read(file, ":")`.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase.db
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.io.formats import filetype
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from esen_train.data.records import StructureRecord
+from esen_train.data.validate import InvalidStructure
+
+EXTXYZ = "extxyz"
+DATABASE = "database"
+ASE_IO = "ase-io"
+_DATABASE_SUFFIXES = {".db", ".json", ".aselmdb"}
+
+
+class InputError(ValueError):
+    """An input file that cannot be read; names the file (and structure where known)."""
+
+
+@dataclass(frozen=True)
+class InputChunk:
+    """Structures start..start+count-1 of one file (count None: to the end of the file)."""
+
+    path: str
+    kind: str  # EXTXYZ, DATABASE or ASE_IO
+    start: int
+    count: int | None
+    byte_range: tuple[int, int] | None = None  # extxyz only: [begin, end) in the file
+    format: str | None = None  # ase.io format name for ASE_IO inputs
+
+
+def input_kind(path: Path, format: str | None = None) -> str:
+    if path.suffix in _DATABASE_SUFFIXES and format is None:
+        return DATABASE
+    if (format or _guess_format(path)) == "extxyz":
+        return EXTXYZ
+    return ASE_IO
+
+
+def _guess_format(path: Path) -> str:
+    try:
+        return filetype(str(path), read=True)
+    except Exception as error:  # ase raises several types for unknown files
+        raise InputError(f"{path}: cannot tell the file format ({error}); pass --format") from None
+
+
+def plan_chunks(path: str | Path, chunk_size: int, format: str | None = None) -> list[InputChunk]:
+    """Split one input file into chunks of at most `chunk_size` structures."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: input file does not exist")
+    kind = input_kind(path, format)
+    if kind == EXTXYZ:
+        return _plan_extxyz(path, chunk_size)
+    if kind == DATABASE:
+        with _open_database(path) as db:
+            total = db.count()
+        return [
+            InputChunk(str(path), DATABASE, start, min(chunk_size, total - start))
+            for start in range(0, total, chunk_size)
+        ]
+    return [InputChunk(str(path), ASE_IO, 0, None, format=format)]
+
+
+def _plan_extxyz(path: Path, chunk_size: int) -> list[InputChunk]:
+    """Byte ranges of chunks of frames, found by reading only the atom-count lines."""
+    chunks = []
+    with open(path, "rb") as f:
+        frame, chunk_start, chunk_begin = 0, 0, 0
+        while True:
+            position = f.tell()
+            line = f.readline()
+            if not line.strip():
+                break
+            if frame - chunk_start == chunk_size:
+                chunks.append(
+                    InputChunk(str(path), EXTXYZ, chunk_start, chunk_size, (chunk_begin, position))
+                )
+                chunk_start, chunk_begin = frame, position
+            try:
+                natoms = int(line)
+            except ValueError:
+                raise InputError(
+                    f"{path} structure {frame}: expected an atom count line, got {line[:60]!r}"
+                ) from None
+            for _ in range(natoms + 1):  # comment line, then one line per atom
+                if not f.readline():
+                    raise InputError(f"{path} structure {frame}: file ends inside the frame")
+            _skip_vec_lines(f)
+            frame += 1
+        if frame > chunk_start:
+            chunks.append(
+                InputChunk(str(path), EXTXYZ, chunk_start, frame - chunk_start, (chunk_begin, position))
+            )
+    return chunks
+
+
+def _skip_vec_lines(f) -> None:
+    # Old-style extxyz may put lattice vectors on "VEC1 ..." lines after a frame.
+    while True:
+        position = f.tell()
+        if not f.readline().lstrip().startswith(b"VEC"):
+            f.seek(position)
+            return
+
+
+def _open_database(path: Path):
+    extra = {"readonly": True} if path.suffix == ".aselmdb" else {}
+    try:
+        return ase.db.connect(str(path), use_lock_file=False, **extra)
+    except Exception as error:
+        raise InputError(f"{path}: cannot open as an ASE database ({error})") from None
+
+
+def read_chunk(chunk: InputChunk) -> Iterator[tuple[int, Atoms]]:
+    """(index in file, Atoms) for each structure of the chunk, with charge/spin in info."""
+    index = chunk.start
+    try:
+        for atoms in _chunk_atoms(chunk):
+            yield index, atoms
+            index += 1
+    except InvalidStructure:
+        raise
+    except Exception as error:  # parsers raise anything from ValueError to IndexError
+        raise InputError(f"{chunk.path} structure {index}: cannot read ({error})") from error
+
+
+def _chunk_atoms(chunk: InputChunk) -> Iterator[Atoms]:
+    if chunk.kind == EXTXYZ:
+        begin, end = chunk.byte_range
+        with open(chunk.path, "rb") as f:
+            f.seek(begin)
+            text = f.read(end - begin).decode()
+        yield from ase.io.iread(io.StringIO(text), index=":", format="extxyz")
+    elif chunk.kind == DATABASE:
+        yield from _database_atoms(Path(chunk.path), chunk.start, chunk.count)
+    else:
+        yield from ase.io.iread(chunk.path, index=":", format=chunk.format)
+
+
+def _database_atoms(path: Path, start: int, count: int) -> Iterator[Atoms]:
+    with _open_database(path) as db:
+        if hasattr(db, "ids"):
+            # aselmdb: select(offset=...) would decode every row before the offset.
+            rows = (db.get(id=row_id) for row_id in db.ids[start : start + count])
+        else:
+            rows = db.select(offset=start, limit=count)
+        for row in rows:
+            atoms = row.toatoms()
+            # fairchem keeps charge and spin in the row's data; other tools in key_value_pairs.
+            atoms.info.update(row.key_value_pairs)
+            if isinstance(row.data, dict):
+                atoms.info.update(row.data)
+            yield atoms
+
+
+def atoms_to_record(atoms: Atoms, source_file: str, source_index: int) -> StructureRecord:
+    """The labels of `atoms` (from its calculator's results) as a record.
+
+    Missing energy or forces raise `InvalidStructure`; everything else is checked by
+    `validate.check_record`.
+    """
+    results = atoms.calc.results if atoms.calc is not None else {}
+
+    def missing(field: str):
+        return InvalidStructure(source_file, source_index, field, "missing from the input")
+
+    if results.get("energy") is None:
+        raise missing("energy")
+    if results.get("forces") is None:
+        raise missing("forces")
+    return StructureRecord(
+        positions=np.array(atoms.positions),
+        atomic_numbers=np.array(atoms.numbers),
+        cell=np.array(atoms.cell.array),
+        pbc=np.array(atoms.pbc, dtype=bool),
+        energy=float(results["energy"]),
+        forces=np.array(results["forces"]),
+        stress=_full_stress(results.get("stress"), source_file, source_index),
+        charge=_optional_number(atoms.info, "charge", source_file, source_index),
+        spin=_optional_number(atoms.info, "spin", source_file, source_index),
+        source_file=source_file,
+        source_index=source_index,
+    )
+
+
+def _optional_number(info: dict, field: str, source_file: str, source_index: int):
+    value = info.get(field)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(())[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise InvalidStructure(source_file, source_index, field, f"not a number: {value!r}")
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _full_stress(stress, source_file: str, source_index: int) -> np.ndarray | None:
+    if stress is None:
+        return None
+    stress = np.asarray(stress)
+    if stress.shape == (6,):
+        return voigt_6_to_full_3x3_stress(stress)
+    if stress.shape == (3, 3):
+        return stress.copy()
+    raise InvalidStructure(
+        source_file, source_index, "stress", f"shape {stress.shape}, expected (6,) or (3, 3)"
+    )

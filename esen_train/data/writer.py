@@ -1,0 +1,180 @@
+"""Writing a dataset directory so that it appears only when complete.
+
+`DatasetWriter` builds everything in a hidden temporary directory beside the output
+(`.NAME.partial-XXXX`, same file system) and renames it into place in `finish()`; on an
+error the temporary directory is removed, so a failed run leaves nothing behind.
+Structure i goes to shard i mod num_shards, which balances the shards without knowing
+in advance how many structures will come.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from esen_train.data.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    file_checksum,
+    save_natoms,
+)
+from esen_train.data.records import StructureRecord, encode_record
+from esen_train.data.shards import ShardWriter
+from esen_train.data.stats import StatsAccumulator
+
+OPTIONAL_PROPERTIES = ("stress", "charge", "spin")
+
+
+def shard_name(number: int) -> str:
+    return f"shard_{number:05d}.lmdb"
+
+
+def present_properties(record: StructureRecord) -> set[str]:
+    return {name for name in OPTIONAL_PROPERTIES if getattr(record, name) is not None}
+
+
+@dataclass
+class EncodedChunk:
+    """Records encoded by a conversion worker, with what the writer needs to know of them."""
+
+    records: list[bytes] = field(default_factory=list)
+    natoms: list[int] = field(default_factory=list)
+    stats: StatsAccumulator = field(default_factory=StatsAccumulator)
+    properties: set[str] = field(default_factory=set)
+    skipped: list[str] = field(default_factory=list)  # why each skipped structure was invalid
+
+    def add(self, record: StructureRecord) -> None:
+        self.records.append(encode_record(record))
+        self.natoms.append(record.num_atoms)
+        self.stats.add(record)
+        self.properties |= present_properties(record)
+
+
+def check_output_free(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked, and never replace a directory
+    that is not a dataset (so `--overwrite` cannot delete an unrelated folder)."""
+    if not out_dir.exists():
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{out_dir} exists and is not an esen-train dataset (no {MANIFEST_NAME}); "
+            "refusing to overwrite it"
+        )
+
+
+class DatasetWriter:
+    """Use as a context manager: `with DatasetWriter(...) as w: w.write(r); w.finish()`."""
+
+    def __init__(self, out_dir: str | Path, num_shards: int, provenance: dict, overwrite: bool = False):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+        self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        check_output_free(self.out_dir, overwrite)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(
+            tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.partial-")
+        )
+        self.provenance = provenance
+        self.shards = [ShardWriter(self.tmp_dir / shard_name(k)) for k in range(num_shards)]
+        self.shard_natoms = [array("i") for _ in range(num_shards)]
+        self.stats = StatsAccumulator()
+        self.properties: set[str] = set()
+        self.skipped: list[str] = []
+        self.num_structures = 0
+
+    def _append(self, encoded: bytes, natoms: int) -> None:
+        shard = self.num_structures % len(self.shards)
+        self.shards[shard].append_encoded(encoded)
+        self.shard_natoms[shard].append(natoms)
+        self.num_structures += 1
+
+    def write(self, record: StructureRecord) -> None:
+        self._append(encode_record(record), record.num_atoms)
+        self.stats.add(record)
+        self.properties |= present_properties(record)
+
+    def write_chunk(self, chunk: EncodedChunk) -> None:
+        for encoded, natoms in zip(chunk.records, chunk.natoms):
+            self._append(encoded, natoms)
+        self.stats.merge(chunk.stats)
+        self.properties |= chunk.properties
+        self.skipped.extend(chunk.skipped)
+
+    def finish(self) -> Manifest:
+        """Close the shards, write natoms.npy and the manifest, and move into place."""
+        if self.num_structures == 0:
+            raise ValueError(f"{self.out_dir}: no valid structures to write")
+        for shard in self.shards:
+            shard.close()
+        infos, natoms = [], []
+        for shard, shard_natoms in zip(self.shards, self.shard_natoms):
+            if shard.num_records == 0:  # fewer structures than shards
+                shard.path.unlink()
+                continue
+            infos.append(
+                ShardInfo(
+                    name=shard.path.name,
+                    num_structures=shard.num_records,
+                    num_atoms=int(sum(shard_natoms)),
+                    checksum=file_checksum(shard.path),
+                )
+            )
+            natoms.append(np.frombuffer(shard_natoms, dtype=np.int32))
+        natoms = np.concatenate(natoms)
+        save_natoms(self.tmp_dir, natoms)
+        manifest = Manifest(
+            num_structures=self.num_structures,
+            num_atoms=int(natoms.sum()),
+            elements=self.stats.elements(),
+            properties=["energy", "forces"] + [p for p in OPTIONAL_PROPERTIES if p in self.properties],
+            shards=infos,
+            provenance={
+                **self.provenance,
+                "esen_train_version": version("esen-train"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "skipped_examples": self.skipped[:20],
+            },
+            skipped=len(self.skipped),
+            stats=self.stats.result(),
+        )
+        manifest.save(self.tmp_dir)
+        self._move_into_place()
+        return manifest
+
+    def _move_into_place(self) -> None:
+        if self.out_dir.exists():
+            check_output_free(self.out_dir, self.overwrite)  # may have appeared meanwhile
+            old = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.old-"))
+            os.replace(self.out_dir, old / "dataset")
+            os.replace(self.tmp_dir, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.tmp_dir, self.out_dir)
+
+    def abort(self) -> None:
+        for shard in self.shards:
+            try:
+                shard.close()
+            except Exception:  # the run is failing anyway; removing the files is what matters
+                pass
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is not None or self.tmp_dir.exists():
+            self.abort()
