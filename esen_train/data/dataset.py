@@ -1,0 +1,96 @@
+"""The torch Dataset over one or several dataset directories: records in, graphs out.
+
+Each item is a `torch_geometric.data.Data` with the fields of the batch table in
+ARCHITECTURE.md; the neighbour graph is built on the fly (every neighbour within
+the cutoff, periodic images included). Shards are LMDB files opened read-only,
+without locking, lazily in each process that reads them, so DataLoader workers
+never share an environment.
+
+Global index: the structures of the first directory, then those of the second,
+and so on, each directory in its manifest's order; `natoms` follows that order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch_geometric.data import Data
+
+from esen_train.data.manifest import DatasetDirectory, DatasetError, Manifest
+from esen_train.data.neighbors import build_neighbor_list
+from esen_train.data.records import StructureRecord
+
+
+class LMDBDataset(Dataset):
+    def __init__(
+        self,
+        directories: str | Path | list[str | Path],
+        cutoff: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(directories, (str, Path)):
+            directories = [directories]
+        if not directories:
+            raise ValueError("LMDBDataset needs at least one dataset directory")
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        self.directories = [DatasetDirectory(path) for path in directories]
+        self.cutoff = float(cutoff)
+        self.dtype = dtype
+        # Atoms per structure in global order, for the atom-balanced sampler.
+        self.natoms = np.concatenate([directory.natoms() for directory in self.directories])
+        sizes = [len(directory) for directory in self.directories]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        return [directory.manifest for directory in self.directories]
+
+    @property
+    def has_stress(self) -> bool:
+        """Whether any structure carries a stress label."""
+        return any("stress" in manifest.properties for manifest in self.manifests)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read_record(self, index: int) -> StructureRecord:
+        """The decoded record of global structure `index` (no graph)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"structure {index} out of range 0..{len(self) - 1}")
+        which = int(np.searchsorted(self._starts, index, side="right")) - 1
+        directory = self.directories[which]
+        local = index - int(self._starts[which])
+        record = directory.read(local)
+        if record.num_atoms != self.natoms[index]:
+            shard, in_shard = directory.locate(local)
+            raise DatasetError(
+                f"{directory.path / directory.manifest.shards[shard].name} record {in_shard}: "
+                f"{record.num_atoms} atoms, but natoms.npy says {self.natoms[index]}"
+            )
+        return record
+
+    def __getitem__(self, index: int) -> Data:
+        return record_to_graph(self.read_record(int(index)), self.cutoff, self.dtype)
+
+
+def record_to_graph(record: StructureRecord, cutoff: float, dtype: torch.dtype) -> Data:
+    """One structure as a graph with the fields of ARCHITECTURE.md's batch table."""
+    edge_index, cell_offsets = build_neighbor_list(record.positions, record.cell, record.pbc, cutoff)
+    has_stress = record.stress is not None
+    stress = record.stress if has_stress else np.zeros((3, 3))
+    return Data(
+        pos=torch.from_numpy(record.positions).to(dtype),
+        atomic_numbers=torch.from_numpy(record.atomic_numbers).long(),
+        cell=torch.from_numpy(record.cell).to(dtype).view(1, 3, 3),
+        pbc=torch.from_numpy(record.pbc).view(1, 3),
+        natoms=torch.tensor([record.num_atoms], dtype=torch.long),
+        edge_index=torch.from_numpy(edge_index),
+        cell_offsets=torch.from_numpy(cell_offsets).to(dtype),
+        energy=torch.tensor([record.energy], dtype=dtype),
+        forces=torch.from_numpy(record.forces).to(dtype),
+        stress=torch.from_numpy(stress).to(dtype).view(1, 3, 3),
+        has_stress=torch.tensor([has_stress]),
+    )
