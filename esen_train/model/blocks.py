@@ -1,0 +1,94 @@
+"""Message passing: the edge-degree embedding and the eSEN block.
+
+Every message is built in its edge's frame and rotated back with `EdgeRotation.to_node`,
+which carries the smooth envelope, so an edge contributes nothing (and no force) as its
+length reaches the cutoff. Messages are summed onto the centre atom i (edge_index[1]).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from esen_train.model.coefficients import degree_of_each_coefficient, edge_order
+from esen_train.model.config import ModelConfig
+from esen_train.model.layers import (
+    EquivariantRMSNorm,
+    GateActivation,
+    GridFeedForward,
+    SpectralFeedForward,
+)
+from esen_train.model.radial import EdgeScalars, RadialMLP
+from esen_train.model.rotation import EdgeRotation
+from esen_train.model.so2 import SO2Convolution
+
+
+def sum_over_neighbours(messages: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    out = messages.new_zeros((num_atoms,) + messages.shape[1:])
+    return out.index_add(0, target, messages)
+
+
+class EdgeDegreeEmbedding(nn.Module):
+    """Initial l >= 0 features from the neighbourhood's shape.
+
+    A radial MLP gives each edge m = 0 coefficients (one per degree and channel) in the
+    edge frame; rotated back they are radial weights times Y_l(r_hat). Their sum over
+    neighbours, divided by `rescale`, is added to the element embedding.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.degrees = config.lmax + 1
+        self.channels = config.sphere_channels
+        self.rescale = config.edge_degree_rescale
+        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, self.degrees * self.channels)
+
+    def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, target: torch.Tensor) -> torch.Tensor:
+        m0 = self.radial(edges).view(-1, self.degrees, self.channels)
+        # The m = 0 coefficients come first in the edge order.
+        messages = torch.bmm(rotation.to_node[:, :, : self.degrees], m0) / self.rescale
+        return x + sum_over_neighbours(messages, target, x.shape[0])
+
+
+class Edgewise(nn.Module):
+    """Message j -> i: rotate [x_j, x_i] into the edge frame, SO(2) conv weighted by the
+    radial MLP, nonlinearity, SO(2) conv, rotate back (times the envelope), sum over j."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        lmax, mmax = config.lmax, config.mmax
+        hidden = config.hidden_channels
+        # The gate, not a grid: on a finite grid a pointwise nonlinearity in the edge frame
+        # is not exactly invariant to the frame's roll about the edge, and the roll is an
+        # arbitrary (and, for some edge directions, discontinuous) choice.
+        self.activation = GateActivation(degree_of_each_coefficient(lmax)[edge_order(lmax, mmax)], lmax)
+        self.conv1 = SO2Convolution(2 * config.sphere_channels, hidden, lmax, mmax, extra_m0_channels=lmax * hidden)
+        self.conv2 = SO2Convolution(hidden, config.sphere_channels, lmax, mmax)
+        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, self.conv1.radial_channels)
+
+    def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor) -> torch.Tensor:
+        source, target = edge_index
+        pair = torch.cat([x[source], x[target]], dim=2)
+        messages = torch.bmm(rotation.to_edge, pair)
+        messages, gates = self.conv1(messages, self.radial(edges))
+        messages = self.activation(messages, gates)
+        messages, _ = self.conv2(messages)
+        return sum_over_neighbours(torch.bmm(rotation.to_node, messages), target, x.shape[0])
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Edgewise(Norm(x)), then x + FeedForward(Norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        lmax, channels = config.lmax, config.sphere_channels
+        self.edge_norm = EquivariantRMSNorm(lmax, channels)
+        self.edgewise = Edgewise(config)
+        self.atom_norm = EquivariantRMSNorm(lmax, channels)
+        if config.feed_forward == "spectral":
+            self.feed_forward = SpectralFeedForward(channels, config.hidden_channels, lmax)
+        else:
+            self.feed_forward = GridFeedForward(channels, config.hidden_channels, lmax, config.grid_resolution)
+
+    def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor) -> torch.Tensor:
+        x = x + self.edgewise(self.edge_norm(x), edges, rotation, edge_index)
+        return x + self.feed_forward(self.atom_norm(x))

@@ -1,0 +1,44 @@
+"""Where each spherical-harmonic coefficient lives, in node order and in edge order.
+
+Node features are [atoms, (lmax+1)^2, channels] in e3nn's order: degree l = 0..lmax, and
+within a degree the orders m = -l..l (index l^2 + l + m). e3nn's real spherical harmonics
+have the y axis as their pole: Y_l^0 is symmetric about y, and a rotation about y by an
+angle t turns each pair (Y_l^{+m}, Y_l^{-m}) by m*t, the same way for every l.
+
+In an edge-aligned frame (edge along y) only orders |m| <= mmax are kept, grouped by m
+so each group is one dense block of the SO(2) convolution:
+    [m=0: l=0..lmax] [m=+1: l=1..lmax] [m=-1: l=1..lmax] [m=+2: l=2..lmax] [m=-2: ...] ...
+"""
+from __future__ import annotations
+
+import torch
+
+
+def node_index(l: int, m: int) -> int:
+    """Position of (l, m) in a node feature."""
+    return l * l + l + m
+
+
+def degree_of_each_coefficient(lmax: int) -> torch.Tensor:
+    """[(lmax+1)^2] long: the degree l of every node coefficient."""
+    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
+
+
+def edge_order(lmax: int, mmax: int) -> torch.Tensor:
+    """[num_edge_coefficients] long: the node index of each coefficient kept in the edge frame."""
+    order = [node_index(l, 0) for l in range(lmax + 1)]
+    for m in range(1, mmax + 1):
+        order += [node_index(l, m) for l in range(m, lmax + 1)]
+        order += [node_index(l, -m) for l in range(m, lmax + 1)]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def degrees_per_order(lmax: int, mmax: int) -> list[int]:
+    """How many degrees l carry order m, for m = 0..mmax: [lmax+1, lmax, ..., lmax+1-mmax]."""
+    return [lmax + 1 - m for m in range(mmax + 1)]
+
+
+def edge_split_sizes(lmax: int, mmax: int) -> list[int]:
+    """Sizes of the groups of edge coefficients: m=0, then (+m and -m together) per m >= 1."""
+    sizes = degrees_per_order(lmax, mmax)
+    return [sizes[0]] + [2 * n for n in sizes[1:]]

@@ -1,0 +1,94 @@
+"""`ModelConfig`: the hyperparameters of one eSEN model, and the presets in configs/model/.
+
+A plain dataclass so omegaconf can use it as a structured config: a preset YAML may
+only name fields that exist here, and a misspelt key fails with the key's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRESET_DIR = REPO_ROOT / "configs" / "model"
+
+FEED_FORWARDS = ("spectral", "grid")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    sphere_channels: int = 32  # channels of every (l, m) coefficient of a node
+    hidden_channels: int = 32  # channels inside the edge and atom-wise blocks and the heads
+    edge_channels: int = 32  # width of the radial MLPs and of the element embeddings on edges
+    lmax: int = 2  # highest spherical-harmonic degree of node features
+    mmax: int = 2  # highest order kept in the edge-aligned frame (mmax <= lmax)
+    num_radial_basis: int = 16  # Gaussians on [0, cutoff]
+    cutoff: float = 5.0  # Å; every neighbour within it is used (no cap)
+    max_num_elements: int = 100  # atomic numbers 1..max_num_elements
+    direct_forces: bool = False  # whether the direct force and stress heads exist
+    # Atom-wise feed-forward: "spectral" (SO(3) linear, gate, SO(3) linear; exactly
+    # equivariant) or "grid" (MLP on a point grid over the sphere; equivariant up to the
+    # grid's sampling error).
+    feed_forward: str = "spectral"
+    # Points of the sphere grid (latitude = longitude = this) for "grid"; 0 picks
+    # eSEN's default of 2(lmax+1) x 2(lmax+1)+1.
+    grid_resolution: int = 0
+    # The edge-degree embedding is a sum over neighbours divided by this (about the
+    # square root of the mean number of neighbours).
+    edge_degree_rescale: float = 5.0
+    envelope_exponent: int = 5  # polynomial envelope; value and 2 derivatives vanish at the cutoff
+    gaussian_width: float = 2.0  # Gaussian width in units of the spacing of their centres
+
+    def __post_init__(self) -> None:
+        check_model_config(self)
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """Raise ValueError naming the first field whose value cannot build a model."""
+    positive = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels",
+                "num_radial_basis", "max_num_elements", "envelope_exponent")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(config, name)}")
+    if config.lmax < 1:
+        raise ValueError(f"ModelConfig.lmax must be >= 1 (forces need l=1), got {config.lmax}")
+    if not 1 <= config.mmax <= config.lmax:
+        raise ValueError(f"ModelConfig.mmax must be in [1, lmax={config.lmax}], got {config.mmax}")
+    if not config.cutoff > 0:
+        raise ValueError(f"ModelConfig.cutoff must be > 0, got {config.cutoff}")
+    if config.feed_forward not in FEED_FORWARDS:
+        raise ValueError(f"ModelConfig.feed_forward must be one of {FEED_FORWARDS}, got {config.feed_forward!r}")
+    if config.grid_resolution < 0:
+        raise ValueError(f"ModelConfig.grid_resolution must be >= 0, got {config.grid_resolution}")
+    if not config.edge_degree_rescale > 0:
+        raise ValueError(f"ModelConfig.edge_degree_rescale must be > 0, got {config.edge_degree_rescale}")
+    if not config.gaussian_width > 0:
+        raise ValueError(f"ModelConfig.gaussian_width must be > 0, got {config.gaussian_width}")
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (configs/model/<name>.yaml) or the path of a YAML file -> ModelConfig.
+
+    Raises FileNotFoundError for an unknown preset or missing file, and ValueError naming
+    the file and key for an unknown key or a value of the wrong type.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"no model preset {str(name_or_path)!r} in {PRESET_DIR} (known: {known})")
+    elif not path.is_file():
+        raise FileNotFoundError(f"model config file not found: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        raise ValueError(f"{path}: key {key!r}: {message}") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

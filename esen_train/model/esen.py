@@ -1,0 +1,206 @@
+"""eSEN: the backbone, the heads, and how forces and stress are obtained.
+
+    model = ESEN(config)
+    out = model(batch, forces="conservative" | "direct" | "none", stress=True, create_graph=False)
+    out["energy"] [B], out["forces"] [N, 3], out["stress"] [B, 3, 3]
+
+Conservative outputs are derivatives of the energy. A symmetric strain eps (zeros,
+requiring grad) deforms positions and cells, pos' = pos (I + eps), cell' = cell (I + eps),
+*before* edge vectors are formed, so F = -dE/dpos and stress = (1/V) dE/deps (ASE sign:
+positive under tension) come from one autograd call. Structures with zero cell volume
+(molecules) get zero stress. `create_graph=True` keeps the derivatives differentiable
+for training (double backward); with `create_graph=False` (inference) all conservative
+outputs are returned detached. Autograd is switched on inside, so callers may run under
+torch.no_grad().
+
+Direct outputs come from the direct heads (`config.direct_forces`), which live under the
+`direct_heads.` prefix of the state dict: `ESEN.backbone_state_dict(state)` drops them, so
+a direct-pretrained checkpoint loads with strict=True into a model without them.
+
+Energy = energy_scale * sum over atoms of the energy head + sum of the per-element
+reference energies. Scale and references are buffers set from the training set's
+statistics (`set_energy_scale`, `set_reference_energies`), so the network only learns
+a residual of order one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from esen_train.model.blocks import Block, EdgeDegreeEmbedding
+from esen_train.model.coefficients import edge_order
+from esen_train.model.config import ModelConfig, check_model_config
+from esen_train.model.heads import DirectForceHead, DirectStressHead, EnergyHead, sum_per_structure
+from esen_train.model.layers import EquivariantRMSNorm
+from esen_train.model.radial import EdgeScalars, GaussianBasis, PolynomialEnvelope
+from esen_train.model.rotation import EdgeRotation, WignerD, edge_frames
+
+FORCE_MODES = ("conservative", "direct", "none")
+DIRECT_HEADS_PREFIX = "direct_heads."
+
+
+class Backbone(nn.Module):
+    """Atoms and edge vectors -> final node features [atoms, (lmax+1)^2, sphere_channels]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_coefficients = (config.lmax + 1) ** 2
+        # Row Z-1 holds element Z (1..max_num_elements).
+        self.element_embedding = nn.Embedding(config.max_num_elements, config.sphere_channels)
+        self.source_embedding = nn.Embedding(config.max_num_elements, config.edge_channels)
+        self.target_embedding = nn.Embedding(config.max_num_elements, config.edge_channels)
+        nn.init.uniform_(self.source_embedding.weight, -0.001, 0.001)
+        nn.init.uniform_(self.target_embedding.weight, -0.001, 0.001)
+        self.distance_basis = GaussianBasis(config.cutoff, config.num_radial_basis, config.gaussian_width)
+        self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent)
+        self.wigner = WignerD(config.lmax)
+        self.register_buffer("edge_order", edge_order(config.lmax, config.mmax), persistent=False)
+        self.edge_degree = EdgeDegreeEmbedding(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = EquivariantRMSNorm(config.lmax, config.sphere_channels)
+
+    def forward(self, element: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E]."""
+        distance = edge_vectors.norm(dim=1)
+        wigner = self.wigner(edge_frames(edge_vectors / distance.unsqueeze(1)))
+        rotation = EdgeRotation.build(wigner, self.edge_order, self.envelope(distance))
+        edges = EdgeScalars(
+            basis=self.distance_basis(distance),
+            source_element=element[edge_index[0]],
+            target_element=element[edge_index[1]],
+            source_table=self.source_embedding.weight,
+            target_table=self.target_embedding.weight,
+        )
+        x = edge_vectors.new_zeros(element.shape[0], self.num_coefficients, self.element_embedding.embedding_dim)
+        x = torch.cat([self.element_embedding(element).unsqueeze(1), x[:, 1:]], dim=1)
+        x = self.edge_degree(x, edges, rotation, edge_index[1])
+        for block in self.blocks:
+            x = block(x, edges, rotation, edge_index)
+        return self.norm(x)
+
+
+class DirectHeads(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.forces = DirectForceHead(config.sphere_channels)
+        self.stress = DirectStressHead(config.sphere_channels, config.hidden_channels)
+
+
+class ESEN(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        check_model_config(config)
+        self.config = config
+        self.backbone = Backbone(config)
+        self.energy_head = EnergyHead(config.sphere_channels, config.hidden_channels)
+        self.direct_heads = DirectHeads(config) if config.direct_forces else None
+        self.register_buffer("energy_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("reference_energies", torch.zeros(config.max_num_elements + 1, dtype=torch.float64))
+
+    # ----- statistics from the training set ---------------------------------------
+    def set_reference_energies(self, references: torch.Tensor) -> None:
+        """Per-element energies [max_num_elements + 1], indexed by Z (entry 0 unused), eV."""
+        references = torch.as_tensor(references)
+        if references.shape != self.reference_energies.shape:
+            raise ValueError(
+                f"reference energies must have shape {tuple(self.reference_energies.shape)} "
+                f"(max_num_elements + 1, indexed by Z), got {tuple(references.shape)}"
+            )
+        self.reference_energies.copy_(references)
+
+    def set_energy_scale(self, scale: float) -> None:
+        """eV per network energy unit (e.g. the training set's force RMS times a length)."""
+        if not float(scale) > 0:
+            raise ValueError(f"energy scale must be > 0, got {scale}")
+        self.energy_scale.fill_(float(scale))
+
+    @staticmethod
+    def backbone_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+        """A state dict without the direct heads: loads strictly into a direct_forces=False model."""
+        return {key: value for key, value in state.items() if not key.startswith(DIRECT_HEADS_PREFIX)}
+
+    # ----- forward ------------------------------------------------------------------
+    def forward(self, batch, forces: str = "conservative", stress: bool = True, create_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Energy [B], and forces [N, 3] and stress [B, 3, 3] unless forces="none" (see module doc)."""
+        if forces not in FORCE_MODES:
+            raise ValueError(f"forces must be one of {FORCE_MODES}, got {forces!r}")
+        if forces == "direct" and self.direct_heads is None:
+            raise ValueError("forces='direct' needs direct heads: this model was built with direct_forces=False")
+        inputs = self._inputs(batch)
+        if forces == "conservative":
+            with torch.enable_grad():
+                pos = inputs["pos"] if inputs["pos"].requires_grad else inputs["pos"].detach().requires_grad_()
+                strain = torch.zeros_like(inputs["cell"]).requires_grad_(stress)
+                out = self.conservative_outputs(pos, strain, inputs, stress, create_graph)
+            return out if create_graph else {key: value.detach() for key, value in out.items()}
+        return self.direct_outputs(inputs, with_heads=forces == "direct", stress=stress)
+
+    def conservative_outputs(self, pos: torch.Tensor, strain: torch.Tensor, inputs: dict, stress: bool,
+                             create_graph: bool) -> dict[str, torch.Tensor]:
+        """E, F = -dE/dpos and stress = dE/deps / V; pos and strain are the leaves to differentiate by."""
+        cell = inputs["cell"]
+        if stress:
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[inputs["batch"]])
+            cell = cell + torch.bmm(cell, symmetric)
+        energy, _ = self._energy(pos, cell, inputs)
+        leaves = [pos, strain] if stress else [pos]
+        grads = torch.autograd.grad(energy.sum(), leaves, create_graph=create_graph, allow_unused=True,
+                                    materialize_grads=True)
+        out = {"energy": energy, "forces": -grads[0]}
+        if stress:
+            volume = torch.linalg.det(inputs["cell"]).abs()
+            has_volume = volume > 0
+            safe_volume = torch.where(has_volume, volume, torch.ones_like(volume))
+            out["stress"] = torch.where(has_volume.view(-1, 1, 1), grads[1] / safe_volume.view(-1, 1, 1), 0.0)
+        return out
+
+    def direct_outputs(self, inputs: dict, with_heads: bool, stress: bool) -> dict[str, torch.Tensor]:
+        energy, x = self._energy(inputs["pos"], inputs["cell"], inputs)
+        out = {"energy": energy}
+        if with_heads:
+            scale = self.energy_scale.to(x.dtype)
+            out["forces"] = scale * self.direct_heads.forces(x)
+            if stress:
+                volume = torch.linalg.det(inputs["cell"]).abs()
+                raw = scale * self.direct_heads.stress(x, inputs["batch"], inputs["natoms"])
+                out["stress"] = torch.where((volume > 0).view(-1, 1, 1), raw, 0.0)
+        return out
+
+    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total energies [B] (eV) and the final node features."""
+        source, target = inputs["edge_index"]
+        shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
+        edge_vectors = pos[source] - pos[target] + shifts
+        x = self.backbone(inputs["element"], edge_vectors, inputs["edge_index"])
+        per_atom = self.energy_head(x) * self.energy_scale.to(x.dtype)
+        per_atom = per_atom + self.reference_energies.to(x.dtype)[inputs["element"] + 1]
+        return sum_per_structure(per_atom, inputs["batch"], inputs["natoms"].shape[0]), x
+
+    def _inputs(self, batch) -> dict[str, torch.Tensor]:
+        """The batch fields the model reads (ARCHITECTURE.md), checked."""
+        pos = batch.pos
+        numbers = batch.atomic_numbers
+        if numbers.numel() and (int(numbers.min()) < 1 or int(numbers.max()) > self.config.max_num_elements):
+            raise ValueError(
+                f"atomic_numbers must be in 1..{self.config.max_num_elements}, "
+                f"got values in {int(numbers.min())}..{int(numbers.max())}"
+            )
+        batch_index = getattr(batch, "batch", None)
+        if batch_index is None:
+            batch_index = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+        cell = batch.cell.to(pos.dtype).reshape(-1, 3, 3)
+        natoms = batch.natoms.reshape(-1)
+        if cell.shape[0] != natoms.shape[0]:
+            raise ValueError(f"batch.cell has {cell.shape[0]} cells for {natoms.shape[0]} structures (natoms)")
+        return {
+            "pos": pos,
+            "element": numbers.long() - 1,
+            "cell": cell,
+            "natoms": natoms,
+            "batch": batch_index,
+            "edge_index": batch.edge_index,
+            "cell_offsets": batch.cell_offsets.to(pos.dtype),
+        }

@@ -1,0 +1,124 @@
+"""Per-atom equivariant layers on features [atoms, (lmax+1)^2, channels] (e3nn order).
+
+- `EquivariantRMSNorm`: one RMS over all coefficients (each degree weighted equally), a
+  learned scale per degree and channel, and centring + bias on l=0 only.
+- `SO3Linear`: a channel mixing per degree (one weight matrix per l, bias on l=0).
+- `GateActivation`: SiLU on l=0; every l>0 coefficient times sigmoid(its gate scalar).
+- `SpectralFeedForward`: SO3Linear -> gate -> SO3Linear (exactly equivariant).
+- `GridFeedForward`: features sampled on a sphere grid, pointwise MLP, projected back
+  (equivariant up to the grid's sampling error, the way eSEN's "grid" MLP is).
+"""
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+from torch import nn
+from torch.nn import functional as F
+
+from esen_train.model.coefficients import degree_of_each_coefficient
+
+
+class EquivariantRMSNorm(nn.Module):
+    def __init__(self, lmax: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.lmax = lmax
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(lmax + 1, channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        degree = degree_of_each_coefficient(lmax)
+        self.register_buffer("degree", degree, persistent=False)
+        # Each degree counts once in the RMS, whatever its 2l+1 coefficients.
+        self.register_buffer("balance", 1.0 / ((2 * degree + 1) * (lmax + 1)).double(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scalars = x[:, :1] - x[:, :1].mean(dim=2, keepdim=True)
+        x = torch.cat([scalars, x[:, 1:]], dim=1)
+        mean_square = torch.einsum("nic,i->n", x.square(), self.balance.to(x.dtype)) / x.shape[2]
+        scale = torch.rsqrt(mean_square + self.eps).view(-1, 1, 1)
+        out = x * scale * self.weight[self.degree]
+        return torch.cat([out[:, :1] + self.bias, out[:, 1:]], dim=1)
+
+
+class SO3Linear(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, lmax: int) -> None:
+        super().__init__()
+        self.lmax = lmax
+        bound = in_channels ** -0.5
+        self.weight = nn.Parameter(torch.empty(lmax + 1, out_channels, in_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [F.linear(x[:, :1], self.weight[0], self.bias)]
+        for l in range(1, self.lmax + 1):
+            outputs.append(F.linear(x[:, l * l:(l + 1) ** 2], self.weight[l]))
+        return torch.cat(outputs, dim=1)
+
+
+class GateActivation(nn.Module):
+    """Nonlinearity for features whose coefficient k has degree `degrees[k]` (degrees[0] = 0).
+
+    gates: [..., lmax * channels], one gate per degree l >= 1 and channel.
+    """
+
+    def __init__(self, degrees: torch.Tensor, lmax: int) -> None:
+        super().__init__()
+        if int(degrees[0]) != 0 or bool((degrees[1:] == 0).any()):
+            raise ValueError("GateActivation expects l=0 first and only there")
+        self.lmax = lmax
+        self.register_buffer("gate_index", degrees[1:] - 1, persistent=False)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        gates = torch.sigmoid(gates).view(x.shape[0], self.lmax, x.shape[2])
+        return torch.cat([F.silu(x[:, :1]), x[:, 1:] * gates[:, self.gate_index]], dim=1)
+
+
+class SpectralFeedForward(nn.Module):
+    def __init__(self, channels: int, hidden_channels: int, lmax: int) -> None:
+        super().__init__()
+        self.gate_scalars = nn.Linear(channels, lmax * hidden_channels)
+        self.linear_in = SO3Linear(channels, hidden_channels, lmax)
+        self.gate = GateActivation(degree_of_each_coefficient(lmax), lmax)
+        self.linear_out = SO3Linear(hidden_channels, channels, lmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = F.silu(self.gate_scalars(x[:, 0]))
+        return self.linear_out(self.gate(self.linear_in(x), gates))
+
+
+class SphereGrid(nn.Module):
+    """Sampling of degree <= lmax coefficients on a latitude x longitude grid and back (e3nn)."""
+
+    def __init__(self, lmax: int, resolution: int) -> None:
+        super().__init__()
+        latitude = resolution or 2 * (lmax + 1)
+        longitude = resolution or 2 * (lmax + 1) + 1
+        size = (lmax + 1) ** 2
+        to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral", dtype=torch.float64)
+        from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral", dtype=torch.float64)
+        to_matrix = to_grid(torch.eye(size, dtype=torch.float64)).reshape(size, -1).T  # [points, size]
+        points = latitude * longitude
+        from_matrix = from_grid(torch.eye(points, dtype=torch.float64).view(points, latitude, longitude))
+        self.register_buffer("to_matrix", to_matrix, persistent=False)  # [points, size]
+        self.register_buffer("from_matrix", from_matrix, persistent=False)  # [points, size]
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("pk,nkc->npc", self.to_matrix.to(x.dtype), x)
+
+    def from_grid(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("pk,npc->nkc", self.from_matrix.to(values.dtype), values)
+
+
+class GridFeedForward(nn.Module):
+    def __init__(self, channels: int, hidden_channels: int, lmax: int, resolution: int) -> None:
+        super().__init__()
+        self.grid = SphereGrid(lmax, resolution)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden_channels, bias=False),
+            nn.SiLU(),
+            nn.Linear(hidden_channels, hidden_channels, bias=False),
+            nn.SiLU(),
+            nn.Linear(hidden_channels, channels, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid.from_grid(self.mlp(self.grid.to_grid(x)))

@@ -1,0 +1,90 @@
+"""Functions of the interatomic distance: Gaussian basis, smooth envelope, radial MLP."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class GaussianBasis(nn.Module):
+    """exp(-(d - mu_k)^2 / (2 (width * spacing)^2)) for centres mu_k evenly spaced on [0, cutoff]."""
+
+    def __init__(self, cutoff: float, num_basis: int, width: float) -> None:
+        super().__init__()
+        centres = torch.linspace(0.0, cutoff, num_basis)
+        spacing = cutoff / max(num_basis - 1, 1)
+        self.coefficient = -0.5 / (width * spacing) ** 2
+        self.register_buffer("centres", centres)
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.coefficient * (distance.unsqueeze(-1) - self.centres).square())
+
+
+class PolynomialEnvelope(nn.Module):
+    """u(x) = 1 + a x^p + b x^(p+1) + c x^(p+2) for x = d / cutoff < 1, else 0.
+
+    a, b, c make u(1) = u'(1) = u''(1) = 0, so every message fades out smoothly as a
+    neighbour approaches the cutoff: energy and forces stay continuous when it crosses.
+    """
+
+    def __init__(self, cutoff: float, exponent: int) -> None:
+        super().__init__()
+        p = float(exponent)
+        self.cutoff = cutoff
+        self.p = p
+        self.a = -(p + 1) * (p + 2) / 2
+        self.b = p * (p + 2)
+        self.c = -p * (p + 1) / 2
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        x = distance / self.cutoff
+        x_p = x.pow(self.p)
+        value = 1 + x_p * (self.a + x * (self.b + self.c * x))
+        return torch.where(x < 1, value, torch.zeros_like(value))
+
+
+class RadialMLP(nn.Module):
+    """Linear -> LayerNorm -> SiLU -> Linear -> LayerNorm -> SiLU -> Linear on edge scalars.
+
+    The edge scalars are [Gaussian basis of d, source-element embedding, target-element
+    embedding]. The first linear layer is applied term by term: the element terms are
+    computed once per element (a [elements, width] table) and gathered per edge, which
+    is exactly W @ concat(...) but skips two thirds of the first layer's work.
+    """
+
+    def __init__(self, num_basis: int, edge_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.num_basis = num_basis
+        self.edge_channels = edge_channels
+        self.layers = nn.Sequential(
+            nn.Linear(num_basis + 2 * edge_channels, edge_channels),
+            nn.LayerNorm(edge_channels),
+            nn.SiLU(),
+            nn.Linear(edge_channels, edge_channels),
+            nn.LayerNorm(edge_channels),
+            nn.SiLU(),
+            nn.Linear(edge_channels, out_channels),
+        )
+
+    def forward(self, edges: EdgeScalars) -> torch.Tensor:
+        first = self.layers[0]
+        w_basis, w_source, w_target = first.weight.split(
+            [self.num_basis, self.edge_channels, self.edge_channels], dim=1
+        )
+        source_table = edges.source_table @ w_source.T  # [elements, edge_channels]
+        target_table = edges.target_table @ w_target.T
+        hidden = torch.addmm(first.bias, edges.basis, w_basis.T)
+        hidden = hidden + source_table[edges.source_element] + target_table[edges.target_element]
+        return self.layers[1:](hidden)
+
+
+@dataclass
+class EdgeScalars:
+    """Rotation-invariant inputs of the radial MLPs, shared by all layers of one forward pass."""
+
+    basis: torch.Tensor  # [E, num_basis] Gaussians of the distance
+    source_element: torch.Tensor  # [E] embedding row of the neighbour j
+    target_element: torch.Tensor  # [E] embedding row of the centre i
+    source_table: torch.Tensor  # [elements, edge_channels] source-element embedding
+    target_table: torch.Tensor  # [elements, edge_channels] target-element embedding

@@ -1,0 +1,113 @@
+"""Edge-aligned frames and their Wigner-D matrices, for all edges at once.
+
+For every edge a rotation R with R @ r_hat = y (e3nn's pole), and D^l(R) for l <= lmax,
+so node features can be rotated into the frame where the SO(3) convolution becomes an
+SO(2) one.
+
+Frame. No smooth choice of R exists for every direction (hairy ball), but the model
+does not need one: everything done in the frame commutes with rotations about the
+edge, so outputs depend on the edge direction only, not on the frame's roll. What
+matters is that R and its derivatives are finite everywhere, or autograd makes NaN
+(0 * inf) for conservative forces. R is the shortest-arc rotation taking r_hat to
++y when r_hat . y >= 0, and to -y followed by a half turn about z otherwise; its only
+division is by 1 + |r_hat . y| >= 1, so edges parallel or antiparallel to y are as
+regular as any other.
+
+Wigner-D. D^l is a polynomial in the entries of R: e3nn's spherical harmonics satisfy
+Y^l(R x) = D^l(R) Y^l(x). Evaluating them at K fixed points x_k and at R x_k gives
+D^l(R)^T = pinv(Y^l(X)) @ Y^l(X R^T), exact for any orthogonal R and cheap (one small
+matmul per edge), smooth, and with no Euler angles to become singular.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from torch import nn
+
+
+
+def edge_frames(unit_vectors: torch.Tensor) -> torch.Tensor:
+    """[E, 3] unit edge directions -> [E, 3, 3] rotations R with R @ u = (0, 1, 0)."""
+    cos_to_y = unit_vectors[:, 1]
+    side = torch.where(cos_to_y >= 0, 1.0, -1.0).to(unit_vectors.dtype)  # which pole we rotate to
+    # v = u x (side * y); shortest arc: R = I + [v]x + [v]x^2 / (1 + u . (side * y))
+    x, z = unit_vectors[:, 0], unit_vectors[:, 2]
+    vx, vy, vz = -side * z, torch.zeros_like(x), side * x
+    zero = torch.zeros_like(x)
+    cross = torch.stack([
+        torch.stack([zero, -vz, vy], -1),
+        torch.stack([vz, zero, -vx], -1),
+        torch.stack([-vy, vx, zero], -1),
+    ], -2)
+    eye = torch.eye(3, dtype=unit_vectors.dtype, device=unit_vectors.device)
+    # side * cos, not |cos|: at cos = 0 the derivative must be that of the chosen chart
+    # (|cos| has derivative 0 there, which is no frame's derivative and breaks forces).
+    scale = (1.0 / (1.0 + side * cos_to_y)).view(-1, 1, 1)
+    to_pole = eye + cross + (cross @ cross) * scale
+    # A half turn about z takes -y to +y: negate the x and y rows where side < 0.
+    flip = torch.stack([side, side, torch.ones_like(side)], -1).unsqueeze(-1)
+    return flip * to_pole
+
+
+class WignerD(nn.Module):
+    """Rotation matrices [E, 3, 3] -> block-diagonal D(R) [E, (lmax+1)^2, (lmax+1)^2] in e3nn order."""
+
+    def __init__(self, lmax: int) -> None:
+        super().__init__()
+        self.lmax = lmax
+        size = (lmax + 1) ** 2
+        points = _fibonacci_sphere(size)
+        harmonics = self._harmonics(points)  # [K, size]
+        blocks = [
+            torch.linalg.pinv(harmonics[:, l * l:(l + 1) ** 2]) for l in range(lmax + 1)
+        ]  # pinv(Y^l(X)): [2l+1, K]
+        mask = torch.block_diag(*[torch.ones(2 * l + 1, 2 * l + 1) for l in range(lmax + 1)])
+        # Constants of the construction, kept in float64 (cast at use) and out of checkpoints.
+        self.register_buffer("points", points, persistent=False)
+        self.register_buffer("inverse_harmonics", torch.cat(blocks, 0), persistent=False)  # [size, K]
+        self.register_buffer("block_mask", mask.double(), persistent=False)
+
+    def _harmonics(self, points: torch.Tensor) -> torch.Tensor:
+        return o3.spherical_harmonics(list(range(self.lmax + 1)), points, normalize=False)
+
+    def forward(self, rotations: torch.Tensor) -> torch.Tensor:
+        dtype = rotations.dtype
+        rotated = torch.einsum("kj,eij->eki", self.points.to(dtype), rotations)  # R x_k: [E, K, 3]
+        harmonics = self._harmonics(rotated)  # [E, K, size]
+        # pinv(Y^l(X)) @ Y^l(R X) is D^l(R)^T on the diagonal blocks; the mask drops the
+        # off-diagonal products, which mix degrees and mean nothing.
+        transposed = torch.matmul(self.inverse_harmonics.to(dtype), harmonics) * self.block_mask.to(dtype)
+        return transposed.transpose(1, 2)
+
+
+class EdgeRotation:
+    """For each edge, the maps node coefficients -> truncated edge-frame coefficients and back."""
+
+    def __init__(self, to_edge: torch.Tensor, to_node: torch.Tensor) -> None:
+        self.to_edge = to_edge  # [E, edge_coefficients, node_coefficients]
+        self.to_node = to_node  # [E, node_coefficients, edge_coefficients], times the envelope
+
+    @classmethod
+    def build(cls, wigner: torch.Tensor, order: torch.Tensor, envelope: torch.Tensor) -> "EdgeRotation":
+        """wigner [E, n, n]; order from `coefficients.edge_order`; envelope [E].
+
+        The envelope multiplies every message exactly once, when it is rotated back, so it
+        is folded into `to_node` here instead of being applied per layer.
+        """
+        to_edge = wigner.index_select(1, order)
+        to_node = to_edge.transpose(1, 2) * envelope.view(-1, 1, 1)
+        return cls(to_edge, to_node)
+
+
+def _fibonacci_sphere(count: int) -> torch.Tensor:
+    """`count` well-spread unit vectors (float64); they make pinv(Y^l(X)) well conditioned."""
+    index = torch.arange(count, dtype=torch.float64) + 0.5
+    polar = torch.acos(1 - 2 * index / count)
+    azimuth = math.pi * (1 + math.sqrt(5.0)) * index
+    return torch.stack([
+        torch.cos(azimuth) * torch.sin(polar),
+        torch.cos(polar),
+        torch.sin(azimuth) * torch.sin(polar),
+    ], -1)
