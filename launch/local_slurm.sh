@@ -8,7 +8,8 @@
 # It needs root and Debian's packages (slurm-wlm 22.05, munge, MariaDB), but no systemd: every
 # daemon is started by hand, with its configuration, sockets, logs and data under one state
 # directory ($ESEN_SLURM_DIR, default /tmp/esen-slurm) and on private ports from
-# $ESEN_SLURM_PORT_BASE (default 16817), so a system-wide SLURM or MySQL is left alone.
+# $ESEN_SLURM_PORT_BASE (default 16817, or the ports the state directory already uses), so a
+# system-wide SLURM or MySQL is left alone and several clusters can run side by side.
 #
 #   munged      own key and socket                       $STATE_DIR/munge/
 #   mariadbd    accounting database, 127.0.0.1 only       $STATE_DIR/mysql/
@@ -23,7 +24,10 @@
 set -euo pipefail
 
 STATE_DIR=${ESEN_SLURM_DIR:-/tmp/esen-slurm}
-PORT_BASE=${ESEN_SLURM_PORT_BASE:-16817}
+# The ports of an existing cluster win over the default, so that `start` with another
+# environment never rewrites the configuration of a running cluster.
+existing_port=$(sed -n 's/^SlurmctldPort=//p' "$STATE_DIR/etc/slurm.conf" 2>/dev/null || true)
+PORT_BASE=${ESEN_SLURM_PORT_BASE:-${existing_port:-16817}}
 CLUSTER=esen
 NODES=(esen-n1 esen-n2)
 CPUS_PER_NODE=2
@@ -68,20 +72,26 @@ wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 
     done
 }
 
-stop_pidfile() {  # stop_pidfile NAME PIDFILE: TERM, then KILL after 10 s
-    local name=$1 pidfile=$2
-    pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
-    local pid
-    pid=$(cat "$pidfile")
-    kill -TERM "$pid"
-    local deadline=$((SECONDS + 10))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$name (pid $pid) ignored TERM, killing it"
-        kill -KILL "$pid"
-    fi
-    rm -f "$pidfile"
-    log "stopped $name"
+stop_daemons() {  # stop_daemons PIDFILE...: TERM them all at once, KILL what still runs after 15 s
+    local pidfile pids=() names=()
+    for pidfile in "$@"; do
+        if pid_alive "$pidfile"; then
+            pids+=("$(cat "$pidfile")")
+            names+=("$(basename "$pidfile" .pid)")
+            kill -TERM "${pids[-1]}"
+        fi
+        rm -f "$pidfile"
+    done
+    ((${#pids[@]} == 0)) && return 0
+    local deadline=$((SECONDS + 15)) pid
+    for pid in "${pids[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid ignored TERM for 15 s, killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    log "stopped ${names[*]}"
 }
 
 # --- installation ----------------------------------------------------------------------------
@@ -306,10 +316,11 @@ start() {
 }
 
 stop_slurm_daemons() {
-    local node
-    for node in "${NODES[@]}"; do stop_pidfile "slurmd ($node)" "$RUN/slurmd-$node.pid"; done
-    stop_pidfile slurmctld "$RUN/slurmctld.pid"
-    stop_pidfile slurmdbd "$RUN/slurmdbd.pid"
+    # slurmctld saves its state and reports to slurmdbd as it stops: slurmdbd goes last.
+    local node slurmd_pidfiles=()
+    for node in "${NODES[@]}"; do slurmd_pidfiles+=("$RUN/slurmd-$node.pid"); done
+    stop_daemons "$RUN/slurmctld.pid" "${slurmd_pidfiles[@]}"
+    stop_daemons "$RUN/slurmdbd.pid"
 }
 
 stop() {
@@ -319,8 +330,7 @@ stop() {
         scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
     fi
     stop_slurm_daemons
-    stop_pidfile mariadbd "$MYSQL_DIR/mariadbd.pid"
-    stop_pidfile munged "$MUNGE_DIR/munged.pid"
+    stop_daemons "$MYSQL_DIR/mariadbd.pid" "$MUNGE_DIR/munged.pid"
 }
 
 status() {
