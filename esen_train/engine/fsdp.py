@@ -1,0 +1,137 @@
+"""Fully sharded data parallelism with torch FSDP2 (`fully_shard`).
+
+Parameters, gradients and AdamW state are sharded over the ranks (1/N each between steps);
+parameters are all-gathered for compute and gradients reduce-scattered after the backward.
+
+How the model is sharded depends on the stage:
+- direct (`conservative=False`): each block is its own FSDP unit (the elements of every
+  nn.ModuleList named `blocks`, for ESEN `backbone.blocks`), then the root takes the rest
+  (embeddings, norms, heads). Only one block's parameters are gathered at a time.
+- conservative (`conservative=True`): only the root is sharded, as one unit. The forces come
+  from `autograd.grad(E, pos, create_graph=True)` inside the forward pass; with per-block units
+  that inner gradient fires FSDP's post-backward hooks, which free the gathered block
+  parameters before the outer backward needs them (a crash), or, with resharding after
+  backward off, leave the optimizer stepping stale shards. With one root unit the parameters
+  stay gathered from the start of the forward pass to the end of the outer backward. The cost:
+  a rank holds the whole model's parameters and gradients unsharded during each step (as DDP
+  does); between steps, and for the optimizer state, it still holds 1/N
+  (see benchmarks/strategies.py for measured figures).
+
+In a world of one process nothing is sharded (there is no process group), but the training
+state is still a DCP checkpoint, so it loads on any number of ranks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from esen_train.engine import distributed
+from esen_train.engine.distributed import DistInfo
+from esen_train.engine.optim import OptimSettings, build_adamw
+from esen_train.engine.safe_dcp import load_dcp, save_dcp
+from esen_train.engine.strategy import Strategy
+
+DCP_DIR = "dcp"
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, dist: DistInfo, precision: str = "fp32", grad_accum_steps: int = 1) -> None:
+        super().__init__(dist, precision, grad_accum_steps)
+        self.sharded = dist.is_distributed
+
+    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
+        self.module = self.model = model
+        if self.sharded:
+            _broadcast_from_rank0(model)  # fully_shard keeps each rank's own slice: start from one model
+            mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+            if not conservative:
+                for block in _blocks_of(model):
+                    fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        self.optimizer = build_adamw(model, optim)  # over the sharded parameters
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate unsharded gradients locally; the last micro-step reduce-scatters them."""
+        if not self.sharded:
+            yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def _clip_grad_norm(self, max_grad_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_grad_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def full_state_dict(self, use_ema: bool) -> dict | None:
+        if not self.sharded:
+            return super().full_state_dict(use_ema)
+        if use_ema and self.ema is None:
+            raise RuntimeError("full_state_dict(use_ema=True) needs an EMA: call attach_ema first")
+        # Every rank takes part in each gather; rank 0 keeps the result.
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if use_ema:
+            for name, shard in self.ema.shadow.items():
+                full = shard.full_tensor().cpu()
+                if distributed.is_main():
+                    state[name] = full
+        return state if distributed.is_main() else None
+
+    def _training_state(self) -> dict:
+        """Model and optimizer as DCP wants them (sharded tensors keyed by parameter name)."""
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()  # its shadow tensors, filled in place on load
+        return state
+
+    def _save_state(self, directory: Path) -> None:
+        save_dcp(self._training_state(), directory / DCP_DIR)
+
+    def _load_state(self, directory: Path, saved_world_size: int) -> None:
+        state = self._training_state()
+        load_dcp(state, directory / DCP_DIR)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The elements of every nn.ModuleList named `blocks` in the model."""
+    blocks = [
+        block
+        for name, module in model.named_modules()
+        if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList)
+        for block in module
+    ]
+    if not blocks:
+        raise TypeError(
+            f"FSDP per-block sharding needs the model's blocks in an nn.ModuleList named `blocks`; "
+            f"{type(model).__name__} has none"
+        )
+    return blocks
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor, src=0)

@@ -1,0 +1,72 @@
+"""AdamW with the usual weight-decay exemptions, and the warm-up + cosine learning rate.
+
+The learning rate is a pure function of the step: the trainer calls `lr_at` and sets it on
+every step, so a resumed run needs no scheduler state, only the step number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Linear warm-up from base_lr / warmup_steps to base_lr over the first `warmup_steps`
+    steps (never zero, so step 0 already learns), then a cosine from base_lr down to
+    base_lr * min_lr_ratio at step `total_steps`; constant after that.
+    """
+    if total_steps < 1 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(
+            f"lr_at needs total_steps >= 1, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; "
+            f"got total_steps={total_steps}, warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
+        )
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    min_lr = base_lr * min_lr_ratio
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """torch's norms and the model's own (whose class names end in "Norm", e.g. EquivariantRMSNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)) or (
+        type(module).__name__.endswith("Norm")
+    )
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decayed weights, and the exempt ones (an empty group is left out).
+
+    Exempt from weight decay: biases and every other 0-d/1-d parameter, all parameters of
+    norm layers (their scales may be 2-d, e.g. per degree and channel), and embedding tables
+    (an element that is rare in the data would otherwise have its embedding shrunk to zero).
+    """
+    decay, no_decay, seen = [], [], set()
+    for owner in module.modules():
+        exempt_owner = is_norm_module(owner) or isinstance(owner, nn.Embedding)
+        for param in owner.parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            (no_decay if exempt_owner or param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # ZeRO cannot flatten an empty group
+
+
+def build_adamw(module: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
+    """AdamW over `module`'s trainable parameters (call after any wrapping that replaces them)."""
+    return torch.optim.AdamW(
+        param_groups(module, settings.weight_decay), lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps
+    )
