@@ -11,6 +11,8 @@ and so on, each directory in its manifest's order; `natoms` follows that order.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,9 @@ class LMDBDataset(Dataset):
         self.dtype = dtype
         # Atoms per structure in global order, for the atom-balanced sampler.
         self.natoms = np.concatenate([directory.natoms() for directory in self.directories])
-        sizes = [len(directory) for directory in self.directories]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        # starts[k] = global index of the first structure of directory k (a list: bisect
+        # on it is faster than numpy for one index at a time).
+        self._starts = list(accumulate((len(directory) for directory in self.directories), initial=0))
 
     @property
     def manifests(self) -> list[Manifest]:
@@ -54,15 +57,15 @@ class LMDBDataset(Dataset):
         return any("stress" in manifest.properties for manifest in self.manifests)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._starts[-1]
 
     def read_record(self, index: int) -> StructureRecord:
         """The decoded record of global structure `index` (no graph)."""
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} out of range 0..{len(self) - 1}")
-        which = int(np.searchsorted(self._starts, index, side="right")) - 1
+        which = bisect_right(self._starts, index) - 1
         directory = self.directories[which]
-        local = index - int(self._starts[which])
+        local = index - self._starts[which]
         record = directory.read(local)
         if record.num_atoms != self.natoms[index]:
             shard, in_shard = directory.locate(local)
