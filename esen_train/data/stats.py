@@ -115,7 +115,7 @@ class StatsAccumulator:
         return DatasetStats(
             element_references={int(z): float(references[z]) for z in present},
             force_rms=math.sqrt(self.force_square_sum / (3 * self.num_atoms)),
-            energy_per_atom_mean=mean,
+            energy_per_atom_mean=float(mean),
             energy_per_atom_std=math.sqrt(max(self.y_square_sum / n - mean**2, 0.0)),
             energy_per_atom_min=self.y_min,
             energy_per_atom_max=self.y_max,
