@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from esen_train.engine import distributed
+from esen_train.evaluation.checkpoint import FORMAT_VERSION, MODEL_FILE
 from esen_train.model import ModelConfig
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.pt"
 STATE_DIR = "train_state"
 
 
@@ -62,12 +61,12 @@ class CheckpointManager:
                 "metrics": dict(metrics),
             }
             torch.save(payload, tmp / MODEL_FILE)
+            (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
         strategy.save(tmp / STATE_DIR, extra)
         distributed.barrier()
         if distributed.is_main():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            (final / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
             _point(self.last, final)
             if is_best:
                 _point(self.best, final)
@@ -94,6 +93,3 @@ def _point(link: Path, target: Path) -> None:
     tmp.symlink_to(target.name)
     os.replace(tmp, link)
 
-
-def read_model_file(checkpoint_dir: Path) -> dict:
-    return torch.load(checkpoint_dir / MODEL_FILE, map_location="cpu", weights_only=True)

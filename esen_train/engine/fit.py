@@ -10,7 +10,8 @@ import torch
 from esen_train.data.dataset import LMDBDataset
 from esen_train.data.emt import generate_emt_dataset
 from esen_train.data.loader import build_dataloader
-from esen_train.data.stats import reference_energies
+from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
+from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
 from esen_train.engine.config import TrainConfig, save_config
 from esen_train.engine.tracking import RunLogger, read_metrics
@@ -67,14 +68,36 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
     train_set = LMDBDataset(train_dirs, cutoff=cutoff)
     val_set = LMDBDataset(val_dirs, cutoff=cutoff)
     loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=config.seed, num_workers=config.data.num_workers)
-    references, force_rms = reference_energies(train_dirs, config.model.max_num_elements)
+    stats = _training_stats(train_dirs)
+    references = torch.zeros(config.model.max_num_elements + 1, dtype=torch.float64)
+    for element, energy in stats.element_references.items():
+        references[element] = energy
     return StageData(
         train_loader=build_dataloader(train_set, settings.max_atoms, shuffle=True, **loader_args),
         val_loader=build_dataloader(val_set, settings.max_atoms, shuffle=False, **loader_args),
-        element_references=torch.as_tensor(references, dtype=torch.float64),
-        energy_scale=float(force_rms),
+        element_references=references,
+        energy_scale=stats.force_rms,
         has_stress=train_set.has_stress,
     )
+
+
+def _training_stats(train_dirs: list[str]) -> DatasetStats:
+    """Reference energies and force RMS: from the manifest (`esen-data stats`), else one
+    pass over the training data."""
+    if len(train_dirs) == 1:
+        stored = Manifest.load(train_dirs[0]).stats
+        if stored is not None:
+            return stored
+    if distributed.is_main():
+        print("computing reference energies over the training data (store them with `esen-data stats DIR`)", flush=True)
+    accumulator = StatsAccumulator()
+    for directory in train_dirs:
+        dataset = DatasetDirectory(directory)
+        for reader in dataset.readers:
+            for record in reader:
+                accumulator.add(record)
+        dataset.close()
+    return accumulator.result()
 
 
 def _write_summary(run_dir: Path, config: TrainConfig) -> None:

@@ -49,6 +49,7 @@ class RunLogger:
             dir=str(run_dir),
             mode=mode,
             config=config,
+            settings=wandb.Settings(quiet=True),
         )
 
     def log(self, record: dict) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from esen_train.engine import distributed, preemption
-from esen_train.engine.checkpoint import CheckpointManager, read_model_file
+from esen_train.engine.checkpoint import CheckpointManager
 from esen_train.engine.config import StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.strategy import build_strategy
+from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN
 
 
@@ -71,7 +72,7 @@ class StageTrainer:
         model.set_energy_scale(self.data.energy_scale)
         self.init_checkpoint = self._initial_checkpoint()
         if self.init_checkpoint is not None:
-            load_backbone(model, read_model_file(self.init_checkpoint))
+            load_backbone(model, read_model_file(self.init_checkpoint / MODEL_FILE))
         model.to(self.dist.device)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay)
@@ -80,8 +81,6 @@ class StageTrainer:
         self.strategy.attach_ema(self.ema)
 
     def _initial_checkpoint(self) -> Path | None:
-        from esen_train.evaluation.checkpoint import resolve_checkpoint
-
         if self.settings.init_from:
             return resolve_checkpoint(self.settings.init_from)
         if self.conservative:
@@ -175,7 +174,7 @@ class StageTrainer:
 
     def _check_loaded_weights(self) -> None:
         """Step 0 of a stage that starts from a checkpoint: same weights, same energy error."""
-        expected = read_model_file(self.init_checkpoint)["metrics"].get("energy_mae_mev_per_atom")
+        expected = read_model_file(self.init_checkpoint / MODEL_FILE)["metrics"].get("energy_mae_mev_per_atom")
         measured = self.validate(forces="none")["energy_mae_mev_per_atom"]
         self._log("val", {"energy_mae_mev_per_atom": measured, "loaded_from": str(self.init_checkpoint)})
         if expected is not None and not math.isclose(measured, expected, rel_tol=1e-4, abs_tol=1e-6):

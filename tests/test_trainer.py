@@ -1,0 +1,130 @@
+"""The trainer end to end on built-in EMT data, in one process: both stages, metrics,
+checkpoints, wandb offline files, the stage hand-over check, non-finite steps."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from esen_train.evaluation.checkpoint import read_model_file as read_model_pt
+from esen_train.engine.config import load_train_config
+from esen_train.engine.fit import fit
+from esen_train.engine.tracking import read_metrics
+from esen_train.engine.trainer import StageMismatch, TrainingDiverged
+from esen_train.engine.wandb_offline import find_run_files, read_offline_run
+from esen_train.model import ESEN
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def read_model_file(checkpoint_dir):
+    return read_model_pt(checkpoint_dir / "model.pt")
+
+
+FAST = [
+    "data.emt_structures=40",
+    "direct.max_steps=6", "direct.val_every=3", "direct.checkpoint_every=3", "direct.log_every=1",
+    "conservative.max_steps=4", "conservative.val_every=2", "conservative.checkpoint_every=2",
+    "conservative.log_every=1", "direct.max_atoms=64", "conservative.max_atoms=64",
+]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    fit(load_train_config(TINY, FAST + [f"run_dir={run_dir}"]))
+    return run_dir
+
+
+def test_run_directory_layout(two_stage_run):
+    run = two_stage_run
+    assert (run / "config.yaml").is_file()
+    assert load_train_config(run / "config.yaml").run_dir == str(run)
+    for stage in ("direct", "conservative"):
+        for name in ("last", "best"):
+            assert (run / "checkpoints" / stage / name / "model.pt").is_file()
+    assert (run / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_jsonl_has_required_fields(two_stage_run):
+    rows = read_metrics(two_stage_run)
+    required = {"step", "stage", "split", "loss", "energy_mae_mev_per_atom", "force_mae_mev_per_A"}
+    for stage in ("direct", "conservative"):
+        train = [r for r in rows if r["stage"] == stage and r["split"] == "train"]
+        val = [r for r in rows if r["stage"] == stage and r["split"] == "val" and "loaded_from" not in r]
+        assert train and val
+        assert required <= set(train[0])
+        assert {"step", "stage", "split", "energy_mae_mev_per_atom", "force_mae_mev_per_A", "force_cosine"} <= set(val[0])
+        assert all(math.isfinite(r["loss"]) for r in train)
+        assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+
+
+def test_conservative_stage_starts_from_direct_best(two_stage_run):
+    rows = read_metrics(two_stage_run)
+    handover = [r for r in rows if r["stage"] == "conservative" and "loaded_from" in r]
+    assert len(handover) == 1 and handover[0]["step"] == 0
+    direct_best = read_model_file(two_stage_run / "checkpoints" / "direct" / "best")
+    assert handover[0]["energy_mae_mev_per_atom"] == pytest.approx(direct_best["metrics"]["energy_mae_mev_per_atom"], rel=1e-4)
+    conservative = read_model_file(two_stage_run / "checkpoints" / "conservative" / "last")
+    assert not any(k.startswith("direct_heads.") for k in conservative["model"])
+    assert conservative["model_config"]["direct_forces"] is False
+
+
+def test_checkpoint_loads_into_inference_model(two_stage_run):
+    from esen_train.evaluation.checkpoint import load_model
+
+    model, info = load_model(two_stage_run)
+    assert isinstance(model, ESEN)
+    assert info["stage"] == "conservative"
+
+
+def test_wandb_offline_run_is_written_and_read_back(two_stage_run):
+    files = find_run_files(two_stage_run)
+    assert files, "no offline wandb run file"
+    run = read_offline_run(files[-1])
+    assert run["run_id"] == (two_stage_run / "wandb_run_id").read_text().strip()
+    assert run["config"]["model"]["num_layers"] >= 1
+    keys = set().union(*run["history"])
+    assert "direct/train/loss" in keys and "conservative/val/force_mae_mev_per_A" in keys
+
+
+def test_lost_weights_between_stages_are_caught(two_stage_run, tmp_path):
+    """If the direct best checkpoint's recorded energy error does not match what its
+    weights give, the conservative stage refuses to start."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_stage_run / "data", run / "data")
+    shutil.copytree(two_stage_run / "checkpoints" / "direct", run / "checkpoints" / "direct", symlinks=True)
+    best = (run / "checkpoints" / "direct" / "best").resolve() / "model.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in payload["ema"].items()}
+    torch.save(payload, best)
+    config = load_train_config(TINY, FAST + [f"run_dir={run}", "stages=[conservative]"])
+    with pytest.raises(StageMismatch, match="weights were lost"):
+        fit(config)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ESEN.forward
+
+    def poisoned(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (2, 3) or calls["n"] > 6:
+            out["energy"] = out["energy"] * float("nan")
+        return out
+
+    run = tmp_path / "run"
+    overrides = FAST + [f"run_dir={run}", "stages=[direct]", "direct.max_steps=20", "direct.val_every=100",
+                        "direct.checkpoint_every=5", "direct.max_nonfinite_in_row=3"]
+    monkeypatch.setattr(ESEN, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        fit(load_train_config(TINY, overrides))
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert rows[-1]["nonfinite_steps"] >= 2
+    last = read_model_file(run / "checkpoints" / "direct" / "last")
+    assert last["step"] == 5
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
