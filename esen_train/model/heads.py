@@ -29,6 +29,17 @@ def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures:
     return out.index_add(0, batch, values)
 
 
+def _symmetric_matrix_basis() -> torch.Tensor:
+    """e3nn's (0e, 2e) -> symmetric 3x3 change of basis, [6, 3, 3], computed in float64
+    (e3nn builds it in the default dtype; float32 would limit the stress to 1e-8)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return CartesianTensor("ij=ji").reduced_tensor_products().change_of_basis.clone()
+    finally:
+        torch.set_default_dtype(default)
+
+
 class EnergyHead(nn.Module):
     def __init__(self, channels: int, hidden_channels: int) -> None:
         super().__init__()
@@ -55,8 +66,7 @@ class DirectStressHead(nn.Module):
         self.isotropic = scalar_mlp(channels, hidden_channels)
         self.traceless_weight = nn.Parameter(torch.empty(channels).uniform_(-channels ** -0.5, channels ** -0.5))
         # [6, 3, 3]: (0e, 2e) coefficients -> symmetric Cartesian matrix.
-        basis = CartesianTensor("ij=ji").reduced_tensor_products().change_of_basis.to(torch.float64)
-        self.register_buffer("change_of_basis", basis, persistent=False)
+        self.register_buffer("change_of_basis", _symmetric_matrix_basis(), persistent=False)
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
         """-> [structures, 3, 3] in network units."""

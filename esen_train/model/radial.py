@@ -22,25 +22,25 @@ class GaussianBasis(nn.Module):
 
 
 class PolynomialEnvelope(nn.Module):
-    """u(x) = 1 + a x^p + b x^(p+1) + c x^(p+2) for x = d / cutoff < 1, else 0.
+    """u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2) for x = d / cutoff < 1, else 0.
 
-    a, b, c make u(1) = u'(1) = u''(1) = 0, so every message fades out smoothly as a
-    neighbour approaches the cutoff: energy and forces stay continuous when it crosses.
+    u(1) = u'(1) = u''(1) = 0, so every message fades out smoothly as a neighbour approaches
+    the cutoff: energy and forces stay continuous when it crosses. Evaluated in the
+    factored form u(x) = (1 - x)^3 * sum_k C(k+2, 2) x^k (k < p), which has no cancellation
+    near x = 1: the value there is tiny, not round-off.
     """
 
     def __init__(self, cutoff: float, exponent: int) -> None:
         super().__init__()
-        p = float(exponent)
         self.cutoff = cutoff
-        self.p = p
-        self.a = -(p + 1) * (p + 2) / 2
-        self.b = p * (p + 2)
-        self.c = -p * (p + 1) / 2
+        self.coefficients = [(k + 1) * (k + 2) / 2 for k in range(exponent)]
 
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
         x = distance / self.cutoff
-        x_p = x.pow(self.p)
-        value = 1 + x_p * (self.a + x * (self.b + self.c * x))
+        series = torch.full_like(x, self.coefficients[-1])
+        for coefficient in reversed(self.coefficients[:-1]):  # Horner
+            series = series * x + coefficient
+        value = (1 - x).pow(3) * series
         return torch.where(x < 1, value, torch.zeros_like(value))
 
 

@@ -1,0 +1,180 @@
+"""Conservative forces and stress are the energy's derivatives (finite differences, float64);
+double backward for training; edges along the frame's pole; batching; head hand-over."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from esen_train.model import ESEN
+from tests.model_helpers import (
+    mixed_batch,
+    random_rotation,
+    rattled_alloy,
+    rattled_molecule,
+    rattled_slab,
+    relative_error,
+    tiny_config,
+    tiny_model,
+    to_batch,
+    transformed,
+)
+
+STEP = 1e-5  # central differences: truncation ~ STEP^2, round-off ~ 1e-16 / STEP
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return mixed_batch(model.config.cutoff)
+
+
+def energies(model: ESEN, batch) -> torch.Tensor:
+    return model(batch, forces="none")["energy"].detach()
+
+
+def test_forces_are_minus_the_energy_gradient(model, batch):
+    forces = model(batch)["forces"]
+    generator = np.random.default_rng(0)
+    atoms = generator.choice(batch.num_nodes, size=8, replace=False)
+    numerical, analytic = [], []
+    for atom in atoms:
+        for axis in range(3):
+            moved = [batch.clone(), batch.clone()]
+            for sign, copy in zip((1, -1), moved):
+                copy.pos = batch.pos.clone()
+                copy.pos[atom, axis] += sign * STEP
+            difference = energies(model, moved[0]).sum() - energies(model, moved[1]).sum()
+            numerical.append(-difference / (2 * STEP))
+            analytic.append(forces[atom, axis])
+    assert relative_error(torch.stack(analytic), torch.stack(numerical)) < 1e-6
+
+
+def strained(batch, structure: int, strain: torch.Tensor):
+    """Positions and cell of one structure deformed by (I + strain), rows as vectors."""
+    out = batch.clone()
+    deformation = torch.eye(3, dtype=torch.float64) + strain
+    in_structure = batch.batch == structure
+    out.pos = batch.pos.clone()
+    out.pos[in_structure] = batch.pos[in_structure] @ deformation
+    out.cell = batch.cell.clone()
+    out.cell[structure] = batch.cell[structure] @ deformation
+    return out
+
+
+def test_stress_is_the_strain_derivative_over_volume(model, batch):
+    """sigma_ab = (1/V) dE/d eps_ab for a symmetric strain; zero for the molecule (no volume)."""
+    stress = model(batch)["stress"]
+    for structure in range(batch.num_graphs):
+        volume = torch.linalg.det(batch.cell[structure]).abs()
+        numerical = torch.zeros(3, 3, dtype=torch.float64)
+        for a in range(3):
+            for b in range(a, 3):
+                strain = torch.zeros(3, 3, dtype=torch.float64)
+                strain[a, b] = strain[b, a] = STEP
+                # dE/d eps_ab for the symmetric pair counts both entries: halve off-diagonals.
+                difference = (energies(model, strained(batch, structure, strain))
+                              - energies(model, strained(batch, structure, -strain)))[structure]
+                derivative = difference / (2 * STEP) / (1 if a == b else 2)
+                numerical[a, b] = numerical[b, a] = derivative / volume if volume > 0 else 0.0
+        if volume > 0:
+            assert relative_error(stress[structure], numerical) < 1e-6
+        else:
+            assert torch.equal(stress[structure], torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_edges_along_the_frame_pole_and_in_its_equator_are_regular(model):
+    """Edges exactly parallel and antiparallel to y (where the frame's chart has its pole) and
+    exactly in the y = 0 plane (where the two charts meet): forces are finite, equal the
+    energy's gradient and rotate with the structure; the double backward is finite too."""
+    atoms = Atoms("CNOC", positions=[[0, 0, 0], [0, 1.3, 0], [0, -1.2, 0], [1.1, 0, 0.4]])
+    batch = to_batch([atoms], model.config.cutoff)
+    out = model(batch, create_graph=True)
+    assert torch.isfinite(out["forces"]).all()
+    loss = out["forces"].square().sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+    numerical = torch.zeros_like(batch.pos)
+    for atom in range(len(atoms)):
+        for axis in range(3):
+            plus, minus = batch.clone(), batch.clone()
+            plus.pos, minus.pos = batch.pos.clone(), batch.pos.clone()
+            plus.pos[atom, axis] += STEP
+            minus.pos[atom, axis] -= STEP
+            numerical[atom, axis] = -(energies(model, plus) - energies(model, minus)).sum() / (2 * STEP)
+    assert relative_error(out["forces"].detach(), numerical) < 1e-6
+
+    rotation = random_rotation(5)
+    rotated = model(transformed(batch, rotation))
+    assert relative_error(rotated["forces"], out["forces"].detach() @ rotation.T) < 1e-10
+
+
+def test_double_backward_matches_finite_differences_in_a_weight(model, batch):
+    """The training loss on forces and stress (create_graph=True) differentiates correctly
+    with respect to a weight, here one entry of the first block's radial MLP."""
+    weight = model.backbone.blocks[0].edgewise.radial.layers[3].weight
+
+    def loss() -> torch.Tensor:
+        out = model(batch, create_graph=True)
+        return out["forces"].square().sum() + out["stress"].square().sum() + out["energy"].square().sum()
+
+    (gradient,) = torch.autograd.grad(loss(), [weight])
+    with torch.no_grad():
+        original = weight[2, 5].item()
+        weight[2, 5] = original + STEP
+        up = loss().item()
+        weight[2, 5] = original - STEP
+        down = loss().item()
+        weight[2, 5] = original
+    assert abs(gradient[2, 5].item() - (up - down) / (2 * STEP)) < 1e-6 * abs(gradient[2, 5].item())
+
+
+def test_a_mixed_batch_equals_each_structure_alone(model, batch):
+    together = model(batch)
+    start = 0
+    for index, atoms in enumerate([rattled_alloy(), rattled_molecule(), rattled_slab()]):
+        alone = model(to_batch([atoms], model.config.cutoff))
+        count = len(atoms)
+        assert relative_error(together["energy"][index:index + 1], alone["energy"]) < 1e-12
+        assert relative_error(together["forces"][start:start + count], alone["forces"]) < 1e-12
+        assert torch.allclose(together["stress"][index:index + 1], alone["stress"], rtol=1e-12, atol=1e-15)
+        start += count
+
+
+def test_outputs_detached_for_inference_and_attached_for_training(model, batch):
+    with torch.no_grad():
+        out = model(batch)
+    assert not any(value.requires_grad for value in out.values())
+    out = model(batch, create_graph=True)
+    assert all(value.requires_grad for value in out.values())
+    direct = tiny_model(direct_forces=True)(batch, forces="direct")
+    assert all(value.requires_grad for value in direct.values())
+
+
+def test_direct_pretrained_weights_load_strictly_without_the_direct_heads(batch):
+    direct = tiny_model(seed=3, direct_forces=True)
+    conservative = ESEN(tiny_config(direct_forces=False)).to(torch.float64)
+    state = direct.state_dict()
+    assert any(key.startswith("direct_heads.") for key in state)
+    conservative.load_state_dict(ESEN.backbone_state_dict(state), strict=True)
+    assert torch.equal(conservative(batch, forces="none")["energy"], direct(batch, forces="none")["energy"])
+
+
+def test_bad_requests_fail_clearly(model, batch):
+    with pytest.raises(ValueError, match="direct_forces=False"):
+        model(batch, forces="direct")
+    with pytest.raises(ValueError, match="forces must be one of"):
+        model(batch, forces="autograd")
+    wrong = batch.clone()
+    wrong.atomic_numbers = batch.atomic_numbers.clone()
+    wrong.atomic_numbers[0] = 0
+    with pytest.raises(ValueError, match="atomic_numbers must be in 1..100"):
+        model(wrong)
+    with pytest.raises(ValueError, match="shape"):
+        model.set_reference_energies(torch.zeros(5))
