@@ -19,6 +19,9 @@ from ase.calculators.calculator import Calculator
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
+from esen_train.data.manifest import DatasetDirectory
+from esen_train.data.records import StructureRecord
+
 MEV = 1000.0
 # Force vectors shorter than this (eV/Å) have no direction worth comparing.
 COSINE_MIN_FORCE = 1e-6
@@ -36,10 +39,13 @@ class LabelledStructure:
 
 
 def read_labelled_structures(path: str | Path) -> list[LabelledStructure]:
-    """Every structure of an ASE-readable file (extxyz, ASE db, ...) with its labels."""
+    """Every structure of a dataset directory (LMDB shards, see esen_train.data) or of an
+    ASE-readable file (extxyz, ASE db, ...), with its labels."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data not found: {path}")
+    if path.is_dir():
+        return _read_dataset_directory(path)
     try:
         frames = ase.io.read(path, index=":")
     except Exception as error:  # ASE raises many types for unreadable input
@@ -47,6 +53,20 @@ def read_labelled_structures(path: str | Path) -> list[LabelledStructure]:
     if not frames:
         raise ValueError(f"{path}: contains no structures")
     return [_labels_of(atoms, f"{path}:{index}") for index, atoms in enumerate(frames)]
+
+
+def _read_dataset_directory(path: Path) -> list[LabelledStructure]:
+    dataset = DatasetDirectory(path)
+    try:
+        return [_from_record(dataset.read(index), f"{path}:{index}") for index in range(len(dataset))]
+    finally:
+        dataset.close()
+
+
+def _from_record(record: StructureRecord, source: str) -> LabelledStructure:
+    atoms = Atoms(record.atomic_numbers, positions=record.positions, cell=record.cell, pbc=record.pbc)
+    stress = None if record.stress is None else np.asarray(record.stress, dtype=float)
+    return LabelledStructure(atoms, float(record.energy), np.asarray(record.forces, dtype=float), stress, source)
 
 
 def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
@@ -59,8 +79,7 @@ def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
         raise ValueError(f"{source}: field 'forces' has shape {forces.shape}, expected ({len(atoms)}, 3)")
     stress = results.get("stress")
     if stress is not None:
-        stress = np.asarray(stress, dtype=float)
-        stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
+        stress = _full_stress(stress)
     bare = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     return LabelledStructure(bare, float(results["energy"]), forces, stress, source)
 
@@ -86,7 +105,7 @@ def _predict_one(calculator: Calculator, structure: LabelledStructure) -> dict:
     atoms.calc = calculator
     result = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
     if structure.stress is not None:
-        result["stress"] = atoms.get_stress(voigt=False)
+        result["stress"] = atoms.get_stress()
     return result
 
 
@@ -138,6 +157,11 @@ class _Pairs:
     def collect(cls, structures: Sequence[LabelledStructure], predictions: Sequence[dict]) -> _Pairs:
         has_stress = np.array([s.stress is not None for s in structures])
         for structure, prediction, labelled in zip(structures, predictions, has_stress):
+            if np.shape(prediction["forces"]) != structure.forces.shape:
+                raise ValueError(
+                    f"{structure.source}: predicted forces have shape {np.shape(prediction['forces'])}, "
+                    f"expected {structure.forces.shape}"
+                )
             if labelled and "stress" not in prediction:
                 raise ValueError(f"{structure.source}: stress is labelled but was not predicted")
         zeros = np.zeros((3, 3))
@@ -147,11 +171,11 @@ class _Pairs:
             energy_pred=np.array([float(p["energy"]) for p in predictions]),
             atom_numbers=np.concatenate([s.atoms.numbers for s in structures]),
             forces_ref=np.concatenate([s.forces for s in structures]),
-            forces_pred=np.concatenate([np.asarray(p["forces"]).reshape(-1, 3) for p in predictions]),
+            forces_pred=np.concatenate([np.asarray(p["forces"]) for p in predictions]),
             has_stress=has_stress,
             stress_ref=np.stack([s.stress if s.stress is not None else zeros for s in structures]),
             stress_pred=np.stack(
-                [np.asarray(p["stress"]).reshape(3, 3) if s.stress is not None else zeros
+                [_full_stress(p["stress"]) if s.stress is not None else zeros
                  for s, p in zip(structures, predictions)]
             ),
         )
@@ -174,6 +198,12 @@ class _Pairs:
             result["num_structures_with_stress"] = int(stress_mask.sum())
             result["stress_mae_mev_per_A3"] = MEV * float(np.mean(np.abs(stress_error)))
         return result
+
+
+def _full_stress(stress: np.ndarray) -> np.ndarray:
+    """3x3 from ASE's Voigt order [xx, yy, zz, yz, xz, xy] or from a 3x3."""
+    stress = np.asarray(stress, dtype=float)
+    return voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
 
 
 def _mean_cosine(predicted: np.ndarray, reference: np.ndarray) -> float | None:

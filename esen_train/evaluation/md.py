@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 MEV_PER_EV = 1000.0
@@ -70,8 +70,11 @@ def run_nve(
 
 
 def _draw_velocities(atoms: Atoms, temperature_K: float, seed: int) -> None:
-    """Maxwell-Boltzmann momenta with no net momentum (and no net rotation for a molecule)."""
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+    """Maxwell-Boltzmann momenta (each component normal with variance m kB T), then no net
+    momentum, and no net rotation for a molecule."""
+    masses = atoms.get_masses()[:, None]
+    normal = np.random.default_rng(seed).standard_normal((len(atoms), 3))
+    atoms.set_momenta(normal * np.sqrt(masses * units.kB * temperature_K))
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)

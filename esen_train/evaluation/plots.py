@@ -79,18 +79,17 @@ def plot_energy_vs_time(
 
 def plot_learning_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Learning curves from a trainer's metrics.jsonl: one panel per metric, one line per
-    (stage, split). Each stage's steps are shifted to follow the previous stage's, with a
-    dashed line where a stage starts, so a two-stage run reads left to right."""
+    (stage, split), against the run's global step, with a dashed line where a stage starts."""
     rows = read_metrics_jsonl(metrics_jsonl)
-    metrics = [name for name in LEARNING_CURVE_METRICS if any(name in row for row in rows)]
+    metrics = [name for name in LEARNING_CURVE_METRICS if any(_number(row.get(name)) for row in rows)]
     if not metrics:
         raise ValueError(f"{metrics_jsonl}: no rows with any of {', '.join(LEARNING_CURVE_METRICS)}")
-    stage_offsets = _stage_offsets(rows)
+    xs = _global_steps(rows)
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        for (stage, split), (steps, values) in _series(rows, metric, stage_offsets).items():
+        for (stage, split), (steps, values) in _series(rows, xs, metric).items():
             axis.plot(steps, values, marker="." if split != "train" else None, label=f"{stage} {split}")
-        for boundary in _stage_starts(rows, stage_offsets)[1:]:
+        for boundary in _stage_starts(rows, xs)[1:]:
             axis.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
         if metric != "force_cosine" and _all_positive(rows, metric):
             axis.set_yscale("log")
@@ -119,45 +118,53 @@ def read_metrics_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def _stage_offsets(rows: list[dict]) -> dict[str, int]:
-    """How far each stage's steps are shifted on the shared x axis: a stage whose step counter
-    restarts is placed after the steps seen so far; one that counts on is left where it is."""
+def _global_steps(rows: list[dict]) -> list[int]:
+    """Each row's x: its `global_step` where the trainer wrote one; otherwise its `step`, with
+    a stage whose counter restarts shifted to follow the steps seen before it."""
     offsets: dict[str, int] = {}
     end = 0
+    xs = []
     for row in rows:
-        stage = row.get("stage", "")
-        if stage not in offsets:
-            offsets[stage] = end if int(row["step"]) < end else 0
-        end = max(end, offsets[stage] + int(row["step"]))
-    return offsets
+        stage, step = row.get("stage", ""), int(row["step"])
+        if "global_step" in row:
+            x = int(row["global_step"])
+        else:
+            if stage not in offsets:
+                offsets[stage] = end if step < end else 0
+            x = offsets[stage] + step
+        end = max(end, x)
+        xs.append(x)
+    return xs
 
 
-def _stage_starts(rows: list[dict], stage_offsets: dict[str, int]) -> list[int]:
-    """The first x of each stage, in order of appearance."""
+def _stage_starts(rows: list[dict], xs: list[int]) -> list[int]:
+    """The first x of each stage, stages in order of appearance."""
     starts: dict[str, int] = {}
-    for row in rows:
+    for row, x in zip(rows, xs):
         stage = row.get("stage", "")
-        x = stage_offsets[stage] + int(row["step"])
         starts[stage] = min(starts.get(stage, x), x)
     return list(starts.values())
 
 
-def _series(rows: list[dict], metric: str, stage_offsets: dict[str, int]) -> dict[tuple[str, str], tuple]:
+def _series(rows: list[dict], xs: list[int], metric: str) -> dict[tuple[str, str], tuple[list, list]]:
     series: dict[tuple[str, str], tuple[list, list]] = {}
-    for row in rows:
+    for row, x in zip(rows, xs):
         value = row.get(metric)
-        if not isinstance(value, (int, float)) or not np.isfinite(value):
+        if not _number(value):
             continue
-        stage = row.get("stage", "")
-        steps, values = series.setdefault((stage, row.get("split", "")), ([], []))
-        steps.append(stage_offsets[stage] + int(row["step"]))
+        steps, values = series.setdefault((row.get("stage", ""), row.get("split", "")), ([], []))
+        steps.append(x)
         values.append(float(value))
     return series
 
 
+def _number(value: object) -> bool:
+    """Whether a metrics.jsonl value can be plotted (the trainer writes null for NaN and inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 def _all_positive(rows: list[dict], metric: str) -> bool:
-    values = [row[metric] for row in rows if isinstance(row.get(metric), (int, float))]
-    return all(value > 0 for value in values)
+    return all(row[metric] > 0 for row in rows if _number(row.get(metric)))
 
 
 def _save(figure: Figure, out_png: str | Path) -> Path:

@@ -1,0 +1,160 @@
+"""The `esen-train eval` and `esen-train md` subcommands (esen_train/cli.py adds them).
+
+    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR]
+    esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
+                  [--forces conservative|direct] [--json] [--out DIR]
+
+CHECKPOINT is a checkpoint directory or a run directory (its last stage's best checkpoint).
+Without --forces a checkpoint is used the way its stage trained it: direct forces for a
+direct-stage checkpoint, conservative otherwise. Both commands print a table, or one JSON
+object with --json, and write their plots (PNG) to --out. Errors in the input end the command
+with a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ase.io
+import torch
+from ase import Atoms
+
+from esen_train.data.manifest import DatasetError
+from esen_train.data.shards import ShardError
+from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator
+from esen_train.evaluation.checkpoint import CheckpointError, load_model
+from esen_train.evaluation.errors import compute_errors, format_error_table, parity_panels, predict, read_labelled_structures
+from esen_train.evaluation.md import run_nve
+from esen_train.evaluation.plots import plot_energy_vs_time, plot_parity
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# What a bad input raises: reported as one line and exit code 2 instead of a traceback.
+INPUT_ERRORS = (CheckpointError, DatasetError, ShardError, FileNotFoundError, ValueError)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="error tables and parity plots of a checkpoint on labelled data")
+    _add_model_arguments(parser, default_dtype="float32")
+    parser.add_argument("--data", required=True, help="dataset directory (esen-data) or ASE-readable file")
+    parser.add_argument("--max-atoms", type=int, default=512, help="atoms per forward pass (default 512)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--out", default="eval", help="directory for parity.png and errors.json (default ./eval)")
+    parser.set_defaults(run=run_eval)
+    return parser
+
+
+def add_md_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("md", help="NVE molecular dynamics: energy drift of a checkpoint")
+    _add_model_arguments(parser, default_dtype="float64")
+    parser.add_argument("--structure", required=True, help="ASE-readable file; its first structure is used")
+    parser.add_argument("--steps", type=int, required=True, help="velocity-Verlet steps")
+    parser.add_argument("--timestep", type=float, required=True, help="time step in fs")
+    parser.add_argument("--temperature", type=float, required=True, help="Maxwell-Boltzmann temperature in K")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    parser.add_argument("--out", default="md", help="directory for energy_vs_time.png and md.json (default ./md)")
+    parser.set_defaults(run=run_md)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory, or run directory (its last stage's best)")
+    parser.add_argument("--forces", choices=FORCE_MODES, default=None,
+                        help="force head (default: the checkpoint stage's own: direct or conservative)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
+                        help=f"model precision (default {default_dtype})")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        calculator = _calculator(args)
+        structures = read_labelled_structures(args.data)
+        predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms)
+        metrics = compute_errors(structures, predictions)
+    except INPUT_ERRORS as error:
+        return _fail("eval", error)
+    out = Path(args.out)
+    plot = plot_parity(parity_panels(structures, predictions), out / "parity.png",
+                       title=f"{Path(args.data).name}: {calculator.forces_mode} forces")
+    report = {**_describe(args, calculator), "data": str(args.data), **metrics, "parity_plot": str(plot)}
+    _write_json(report, out / "errors.json")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"checkpoint {report['checkpoint']} ({calculator.forces_mode} forces) on {args.data}")
+        print(format_error_table(metrics))
+        print(f"parity plot: {plot}")
+    return 0
+
+
+def run_md(args: argparse.Namespace) -> int:
+    try:
+        calculator = _calculator(args)
+        atoms = _read_structure(args.structure)
+        result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed)
+    except INPUT_ERRORS as error:
+        return _fail("md", error)
+    out = Path(args.out)
+    plot = plot_energy_vs_time(
+        result["time_ps"], result["potential_energy_ev"], result["kinetic_energy_ev"], result["num_atoms"],
+        out / "energy_vs_time.png",
+        title=f"NVE, {calculator.forces_mode} forces: drift {result['drift_mev_per_atom_per_ps']:.3g} meV/atom/ps",
+    )
+    series = ("time_ps", "potential_energy_ev", "kinetic_energy_ev")
+    summary = {key: value for key, value in result.items() if key not in series}
+    report = {**_describe(args, calculator), "structure": str(args.structure), **summary, "energy_plot": str(plot)}
+    _write_json(report, out / "md.json")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"NVE {args.steps} steps of {args.timestep} fs from {args.temperature} K, "
+              f"{result['num_atoms']} atoms, {calculator.forces_mode} forces")
+        print(f"  drift          {result['drift_mev_per_atom_per_ps']:+.4f} meV/atom/ps")
+        print(f"  fluctuation    {result['fluctuation_mev_per_atom']:.4f} meV/atom (std)")
+        print(f"  max deviation  {result['max_deviation_mev_per_atom']:.4f} meV/atom")
+        print(f"energy plot: {plot}")
+    return 0
+
+
+def _calculator(args: argparse.Namespace) -> ESENCalculator:
+    """The checkpoint's calculator; without --forces, the force head its stage trained."""
+    model, info = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype], use_ema=not args.no_ema)
+    forces = args.forces or ("direct" if info.stage == "direct" else "conservative")
+    return ESENCalculator(model, forces=forces, device=args.device, dtype=DTYPES[args.dtype], checkpoint=info)
+
+
+def _read_structure(path: str) -> Atoms:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"structure file not found: {path}")
+    try:
+        return ase.io.read(path, index=0)
+    except Exception as error:  # ASE raises many types for unreadable input
+        raise ValueError(f"{path}: not readable by ase.io.read ({type(error).__name__}: {error})") from None
+
+
+def _describe(args: argparse.Namespace, calculator: ESENCalculator) -> dict:
+    info = calculator.checkpoint
+    return {
+        "checkpoint": str(info.path.parent),
+        "stage": info.stage,
+        "step": info.step,
+        "forces": calculator.forces_mode,
+        "dtype": args.dtype,
+        "ema": info.used_ema,
+    }
+
+
+def _write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"esen-train {command}: {error}", file=sys.stderr)
+    return 2

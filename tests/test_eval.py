@@ -1,0 +1,189 @@
+"""Error tables, parity and learning-curve plots, and the `esen-train eval` command."""
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from PIL import Image
+
+from esen_train.cli import main
+from esen_train.evaluation.calculator import ESENCalculator
+from esen_train.evaluation.errors import (
+    compute_errors,
+    format_error_table,
+    parity_panels,
+    predict,
+    read_labelled_structures,
+)
+from esen_train.evaluation.plots import plot_learning_curves, plot_parity
+from tests.conftest import shared_data
+from tests.evaluation_helpers import labelled_copper_structures, write_checkpoint
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path, min_width=300, min_height=200):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] >= min_width and image.size[1] >= min_height
+
+
+@pytest.fixture
+def extxyz(tmp_path):
+    path = tmp_path / "labelled.xyz"
+    ase.io.write(path, labelled_copper_structures(), format="extxyz")
+    return path
+
+
+def test_a_file_read_back_has_its_labels(extxyz):
+    structures = read_labelled_structures(extxyz)
+    originals = labelled_copper_structures()
+    assert len(structures) == len(originals)
+    for structure, original in zip(structures, originals):  # extxyz keeps about 8 significant digits
+        assert structure.energy == pytest.approx(original.get_potential_energy(), rel=1e-7)
+        np.testing.assert_allclose(structure.forces, original.get_forces(), rtol=1e-6, atol=1e-7)
+        if original.pbc.all():
+            np.testing.assert_allclose(structure.stress, original.get_stress(voigt=False), rtol=1e-6, atol=1e-8)
+        else:
+            assert structure.stress is None
+        assert structure.atoms.calc is None  # labels are kept apart from the structure
+
+
+def test_the_labelling_potential_scores_zero(extxyz):
+    structures = read_labelled_structures(extxyz)
+    metrics = compute_errors(structures, predict(EMT(), structures))
+    # Zero up to the rounding of positions and labels in the extxyz text.
+    for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "force_rmse_mev_per_A", "stress_mae_mev_per_A3"):
+        assert metrics[key] == pytest.approx(0.0, abs=1e-3)
+    assert metrics["force_cosine"] == pytest.approx(1.0, abs=1e-8)
+    assert metrics["num_structures"] == 5 and metrics["num_structures_with_stress"] == 4
+
+
+def test_known_offsets_give_known_errors(extxyz):
+    structures = read_labelled_structures(extxyz)
+    predictions = []
+    for index, structure in enumerate(structures):
+        natoms = len(structure.atoms)
+        forces = structure.forces.copy()
+        forces[structure.atoms.numbers == 79] += 0.004  # gold atoms only: 4 meV/Å per component
+        prediction = {"energy": structure.energy + 0.002 * natoms * (1 if index % 2 else -1), "forces": forces}
+        if structure.stress is not None:
+            prediction["stress"] = structure.stress + 0.0005
+        predictions.append(prediction)
+    metrics = compute_errors(structures, predictions)
+    gold_atoms = sum(int((s.atoms.numbers == 79).sum()) for s in structures)
+    total_atoms = sum(len(s.atoms) for s in structures)
+    assert metrics["energy_mae_mev_per_atom"] == pytest.approx(2.0)
+    assert metrics["energy_rmse_mev_per_atom"] == pytest.approx(2.0)
+    assert metrics["force_mae_mev_per_A"] == pytest.approx(4.0 * gold_atoms / total_atoms)
+    assert metrics["force_rmse_mev_per_A"] == pytest.approx(4.0 * np.sqrt(gold_atoms / total_atoms))
+    assert metrics["stress_mae_mev_per_A3"] == pytest.approx(0.5)
+    per_element = metrics["per_element"]
+    assert set(per_element) == {"C", "O", "Cu", "Au"}
+    assert per_element["Au"]["force_mae_mev_per_A"] == pytest.approx(4.0)
+    assert per_element["Cu"]["force_mae_mev_per_A"] == pytest.approx(0.0)
+    assert per_element["Au"]["num_atoms"] == gold_atoms
+    assert per_element["Au"]["num_structures"] == 2  # energy and stress: structures holding gold
+    assert "stress_mae_mev_per_A3" not in per_element["O"]  # the molecule has no stress label
+    table = format_error_table(metrics)
+    assert table.splitlines()[0].split()[0] == "element"
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["all", "C", "O", "Cu", "Au"]
+
+
+def test_force_cosine_sees_direction_not_size(extxyz):
+    structures = read_labelled_structures(extxyz)
+    doubled = [{"energy": s.energy, "forces": 2 * s.forces, "stress": s.stress} for s in structures]
+    flipped = [{"energy": s.energy, "forces": -s.forces, "stress": s.stress} for s in structures]
+    assert compute_errors(structures, doubled)["force_cosine"] == pytest.approx(1.0)
+    assert compute_errors(structures, flipped)["force_cosine"] == pytest.approx(-1.0)
+
+
+def test_missing_labels_name_the_file_frame_and_field(tmp_path):
+    atoms = labelled_copper_structures(count=2)
+    atoms[1].calc = SinglePointCalculator(atoms[1], forces=atoms[1].get_forces())  # energy dropped
+    path = tmp_path / "unlabelled.xyz"
+    ase.io.write(path, atoms, format="extxyz")
+    with pytest.raises(ValueError, match=r"unlabelled\.xyz:1: field 'energy' is missing"):
+        read_labelled_structures(path)
+    with pytest.raises(FileNotFoundError, match="absent.xyz"):
+        read_labelled_structures(tmp_path / "absent.xyz")
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is not\nan xyz file\n")
+    with pytest.raises(ValueError, match="garbage.xyz"):
+        read_labelled_structures(garbage)
+
+
+def test_parity_plot_is_a_png(extxyz, tmp_path):
+    structures = read_labelled_structures(extxyz)
+    predictions = predict(EMT(), structures)
+    panels = parity_panels(structures, predictions)
+    assert [label.split()[0] for label, _, _ in panels] == ["energy", "force", "stress"]
+    assert_png(plot_parity(panels, tmp_path / "parity.png", title="EMT"), min_width=600)
+
+
+def test_learning_curves_from_a_trainer_metrics_file(tmp_path):
+    rows = []
+    for stage, offset in (("direct", 0), ("conservative", 40)):
+        for step in range(5, 45 if stage == "direct" else 25, 5):
+            rows.append({"stage": stage, "split": "train", "step": step, "global_step": offset + step,
+                         "loss": 10.0 / step, "energy_mae_mev_per_atom": 50.0 / step, "force_mae_mev_per_A": 80.0 / step})
+        rows.append({"stage": stage, "split": "val", "step": step, "global_step": offset + step,
+                     "energy_mae_mev_per_atom": 60.0 / step, "force_mae_mev_per_A": 90.0 / step,
+                     "force_cosine": 0.5, "stress_mae_mev_per_A3": None})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert_png(plot_learning_curves(metrics, tmp_path / "learning_curves.png"), min_width=1000)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl: line 2"):
+        plot_learning_curves(broken, tmp_path / "never.png")
+    assert not (tmp_path / "never.png").exists()
+
+
+def test_eval_command_on_a_file(extxyz, tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "run", stage="conservative")
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "run"), "--data", str(extxyz), "--json", "--out", str(out),
+                 "--dtype", "float64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint"] == str(checkpoint)
+    assert report["forces"] == "conservative" and report["num_structures"] == 5
+    structures = read_labelled_structures(extxyz)
+    calculator = ESENCalculator.from_checkpoint(checkpoint, dtype=torch.float64)
+    expected = compute_errors(structures, predict(calculator, structures))
+    for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3", "force_cosine"):
+        assert report[key] == pytest.approx(expected[key], rel=1e-9)
+    assert_png(out / "parity.png", min_width=600)
+    assert json.loads((out / "errors.json").read_text()) == report
+
+    assert main(["eval", str(tmp_path / "run"), "--data", str(extxyz), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "F MAE meV/Å" in table
+    assert [line.split()[0] for line in table.splitlines()[3:8]] == ["all", "C", "O", "Cu", "Au"]
+
+
+def test_eval_command_errors_are_one_line(extxyz, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no-run"), "--data", str(extxyz)]) == 2
+    assert "no-run" in capsys.readouterr().err
+    write_checkpoint(tmp_path / "run")
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "no-data.xyz")]) == 2
+    assert "no-data.xyz" in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+def test_real_dft_file_with_stress():
+    structures = read_labelled_structures(shared_data("mlearn/Cu_test.xyz"))
+    assert len(structures) == 31 and all(s.stress is not None for s in structures)
+    metrics = compute_errors(structures, predict(EMT(), structures))
+    # EMT is not DFT: energies are on another reference, forces are close but not equal.
+    assert 10.0 < metrics["force_mae_mev_per_A"] < 500.0
+    assert metrics["per_element"]["Cu"]["num_atoms"] == sum(len(s.atoms) for s in structures)
