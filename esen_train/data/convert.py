@@ -12,6 +12,7 @@ import math
 import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -42,30 +43,43 @@ def convert_chunk(chunk: InputChunk, skip_invalid: bool) -> EncodedChunk:
     return result
 
 
+def _start_workers(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` forked processes, started now.
+
+    fork (rather than spawn) lets workers start in milliseconds with this process's
+    imports instead of re-importing numpy, ASE and torch (vesin imports it) for seconds
+    each. fork copies only the calling thread, so the workers must start before this
+    process starts threads of its own (tqdm's monitor): the warm-up task makes the pool
+    launch all its processes here.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()
+    return pool
+
+
 def _converted_chunks(
-    chunks: list[InputChunk], workers: int, skip_invalid: bool
+    chunks: list[InputChunk], pool: ProcessPoolExecutor | None, workers: int, skip_invalid: bool
 ) -> Iterator[EncodedChunk]:
-    """Results of `convert_chunk` in input order, computed by `workers` processes."""
-    if workers <= 1:
+    """Results of `convert_chunk` in input order, computed in `pool` (or here if None)
+    with at most two chunks per worker in flight."""
+    if pool is None:
         for chunk in chunks:
             yield convert_chunk(chunk, skip_invalid)
         return
-    # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would copy badly.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        waiting = iter(chunks)
-        in_flight = deque()
-        try:
-            for chunk in _take(waiting, 2 * workers):
+    waiting = iter(chunks)
+    in_flight = deque(
+        pool.submit(convert_chunk, chunk, skip_invalid)
+        for chunk in _take(waiting, 2 * workers)
+    )
+    try:
+        while in_flight:
+            result = in_flight.popleft().result()
+            for chunk in _take(waiting, 1):
                 in_flight.append(pool.submit(convert_chunk, chunk, skip_invalid))
-            while in_flight:
-                result = in_flight.popleft().result()
-                for chunk in _take(waiting, 1):
-                    in_flight.append(pool.submit(convert_chunk, chunk, skip_invalid))
-                yield result
-        finally:
-            for future in in_flight:
-                future.cancel()
+            yield result
+    finally:
+        for future in in_flight:
+            future.cancel()
 
 
 def _take(iterator: Iterator, count: int) -> list:
@@ -102,11 +116,13 @@ def convert(
         "inputs": inputs,
         "options": {"num_shards": num_shards, "skip_invalid": skip_invalid, "format": format},
     }
-    with (
-        DatasetWriter(out_dir, num_shards, provenance, overwrite) as writer,
-        tqdm(total=known_total or None, unit=" structures", disable=not progress) as bar,
-    ):
-        for result in _converted_chunks(chunks, workers, skip_invalid):
+    with ExitStack() as stack:
+        pool = stack.enter_context(_start_workers(workers)) if workers > 1 else None
+        writer = stack.enter_context(DatasetWriter(out_dir, num_shards, provenance, overwrite))
+        bar = stack.enter_context(
+            tqdm(total=known_total or None, unit=" structures", disable=not progress)
+        )
+        for result in _converted_chunks(chunks, pool, workers, skip_invalid):
             writer.write_chunk(result)
             bar.update(len(result.records) + len(result.skipped))
         return writer.finish()

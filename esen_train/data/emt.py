@@ -24,7 +24,6 @@ from ase.build import bulk, fcc100, fcc110, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers, reference_states
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
 from esen_train.data.manifest import Manifest
@@ -125,7 +124,10 @@ def _md_snapshot(rng, symbol) -> Atoms:
     atoms = _bulk(rng, symbol)
     _rattle(rng, atoms, 0.02)
     atoms.calc = FastEMT()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=float(rng.choice(MD_TEMPERATURES_K)), rng=rng)
+    # Maxwell-Boltzmann momenta: each component normal with variance m kB T.
+    temperature = float(rng.choice(MD_TEMPERATURES_K))
+    scale = np.sqrt(atoms.get_masses() * units.kB * temperature)
+    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * scale[:, None])
     VelocityVerlet(atoms, timestep=2.0 * units.fs).run(int(rng.integers(3, 8)))
     return atoms
 
