@@ -6,11 +6,14 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch_geometric.data import Batch, Data
 
+from esen_train.data.dataset import LMDBDataset
+from esen_train.data.emt import generate_emt_dataset
 from esen_train.data.neighbors import build_neighbor_list
 from esen_train.evaluation.calculator import ESENCalculator
 from esen_train.evaluation.checkpoint import CheckpointError, load_model, resolve_checkpoint
@@ -77,6 +80,22 @@ def test_calculator_equals_the_model_single_and_batched(model64, forces):
             with pytest.raises(PropertyNotImplementedError):
                 single.get_stress()
     assert np.abs(energy).max() > 0 and np.abs(expected["forces"].detach().numpy()).max() > 1e-6
+
+
+def test_calculator_equals_the_model_on_the_readers_batch(model64, tmp_path):
+    """Atoms given to the calculator and the same structures read by the training data path
+    (LMDB dataset -> LMDBDataset -> Batch) give the same model outputs."""
+    generate_emt_dataset(tmp_path / "emt", num=4, seed=0)
+    dataset = LMDBDataset(tmp_path / "emt", cutoff=model64.config.cutoff, dtype=torch.float64)
+    batch = Batch.from_data_list([dataset[i] for i in range(len(dataset))])
+    expected = model64(batch, forces="conservative", stress=True)
+    records = [dataset.read_record(i) for i in range(len(dataset))]
+    atoms_list = [Atoms(r.atomic_numbers, positions=r.positions, cell=r.cell, pbc=r.pbc) for r in records]
+    results = ESENCalculator(model64, dtype=torch.float64).calculate_batch(atoms_list)
+    np.testing.assert_allclose([r["energy"] for r in results], expected["energy"].numpy(), **F64)
+    np.testing.assert_allclose(np.concatenate([r["forces"] for r in results]), expected["forces"].numpy(), **F64)
+    voigt = [full_3x3_to_voigt_6_stress(stress) for stress in expected["stress"].numpy()]
+    np.testing.assert_allclose([r["stress"] for r in results], voigt, **F64)
 
 
 def test_conservative_forces_and_stress_are_energy_derivatives(model64):

@@ -85,10 +85,13 @@ def plot_learning_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     if not metrics:
         raise ValueError(f"{metrics_jsonl}: no rows with any of {', '.join(LEARNING_CURVE_METRICS)}")
     xs = _global_steps(rows)
+    # One colour per (stage, split) in every panel.
+    colours = {key: f"C{i}" for i, key in enumerate(dict.fromkeys((r.get("stage", ""), r.get("split", "")) for r in rows))}
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         for (stage, split), (steps, values) in _series(rows, xs, metric).items():
-            axis.plot(steps, values, marker="." if split != "train" else None, label=f"{stage} {split}")
+            axis.plot(steps, values, color=colours[stage, split], marker="." if split != "train" else None,
+                      label=f"{stage} {split}")
         for boundary in _stage_starts(rows, xs)[1:]:
             axis.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
         if metric != "force_cosine" and _all_positive(rows, metric):
