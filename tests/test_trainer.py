@@ -76,7 +76,7 @@ def test_checkpoint_loads_into_inference_model(two_stage_run):
 
     model, info = load_model(two_stage_run)
     assert isinstance(model, ESEN)
-    assert info["stage"] == "conservative"
+    assert info.stage == "conservative"
 
 
 def test_wandb_offline_run_is_written_and_read_back(two_stage_run):

@@ -64,6 +64,15 @@ class RunLogger:
             numbers = {f"{prefix}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"}
             self.run.log({**numbers, "global_step": record["global_step"]})
 
+    def forget_after(self, stage: str, step: int) -> None:
+        """Drop rows of `stage` logged after `step`: a resumed run repeats those steps."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        kept = [row for row in read_metrics(self.metrics_path.parent) if row["stage"] != stage or row["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.metrics_path)
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()

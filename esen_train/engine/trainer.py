@@ -207,6 +207,7 @@ class StageTrainer:
         self.data.train_loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["torch_rng"])
         if distributed.is_main():
+            self.logger.forget_after(self.stage, self.progress.step)
             print(f"[{self.stage}] resumed from {self.checkpoints.last.resolve()} at step {self.progress.step}", flush=True)
 
     def _save_on_preemption(self) -> None:
