@@ -178,3 +178,7 @@ def _wait(jobs: list[submitit.Job]) -> int:
         else:
             print(f"job {job.job_id}: completed")
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

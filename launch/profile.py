@@ -173,7 +173,7 @@ def check_against_cluster(profile: ClusterProfile, cluster: ClusterInfo, where: 
     if len(fitting) < profile.nodes:
         raise ProfileError(
             f"{where}: impossible resources on partition {partition.name!r}: the job needs {profile.nodes} "
-            f"node(s), each with {_describe_need(profile)}, but {len(fitting)} of its {len(nodes)} node(s) "
+            f"node(s), each with {_describe_need(profile)}, but only {len(fitting)} of its {len(nodes)} node(s) "
             f"can hold that (largest node: {_describe_largest(nodes)}; see `scontrol show node`)"
         )
 

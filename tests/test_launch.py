@@ -1,0 +1,391 @@
+"""esen-launch: profiles, validation, dry runs, sweeps, and real jobs on the local SLURM cluster.
+
+The first part needs no cluster. The tests marked `slurm` submit to the cluster that
+launch/local_slurm.sh started (CI starts it; they skip without SLURM_CONF): a bad profile is
+refused before submission, a two-node DDP training job gives the same metrics as
+`esen-train fit --nproc 2` on this machine, and a job that is requeued by `scontrol requeue`
+or by reaching its time limit resumes its run directory and ends like an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from esen_train.engine import preemption
+from launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
+from launch.job import TrainingJob
+from launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
+from launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit
+from tests.slurm_cluster import job_state, jobs_named, require_slurm_cluster
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def write_profile(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "profile.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+VALID_PROFILE = """\
+executor: slurm
+partition: debug
+nodes: 1
+tasks_per_node: 2
+cpus_per_task: 1
+time_min: 10
+"""
+
+
+# ----- argument handling -------------------------------------------------------------------
+
+
+def test_launch_keys_are_split_from_training_overrides():
+    launch, training = split_overrides(["cluster=local", "nodes=2", "direct.lr=1e-3", "time_min=5", "seed=3"])
+    assert launch == {"cluster": "local", "nodes": "2", "time_min": "5"}
+    assert training == ["direct.lr=1e-3", "seed=3"]
+    with pytest.raises(ProfileError, match="expected key=value, got 'nodes'"):
+        split_overrides(["nodes"])
+
+
+def test_sweeps_form_a_grid_and_name_their_run_directories():
+    grid = expand_sweep(["direct.lr=1e-3,5e-4", "stages=[direct],[direct,conservative]"])
+    assert grid == [
+        ["direct.lr=1e-3", "stages=[direct]"],
+        ["direct.lr=1e-3", "stages=[direct,conservative]"],
+        ["direct.lr=5e-4", "stages=[direct]"],
+        ["direct.lr=5e-4", "stages=[direct,conservative]"],
+    ]
+    assert expand_sweep([]) == [[]]
+    assert sweep_dir_name(1, grid[1]) == "001-direct.lr=1e-3_stages=-direct-conservative-"
+    with pytest.raises(ProfileError, match="training keys only; 'nodes'"):
+        expand_sweep(["nodes=1,2"])
+    with pytest.raises(ProfileError, match="KEY=V1,V2"):
+        expand_sweep(["direct.lr"])
+
+
+# ----- profiles ----------------------------------------------------------------------------
+
+
+def test_shipped_profiles_load():
+    assert {"local", "local-slurm", "example-gpu"} <= set(available_profiles())
+    gpu = load_profile("example-gpu")
+    assert (gpu.partition, gpu.gpus_per_node, gpu.tasks_per_node, gpu.sbatch_args) == ("gpu", 8, 8, {"exclusive": True})
+    local_slurm = load_profile("local-slurm", {"nodes": "1", "tasks_per_node": "2"})
+    assert (local_slurm.executor, local_slurm.nodes, local_slurm.tasks_per_node) == ("slurm", 1, 2)
+    assert load_profile("local").executor == "local"
+
+
+def test_tasks_per_node_defaults_to_one_per_gpu(tmp_path):
+    path = write_profile(tmp_path, VALID_PROFILE.replace("tasks_per_node: 2\n", "gpus_per_node: 4\n"))
+    assert load_profile(path).tasks_per_node == 4
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        (VALID_PROFILE + "partitoin: gpu\n", {}, r"unknown key\(s\) 'partitoin'"),
+        (VALID_PROFILE.replace("cpus_per_task: 1\n", ""), {}, r"missing required field\(s\) cpus_per_task"),
+        (VALID_PROFILE.replace("partition: debug\n", ""), {}, "missing required field 'partition'"),
+        (VALID_PROFILE.replace("nodes: 1", "nodes: two"), {}, "field 'nodes'"),
+        (VALID_PROFILE, {"time_min": "soon"}, "launch key 'time_min'"),
+        (VALID_PROFILE + "gpus_per_node: 4\n", {}, r"tasks_per_node \(2\) must equal gpus_per_node \(4\)"),
+        (VALID_PROFILE.replace("executor: slurm", "executor: local"), {"nodes": "2"}, "nodes must be 1"),
+        (VALID_PROFILE.replace("executor: slurm", "executor: pbs"), {}, "executor must be one of slurm, local"),
+        (VALID_PROFILE, {"nodes": "0"}, "nodes must be at least 1"),
+        (VALID_PROFILE + "sbatch_args:\n  time: 5\n", {}, "sbatch_args time are set by esen-launch"),
+    ],
+)
+def test_bad_profiles_are_refused_with_the_field_named(tmp_path, text, overrides, message):
+    path = write_profile(tmp_path, text)
+    with pytest.raises(ProfileError, match=message) as error:
+        load_profile(path, overrides)
+    assert "profile.yaml" in str(error.value)
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(ProfileError, match="cluster profile 'nowhere' not found.*local-slurm"):
+        load_profile("nowhere")
+
+
+def test_resources_are_checked_against_the_partitions_nodes():
+    cluster = ClusterInfo(
+        partitions={"gpu": PartitionInfo("gpu", max_time_min=60, node_names=["g1", "g2"])},
+        nodes={"g1": NodeInfo("g1", cpus=32, memory_mb=256_000, gpus=4), "g2": NodeInfo("g2", cpus=32, memory_mb=256_000, gpus=4)},
+    )
+    fits = ClusterProfile(executor="slurm", partition="gpu", nodes=2, gpus_per_node=4, tasks_per_node=4, cpus_per_task=8, time_min=60, mem_gb=200)
+    check_against_cluster(fits, cluster, "p")
+    for change, message in (
+        ({"partition": "cpu"}, "unknown partition 'cpu'; this cluster has gpu"),
+        ({"time_min": 61}, "exceeds partition 'gpu'.s limit of 60 minutes"),
+        ({"nodes": 3}, "needs 3 node"),
+        ({"gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 4}, "8 GPUs.*but only 0 of its 2"),
+        ({"cpus_per_task": 9}, r"36 CPUs \(tasks_per_node=4 x cpus_per_task=9\)"),
+        ({"mem_gb": 300}, "300 GB memory"),
+    ):
+        bad = ClusterProfile(**{**fits.__dict__, **change})
+        with pytest.raises(ProfileError, match=message):
+            check_against_cluster(bad, cluster, "p")
+
+
+def test_scontrol_output_is_parsed():
+    line = (
+        "NodeName=gpu-07 Arch=x86_64 CoresPerSocket=16 CPUAlloc=0 CPUEfctv=64 CPUTot=64 CPULoad=0.01 "
+        "Gres=gpu:a100:4(S:0-1) NodeAddr=gpu-07 OS=Linux 5.14.0 #1 SMP PREEMPT RealMemory=512000 "
+        "Partitions=gpu,preempt State=IDLE"
+    )
+    record = parse_record(line)
+    assert record["OS"] == "Linux 5.14.0 #1 SMP PREEMPT"
+    assert (record["CPUEfctv"], record["RealMemory"], record["Partitions"]) == ("64", "512000", "gpu,preempt")
+    assert count_gpus(record["Gres"]) == 4
+    assert count_gpus("gpu:a100:2,gpu:v100:2(S:0),shard:8") == 4
+    assert count_gpus("(null)") == 0
+    assert [parse_time_limit(t) for t in ("UNLIMITED", "1-00:00:00", "02:30:00", "00:00:30")] == [None, 1440, 150, 1]
+
+
+# ----- dry runs (no cluster needed) --------------------------------------------------------
+
+
+@pytest.fixture
+def no_slurm(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster" / "slurm.conf"))
+
+
+def test_dry_run_prints_the_profiles_sbatch_script(no_slurm, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status = main([TINY, "cluster=example-gpu", "nodes=4", "time_min=600", f"run_dir={run_dir}", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "not checked against a cluster" in err
+    for line in (
+        "#SBATCH --partition=gpu", "#SBATCH --account=my-project", "#SBATCH --qos=normal",
+        "#SBATCH --constraint='a100|h100'", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=491520M",
+        "#SBATCH --time=600", "#SBATCH --signal=USR2@300", "#SBATCH --exclusive", "#SBATCH --job-name=esen-tiny",
+        f"#SBATCH --output={run_dir}/submitit/%j_0_log.out", "module load cuda/12.4",
+    ):
+        assert line in out.splitlines(), line
+    assert re.search(r"^srun --unbuffered .* -u -m submitit.core._submit " + re.escape(str(run_dir / "submitit")) + "$", out, re.M)
+    # 32 tasks: the single-process strategy of tiny.yaml becomes DDP.
+    assert f"# each task runs: esen-train fit {TINY} strategy.name=ddp run_dir={run_dir}" in out
+    assert not run_dir.exists()  # nothing written, nothing submitted
+
+
+def test_dry_run_of_a_sweep_is_one_job_array(no_slurm, tmp_path, capsys):
+    status = main([TINY, "cluster=example-gpu", f"run_dir={tmp_path}", "--sweep", "direct.lr=1e-3,5e-4", "--dry-run"])
+    out, _ = capsys.readouterr()
+    assert status == 0
+    assert "#SBATCH --array=0-1%2" in out
+    assert f"run_dir={tmp_path}/000-direct.lr=1e-3" in out and f"run_dir={tmp_path}/001-direct.lr=5e-4" in out
+
+
+def test_bad_training_override_is_refused_before_launch(no_slurm, tmp_path, capsys):
+    status = main([TINY, "cluster=local", "direct.lrr=1e-3", f"run_dir={tmp_path}/run", "--dry-run"])
+    assert status == 2
+    assert "direct.lrr" in capsys.readouterr().err
+
+
+def test_missing_cluster_is_refused(capsys):
+    assert main([TINY, "--dry-run"]) == 2
+    assert "choose a cluster profile with cluster=NAME" in capsys.readouterr().err
+
+
+def test_checkpoint_asks_the_trainer_and_requeues_the_same_run():
+    saved = []
+    job = TrainingJob(TINY, ["stages=[direct]", "run_dir=/runs/a"])
+    preemption.register_checkpoint_callback(lambda: saved.append("saved"))
+    try:
+        resubmission = job.checkpoint()
+    finally:
+        preemption.clear()
+    assert saved == ["saved"]
+    assert resubmission.function is job
+    assert (resubmission.function.config, resubmission.function.overrides) == (TINY, ["stages=[direct]", "run_dir=/runs/a"])
+
+
+# ----- on the local SLURM cluster ----------------------------------------------------------
+
+# A short DDP run of the tiny model on built-in EMT data; checkpoints every 2 steps.
+TRAINING = [
+    "stages=[direct]", "data.emt_structures=40", "direct.max_atoms=64", "direct.warmup_steps=2",
+    "direct.log_every=2", "direct.checkpoint_every=2",
+]
+MAX_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return require_slurm_cluster()
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster, tmp_path_factory) -> Path:
+    """The same training without SLURM: `esen-train fit --nproc 2` on this machine."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    command = [
+        sys.executable, "-m", "esen_train.cli", "fit", TINY, *TRAINING, f"direct.max_steps={MAX_STEPS}",
+        f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=disabled", f"run_dir={run_dir}", "--nproc", "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> dict[tuple[str, int], dict]:
+    """The last row logged for each (split, step): a resumed run logs the repeated steps again."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(row["split"], row["step"]): row for row in rows}
+
+
+def assert_same_training(run_dir: Path, reference: Path) -> None:
+    ours, theirs = read_metrics(run_dir), read_metrics(reference)
+    assert sorted(ours) == sorted(theirs)
+    for key, row in theirs.items():
+        for metric in ("loss", "energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3"):
+            if row.get(metric) is not None:
+                assert ours[key][metric] == pytest.approx(row[metric], rel=1e-6), (key, metric)
+
+
+def last_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "direct" / "last" / "model.pt", weights_only=True)["step"]
+
+
+def launched_job_id(out: str) -> str:
+    match = re.search(r"^job (\d+): ", out, re.M)
+    assert match, out
+    return match.group(1)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return parse_record(out)
+
+
+def task_starts(run_dir: Path, job_id: str) -> int:
+    """How many times rank 0 of the job started (1 + requeues)."""
+    log = run_dir / "submitit" / f"{job_id}_0_log.out"
+    return log.read_text().count("Starting with JobEnvironment") if log.exists() else 0
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize(
+    "launch_keys, message",
+    [
+        (["partition=gpu"], "unknown partition 'gpu'; this cluster has debug"),
+        (["cpus_per_task=3"], r"impossible resources on partition 'debug'.*3 CPUs"),
+        (["nodes=3"], "needs 3 node"),
+        (["mem_gb=64"], "64 GB memory"),
+    ],
+)
+def test_bad_profile_fails_before_anything_is_submitted(cluster, tmp_path, capsys, launch_keys, message):
+    config = tmp_path / f"refused{tmp_path.name[-8:]}.yaml"  # a job name no other test uses
+    config.write_text(Path(TINY).read_text())
+    run_dir = tmp_path / "run"
+    status = main([str(config), "cluster=local-slurm", *launch_keys, f"run_dir={run_dir}"])
+    assert status == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not run_dir.exists()
+    assert jobs_named(f"esen-{config.stem}") == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_node_ddp_job_matches_a_local_two_process_run(cluster, reference_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [TINY, "cluster=local-slurm", *TRAINING, f"direct.max_steps={MAX_STEPS}", f"direct.val_every={MAX_STEPS // 2}",
+            "logging.wandb.mode=offline", f"run_dir={run_dir}"]
+    assert main([*args, "--dry-run"]) == 0
+    dry_run = capsys.readouterr().out
+
+    assert main([*args, "--wait"]) == 0
+    out = capsys.readouterr().out
+    job_id = launched_job_id(out)
+    assert f"job {job_id}: completed" in out
+    assert f"run directory: {run_dir}" in out
+    assert f"{run_dir}/submitit/{job_id}_0_log.out" in out
+    # The script submitted is the one the dry run printed.
+    submitted_script = (run_dir / "submitit" / f"{job_id}_submission.sh").read_text()
+    assert dry_run.startswith(submitted_script)
+    assert "#SBATCH --nodes=2" in submitted_script and "#SBATCH --partition=debug" in submitted_script
+
+    assert_same_training(run_dir, reference_run)
+    assert last_step(run_dir) == MAX_STEPS
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert [p.name.endswith(wandb_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    assert job_state(job_id) == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scontrol_requeue_resumes_the_run(cluster, reference_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status = main([TINY, "cluster=local-slurm", *TRAINING, f"direct.max_steps={MAX_STEPS}",
+                   f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=offline", f"run_dir={run_dir}"])
+    assert status == 0
+    job_id = launched_job_id(capsys.readouterr().out)
+    wait_for(lambda: (run_dir / "checkpoints" / "direct" / "step_00000002").exists(), 300, "the first checkpoint")
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+
+    job = submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1])
+    job.results()  # raises if the killed run's error were taken for the job's outcome
+    assert task_starts(run_dir, job_id) == 2
+    resumed = re.findall(r"resumed from .*step_(\d+) at step (\d+)", (run_dir / "submitit" / f"{job_id}_0_log.out").read_text())
+    assert len(resumed) == 1 and 2 <= int(resumed[0][1]) < MAX_STEPS
+    assert last_step(run_dir) == MAX_STEPS
+    assert_same_training(run_dir, reference_run)  # the requeued run ends exactly like an uninterrupted one
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(wandb_id) for p in offline_runs)  # one wandb run, resumed
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_reaching_its_time_limit_is_requeued_and_finishes(cluster, reference_run, tmp_path, capsys):
+    """SLURM checks time limits every 30 s and sends USR2 once less than signal_delay_s + 30 s
+    is left. The job starts with 10 minutes; once training has checkpointed, the test shortens
+    the limit so that less than that is left: at its next check SLURM warns the job, which
+    checkpoints and requeues itself. While the job waits to restart the test gives it back its
+    10 minutes, so the resumed run is not warned again and finishes."""
+    # Enough steps to still be training 45 s after the limit is shortened (SLURM may take 30 s
+    # to notice), measured from the reference run's speed on this machine.
+    atoms_per_s = statistics.median(row["atoms_per_s"] for row in read_metrics(reference_run).values() if "atoms_per_s" in row)
+    max_steps = min(max(20, 2 + math.ceil(45 * atoms_per_s / 64)), 400)
+    run_dir = tmp_path / "run"
+    status = main([TINY, "cluster=local-slurm", "time_min=10", "signal_delay_s=120", "max_requeues=2", *TRAINING,
+                   f"direct.max_steps={max_steps}", f"direct.val_every={max_steps}", "logging.wandb.mode=disabled",
+                   f"run_dir={run_dir}"])
+    assert status == 0
+    job_id = launched_job_id(capsys.readouterr().out)
+    wait_for(lambda: (run_dir / "checkpoints" / "direct" / "step_00000002").exists(), 300, "the first checkpoint")
+
+    elapsed_s = int(subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "ElapsedRaw"], capture_output=True,
+                                   text=True, timeout=30).stdout.split()[0])
+    limit_min = math.ceil((elapsed_s + 60) / 60)  # leaves 60 to 120 s: under signal_delay_s + 30
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}"], check=True, timeout=30)
+    wait_for(lambda: scontrol_job(job_id).get("Restarts", "0") != "0", 90, "SLURM's time-out warning and the requeue")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
+
+    submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1]).results()
+    log = (run_dir / "submitit" / f"{job_id}_0_log.out").read_text()
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
+    assert task_starts(run_dir, job_id) == 2
+    assert last_step(run_dir) == max_steps
+    assert job_state(job_id) == "COMPLETED"
