@@ -1,7 +1,6 @@
 """Record codec and LMDB shards: exact round trips, picklable lazy readers, clear errors."""
 from __future__ import annotations
 
-import json
 import multiprocessing
 import pickle
 import struct
@@ -93,11 +92,11 @@ def test_encode_rejects_wrong_shapes_and_dtypes():
         encode_record(record)
 
 
-def _with_header(header: dict, payload: bytes = b"") -> bytes:
-    header_bytes = json.dumps(header).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    body = header_bytes + payload
-    return struct.pack("<4sII4x", b"ESR1", len(header_bytes), zlib.crc32(body)) + body
+def _patched(encoded: bytes, offset: int, value: bytes) -> bytes:
+    """`encoded` with bytes replaced at `offset` and the CRC recomputed, as a tool that
+    writes a wrong but self-consistent record would."""
+    rest = encoded[8:offset] + value + encoded[offset + len(value) :]
+    return encoded[:4] + struct.pack("<I", zlib.crc32(rest)) + rest
 
 
 @pytest.mark.parametrize(
@@ -106,11 +105,12 @@ def _with_header(header: dict, payload: bytes = b"") -> bytes:
         (lambda b: b[:10], "too short"),
         (lambda b: b"XXXX" + b[4:], "not an esen-train record"),
         (lambda b: b[:-3], "checksum mismatch"),
-        (lambda b: b[:40] + bytes([b[40] ^ 0x01]) + b[41:], "checksum mismatch"),
-        (lambda b: _with_header({"energy": 1.0}), "malformed header"),
-        (lambda b: _with_header({"arrays": [["evil", "<f8", [1], 0]]}), "unknown field 'evil'"),
-        (lambda b: _with_header({"arrays": [["positions", "|O", [1, 3], 0]]}), "unexpected dtype"),
-        (lambda b: _with_header({"arrays": [["positions", "<f8", [1000, 3], 0]]}), "past the end"),
+        (lambda b: b[:100] + bytes([b[100] ^ 0x01]) + b[101:], "checksum mismatch"),
+        (lambda b: _patched(b, 48, b"|O8"), "'positions' has unexpected dtype"),
+        (lambda b: _patched(b, 51, b"<f8"), "'atomic_numbers' has unexpected dtype"),
+        (lambda b: _patched(b, 8, struct.pack("<I", 1000)), "'positions' runs past the end"),
+        (lambda b: _patched(b, 8, struct.pack("<I", 1)), "unexpected bytes after the arrays"),
+        (lambda b: _patched(b, 72, b"\xff\xfe"), "malformed header"),
     ],
 )
 def test_decode_errors_name_the_record(damage, message):
@@ -236,11 +236,10 @@ def test_missing_shard_is_a_clear_error(tmp_path):
 def test_corrupted_record_names_shard_and_record(shard):
     path, records = shard
     data = bytearray(path.read_bytes())
-    # Flip a byte inside the energy stored in the header of one record's JSON.
-    needle = json.dumps(records[7].energy).encode()
-    position = data.find(needle)
+    # Flip one bit of one stored force component of record 7.
+    position = data.find(records[7].forces.tobytes())
     assert position > 0
-    data[position + len(needle) - 1] ^= 0x01
+    data[position + 5] ^= 0x01
     path.write_bytes(bytes(data))
     reader = ShardReader(path)
     with pytest.raises(RecordError, match=f"{path.name} record 7: checksum mismatch"):

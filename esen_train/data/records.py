@@ -1,23 +1,30 @@
 """One labelled structure and its safe binary encoding (no pickle).
 
-A record on disk is:
+A record is a fixed little-endian header, the source file name, then the raw arrays:
 
-    bytes 0..3    magic b"ESR1" (format of this encoding, version 1)
-    bytes 4..7    header length H (uint32, little-endian)
-    bytes 8..11   CRC32 of everything after byte 15 (catches bit rot and torn writes)
-    bytes 12..15  zero padding
-    H bytes       UTF-8 JSON header: scalars, source, and for each array its
-                  name, dtype, shape and byte offset into the payload
-    payload       the raw little-endian arrays, each starting at an 8-byte boundary
+    offset  size  field
+         0     4  magic b"ESR1" (this layout, version 1)
+         4     4  CRC32 of every byte after offset 8 (catches bit rot and torn writes)
+         8     4  N, the number of atoms (uint32)
+        12     4  flags: 1 stress present, 2 charge present, 4 spin present,
+                  8 charge is an integer, 16 spin is an integer
+        16     8  energy (float64)
+        24     8  charge (float64; 0 when absent)
+        32     8  spin (float64; 0 when absent)
+        40     8  source index (int64)
+        48    15  numpy dtype strings of positions, atomic_numbers, cell, forces, stress
+                  (3 characters each, e.g. "<f8"; stress repeats forces' when absent)
+        64     4  L, length of the UTF-8 source file name (uint32)
+        72     L  source file name, zero-padded to a multiple of 8
+             then positions [N,3], atomic_numbers [N], cell [3,3], pbc [3] (bool),
+                  forces [N,3], stress [3,3] if present; each zero-padded to 8 bytes
 
-Decoding reads only JSON and raw numbers, so a corrupted or hostile file can at worst
-raise `RecordError`; it can never execute code. Arrays keep their dtype: float64 inputs
-stay float64.
+Decoding reads only numbers and text, so a corrupted or hostile file can at worst raise
+`RecordError`; it can never execute code. Arrays keep their dtype (float64 stays float64)
+and the fixed layout makes decoding cheap (no per-record parsing of a text header).
 """
 from __future__ import annotations
 
-import json
-import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -25,22 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"ESR1"
-_PREFIX = struct.Struct("<4sII4x")  # magic, header length, crc32, padding
+_HEADER = struct.Struct("<4sIIIdddq15sxI4x")
 _ALIGN = 8
-
-# Arrays a record may carry, with the little-endian dtypes and the shapes allowed on
-# decode ("N" is the atom count). Anything else in a header is rejected.
 _FLOATS = ("<f4", "<f8")
 _INTS = ("<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1")
-_ARRAY_FIELDS = {
-    "positions": (_FLOATS, ("N", 3)),
-    "atomic_numbers": (_INTS, ("N",)),
-    "cell": (_FLOATS, (3, 3)),
-    "pbc": (("|b1",), (3,)),
-    "forces": (_FLOATS, ("N", 3)),
-    "stress": (_FLOATS, (3, 3)),
-}
-_REQUIRED_ARRAYS = ("positions", "atomic_numbers", "cell", "pbc", "forces")
+_STRESS, _CHARGE, _SPIN, _CHARGE_INT, _SPIN_INT = 1, 2, 4, 8, 16
 
 
 class RecordError(ValueError):
@@ -74,109 +70,104 @@ class StructureRecord:
         return len(self.atomic_numbers)
 
 
-def _little_endian(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % _ALIGN)
+
+
+def _array(value, allowed: tuple[str, ...], shape: tuple[int, ...], name: str, where: str):
+    array = np.ascontiguousarray(value)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    if array.dtype.str not in allowed:
+        raise RecordError(f"{where}: field {name!r} has unsupported dtype {array.dtype}")
+    if array.shape != shape:
+        raise RecordError(f"{where}: field {name!r} has shape {array.shape}, expected {shape}")
     return array
 
 
-def _plain_number(value):
-    """None, or a Python int/float that JSON writes exactly (numpy scalars included)."""
+def _scalar_flags(value, present: int, integer: int) -> tuple[float, int]:
     if value is None:
-        return None
-    return value.item() if isinstance(value, np.generic) else value
+        return 0.0, 0
+    is_integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return float(value), present | (integer if is_integer else 0)
 
 
 def encode_record(record: StructureRecord) -> bytes:
     """Encode a record as bytes (see the module docstring for the layout)."""
-    arrays = {name: getattr(record, name) for name in _ARRAY_FIELDS}
-    if arrays["stress"] is None:
-        del arrays["stress"]
-    arrays = {name: _little_endian(np.asarray(value)) for name, value in arrays.items()}
     where = f"record {record.source_file}:{record.source_index}"
-    for name, value in arrays.items():
-        if value.dtype.str not in _ARRAY_FIELDS[name][0]:
-            raise RecordError(f"{where}: field {name!r} has unsupported dtype {value.dtype}")
-    _check_shapes(arrays, where)
-    header_arrays = []
-    chunks = []
-    offset = 0
-    for name, value in arrays.items():
-        header_arrays.append([name, value.dtype.str, list(value.shape), offset])
-        padding = -value.nbytes % _ALIGN
-        chunks.append(value.tobytes() + b"\0" * padding)
-        offset += value.nbytes + padding
-    header = {
-        "energy": float(record.energy),
-        "charge": _plain_number(record.charge),
-        "spin": _plain_number(record.spin),
-        "source_file": record.source_file,
-        "source_index": int(record.source_index),
-        "arrays": header_arrays,
-    }
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    header_bytes += b" " * (-len(header_bytes) % _ALIGN)
-    body = header_bytes + b"".join(chunks)
-    return _PREFIX.pack(MAGIC, len(header_bytes), zlib.crc32(body)) + body
+    natoms = len(record.atomic_numbers)
+    arrays = [
+        _array(record.positions, _FLOATS, (natoms, 3), "positions", where),
+        _array(record.atomic_numbers, _INTS, (natoms,), "atomic_numbers", where),
+        _array(record.cell, _FLOATS, (3, 3), "cell", where),
+        _array(record.pbc, ("|b1",), (3,), "pbc", where),
+        _array(record.forces, _FLOATS, (natoms, 3), "forces", where),
+    ]
+    flags = 0
+    if record.stress is not None:
+        arrays.append(_array(record.stress, _FLOATS, (3, 3), "stress", where))
+        flags |= _STRESS
+    charge, charge_flags = _scalar_flags(record.charge, _CHARGE, _CHARGE_INT)
+    spin, spin_flags = _scalar_flags(record.spin, _SPIN, _SPIN_INT)
+    dtypes = [a.dtype.str for a in arrays[:3]] + [arrays[4].dtype.str, arrays[-1].dtype.str]
+    source = record.source_file.encode()
+    rest = _HEADER.pack(
+        MAGIC, 0, natoms, flags | charge_flags | spin_flags, float(record.energy), charge, spin,
+        int(record.source_index), "".join(dtypes).encode(), len(source),
+    )[8:] + _padded(source) + b"".join(_padded(a.tobytes()) for a in arrays)
+    return MAGIC + struct.pack("<I", zlib.crc32(rest)) + rest
 
 
 def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
     """Decode bytes written by `encode_record`.
 
-    `where` names the record (e.g. "shard_0003.lmdb record 17") in every error.
-    The arrays returned are writable and own no memory outside this record.
+    `where` names the record (e.g. "shard_00003.lmdb record 17") in every error.
+    The arrays returned are writable, aligned, and share memory only with each other.
     """
-    if len(buf) < _PREFIX.size:
+    if len(buf) < _HEADER.size:
         raise RecordError(f"{where}: record is {len(buf)} bytes, too short for a header")
-    magic, header_length, crc = _PREFIX.unpack_from(buf)
+    magic, crc, natoms, flags, energy, charge, spin, source_index, dtypes, source_length = (
+        _HEADER.unpack_from(buf)
+    )
     if magic != MAGIC:
         raise RecordError(f"{where}: not an esen-train record (magic {bytes(magic)!r})")
     # One copy into a bytearray: the arrays below are writable, aligned views into it.
-    body = bytearray(memoryview(buf)[_PREFIX.size :])
-    if zlib.crc32(body) != crc:
+    data = bytearray(buf)
+    if zlib.crc32(memoryview(data)[8:]) != crc:
         raise RecordError(f"{where}: checksum mismatch, the record is corrupted")
     try:
-        header = json.loads(body[:header_length].decode())
-        payload = memoryview(body)[header_length:]
-        arrays = {
-            name: _array_view(payload, name, dtype, shape, offset, where)
-            for name, dtype, shape, offset in header["arrays"]
-        }
-        _check_shapes(arrays, where)
-        return StructureRecord(
-            energy=float(header["energy"]),
-            charge=header["charge"],
-            spin=header["spin"],
-            source_file=str(header["source_file"]),
-            source_index=int(header["source_index"]),
-            stress=arrays.pop("stress", None),
-            **arrays,
-        )
-    except RecordError:
-        raise
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        # A header that passed the checksum but is malformed: written by another tool.
-        raise RecordError(f"{where}: malformed header ({type(error).__name__}: {error})") from None
-
-
-def _array_view(payload, name, dtype, shape, offset, where) -> np.ndarray:
-    if name not in _ARRAY_FIELDS:
-        raise RecordError(f"{where}: unknown field {name!r}")
-    if dtype not in _ARRAY_FIELDS[name][0]:
-        raise RecordError(f"{where}: field {name!r} has unexpected dtype {dtype}")
-    count = math.prod(shape)
-    if offset < 0 or offset + count * int(dtype[2]) > len(payload):
-        raise RecordError(f"{where}: field {name!r} runs past the end of the record")
-    return np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
-def _check_shapes(arrays: dict[str, np.ndarray], where: str) -> None:
-    missing = [name for name in _REQUIRED_ARRAYS if name not in arrays]
-    if missing:
-        raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
-    natoms = len(arrays["atomic_numbers"])
-    for name, array in arrays.items():
-        expected = tuple(natoms if dim == "N" else dim for dim in _ARRAY_FIELDS[name][1])
-        if array.shape != expected:
-            raise RecordError(f"{where}: field {name!r} has shape {array.shape}, expected {expected}")
+        dtypes = dtypes.decode()
+        source_file = data[_HEADER.size : _HEADER.size + source_length].decode()
+    except UnicodeDecodeError as error:
+        raise RecordError(f"{where}: malformed header ({error})") from None
+    position = _HEADER.size + source_length + (-source_length % _ALIGN)
+    layout = [
+        ("positions", dtypes[0:3], (natoms, 3)),
+        ("atomic_numbers", dtypes[3:6], (natoms,)),
+        ("cell", dtypes[6:9], (3, 3)),
+        ("pbc", "|b1", (3,)),
+        ("forces", dtypes[9:12], (natoms, 3)),
+    ]
+    if flags & _STRESS:
+        layout.append(("stress", dtypes[12:15], (3, 3)))
+    arrays = {}
+    for name, dtype, shape in layout:
+        allowed = _INTS if name == "atomic_numbers" else ("|b1",) if name == "pbc" else _FLOATS
+        if dtype not in allowed:
+            raise RecordError(f"{where}: field {name!r} has unexpected dtype {dtype!r}")
+        size = int(dtype[2]) * shape[0] * (shape[1] if len(shape) == 2 else 1)
+        if position + size > len(data):
+            raise RecordError(f"{where}: field {name!r} runs past the end of the record")
+        arrays[name] = np.ndarray(shape, dtype, buffer=data, offset=position)
+        position += size + (-size % _ALIGN)
+    if position != len(data):
+        raise RecordError(f"{where}: {len(data) - position} unexpected bytes after the arrays")
+    return StructureRecord(
+        energy=energy,
+        charge=None if not flags & _CHARGE else int(charge) if flags & _CHARGE_INT else charge,
+        spin=None if not flags & _SPIN else int(spin) if flags & _SPIN_INT else spin,
+        source_file=source_file,
+        source_index=source_index,
+        stress=arrays.pop("stress", None),
+        **arrays,
+    )
