@@ -160,9 +160,10 @@ def test_generic_ase_format_and_several_inputs(tmp_path):
     traj = str(tmp_path / "in.traj")
     ase.io.write(traj, sample_structures(5, seed=5))
     xyz = str(write_extxyz(tmp_path / "in.xyz", sample_structures(4, seed=6)))
-    manifest = convert([traj, xyz], tmp_path / "out", progress=False)
-    assert manifest.num_structures == 9
-    assert_matches_ase(tmp_path / "out", {traj: ase.io.read(traj, ":"), xyz: ase.io.read(xyz, ":")})
+    gz = str(write_extxyz(tmp_path / "in.xyz.gz", sample_structures(3, seed=7)))
+    manifest = convert([traj, xyz, gz], tmp_path / "out", progress=False)
+    assert manifest.num_structures == 12
+    assert_matches_ase(tmp_path / "out", {p: ase.io.read(p, ":") for p in (traj, xyz, gz)})
 
 
 def _bad_structures() -> list[tuple[str, Atoms]]:

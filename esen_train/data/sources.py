@@ -8,8 +8,8 @@ Three kinds of input, each read a chunk at a time so no big file is ever in memo
   a file of 100 million frames is itself too large.)
 * ASE databases (`.db`, `.json`, and fairchem's `.aselmdb` through `ase-db-backends`):
   the row count is known up front, and a worker reads rows start..start+count.
-* anything else ASE reads (VASP OUTCAR/vasprun.xml, `.traj`, ...): one chunk per file,
-  streamed with `ase.io.iread`.
+* anything else ASE reads (VASP OUTCAR/vasprun.xml, `.traj`, compressed files, ...): one
+  chunk per file, streamed with `ase.io.iread`.
 
 The index of a structure is its position in `ase.io.read(file, ":")`.
 """
@@ -24,7 +24,7 @@ import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.io.formats import filetype
+from ase.io.formats import filetype, get_compression
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from esen_train.data.records import StructureRecord
@@ -55,7 +55,8 @@ class InputChunk:
 def input_kind(path: Path, format: str | None = None) -> str:
     if path.suffix in _DATABASE_SUFFIXES and format is None:
         return DATABASE
-    if (format or _guess_format(path)) == "extxyz":
+    compressed = get_compression(str(path))[1] is not None  # no byte ranges in a .gz
+    if (format or _guess_format(path)) == "extxyz" and not compressed:
         return EXTXYZ
     return ASE_IO
 
