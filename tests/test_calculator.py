@@ -143,6 +143,12 @@ def test_from_config_is_seeded_and_leaves_the_global_rng_alone():
     assert first["energy"] == again["energy"] and first["energy"] != other["energy"]
 
 
+def test_the_public_import_path():
+    from esen_train.calculator import ESENCalculator as public
+
+    assert public is ESENCalculator
+
+
 def test_direct_forces_need_a_direct_head():
     with pytest.raises(ValueError, match="direct force heads"):
         ESENCalculator(fresh_model(direct_forces=False), forces="direct")
