@@ -1,0 +1,123 @@
+"""`esen-train quickstart`: the whole recipe on built-in EMT data, through the same
+commands a user types.
+
+1. make EMT-labelled structures (extended XYZ), convert them to LMDB shards, split, stats;
+2. `esen-train fit configs/quickstart.yaml --nproc N`: direct pretraining, then
+   conservative fine-tuning from the direct stage's best checkpoint;
+3. `esen-train eval` of both stages on the held-out test split;
+4. `esen-train md`: the NVE test of both models, beside EMT itself (the floor);
+5. OUT/summary.json with errors, drifts, wall time and where every file is.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase.build
+import ase.io
+from ase.calculators.emt import EMT
+
+from esen_train.data import cli as data_cli
+from esen_train.data.emt import write_emt_extxyz
+from esen_train.evaluation.md import run_nve
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+NUM_STRUCTURES = 800
+MD_SETTINGS = ["--steps", "400", "--timestep", "2.0", "--temperature", "300"]
+
+
+def run_quickstart(out: str | Path, nproc: int = 2) -> dict:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data = _make_data(out)
+    run_dir = out / "run"
+    _step(f"training: direct pretraining then conservative fine-tuning on {nproc} process(es)")
+    _esen_train(["fit", str(CONFIG), f"run_dir={run_dir}", f"data.train=[{data}_train]", f"data.val=[{data}_val]",
+                 f"--nproc={nproc}"])
+    summary = {"run_dir": str(run_dir), "learning_curves": str(run_dir / "learning_curves.png")}
+    for stage in ("direct", "conservative"):
+        summary[stage] = _evaluate(run_dir / "checkpoints" / stage / "best", f"{data}_test", out / stage, stage)
+    summary["emt_floor"] = _emt_floor(out / "md_structure.xyz")
+    summary["wall_time_s"] = round(time.time() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, out)
+    return summary
+
+
+def _make_data(out: Path) -> Path:
+    raw = out / "emt.xyz"
+    _step(f"making {NUM_STRUCTURES} EMT-labelled structures: {raw}")
+    write_emt_extxyz(raw, NUM_STRUCTURES, seed=0)
+    data = out / "data" / "emt"
+    _step(f"converting to LMDB shards: {data}")
+    _esen_data(["convert", str(raw), "--out", str(data), "--shards", "2", "--overwrite"])
+    _esen_data(["split", str(data), "--out", str(data), "--fractions", "0.8,0.1,0.1", "--seed", "0", "--overwrite"])
+    _esen_data(["stats", f"{data}_train"])
+    _esen_data(["inspect", f"{data}_train"])
+    ase.io.write(out / "md_structure.xyz", _md_structure())
+    return data
+
+
+def _md_structure():
+    """A 32-atom CuAu fcc cell, like the training data."""
+    atoms = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 2))
+    atoms.symbols[::4] = "Au"
+    return atoms
+
+
+def _evaluate(checkpoint: Path, test_data: str, out: Path, stage: str) -> dict:
+    _step(f"{stage}: errors on the test split and the NVE test")
+    forces = ["--forces", stage]
+    _esen_train(["eval", str(checkpoint), "--data", test_data, "--out", str(out), *forces])
+    _esen_train(["md", str(checkpoint), "--structure", str(checkpoint.parents[3] / "md_structure.xyz"),
+                 *MD_SETTINGS, "--out", str(out), *forces])
+    errors = json.loads((out / "errors.json").read_text())
+    md = json.loads((out / "md.json").read_text())
+    keys = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
+    return {
+        "checkpoint": str(checkpoint),
+        **{key: errors.get(key) for key in keys},
+        "drift_mev_per_atom_per_ps": md["drift_mev_per_atom_per_ps"],
+        "max_deviation_mev_per_atom": md["max_deviation_mev_per_atom"],
+        "parity_plot": errors["parity_plot"],
+        "energy_plot": md["energy_plot"],
+    }
+
+
+def _emt_floor(structure: Path) -> dict:
+    """EMT itself with the same integrator and time step: the drift floor."""
+    steps, timestep, temperature = (float(v) for v in MD_SETTINGS[1::2])
+    result = run_nve(ase.io.read(structure), EMT(), int(steps), timestep, temperature)
+    return {key: result[key] for key in ("drift_mev_per_atom_per_ps", "max_deviation_mev_per_atom")}
+
+
+def _esen_data(argv: list[str]) -> None:
+    if data_cli.main(argv) != 0:
+        raise SystemExit(f"quickstart: esen-data {' '.join(argv)} failed")
+
+
+def _esen_train(argv: list[str]) -> None:
+    # A fresh interpreter per command, as a user would run them (and so the
+    # multi-process launcher owns its processes).
+    command = [sys.executable, "-m", "esen_train.cli", *argv]
+    if subprocess.call(command) != 0:
+        raise SystemExit(f"quickstart: esen-train {' '.join(argv)} failed")
+
+
+def _step(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    print("\n==> quickstart finished in", f"{summary['wall_time_s']:.0f} s")
+    print(f"{'model':<14}{'E MAE meV/at':>14}{'F MAE meV/Å':>14}{'drift meV/at/ps':>18}")
+    for name in ("direct", "conservative"):
+        row = summary[name]
+        print(f"{name:<14}{row['energy_mae_mev_per_atom']:>14.2f}{row['force_mae_mev_per_A']:>14.1f}"
+              f"{row['drift_mev_per_atom_per_ps']:>18.3f}")
+    print(f"{'EMT (floor)':<14}{'':>28}{summary['emt_floor']['drift_mev_per_atom_per_ps']:>18.3f}")
+    print(f"summary: {out / 'summary.json'}; learning curves: {summary['learning_curves']}")
