@@ -4,7 +4,8 @@ Every rank holds the whole model, gradients and AdamW state; DDP averages the gr
 during the backward pass. This is correct with the double backward of conservative training
 as long as the forces come from `torch.autograd.grad(..., create_graph=True)` inside the
 forward pass (not `backward(create_graph=True)`): the inner gradient touches no parameter's
-`.grad`, so DDP's hooks fire once, in the outer backward.
+`.grad`, so DDP's hooks fire once, in the outer backward. (That is also why the search for
+unused parameters, needed in the direct stage, must stay off in the conservative stage.)
 
 The training state is one `state.pt` (torch.save of tensors and primitives, written by
 rank 0, read with weights_only=True on any number of ranks).
@@ -35,7 +36,10 @@ class DataParallelStrategy(Strategy):
         self.module = model
         if self.dist.is_distributed:
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=device_ids)  # broadcasts rank 0's weights
+            # Direct stage: a head may go unused (direct stress on data without stress labels), so
+            # DDP must look for unused parameters. Conservative stage: every parameter feeds the
+            # energy, and the search would break the double backward ("marked ready twice").
+            self.model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=not conservative)
         else:
             self.model = model
         self.optimizer = build_adamw(model, optim)

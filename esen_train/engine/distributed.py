@@ -44,7 +44,7 @@ class DistInfo:
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Read the world from the environment, pick the device and join the process group."""
-    rank, local_rank, world_size = _world_from_environment()
+    rank, local_rank, world_size = world_from_environment()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -57,7 +57,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def _world_from_environment() -> tuple[int, int, int]:
+def world_from_environment() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) of this process; sets MASTER_ADDR/PORT for a SLURM step."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])

@@ -36,8 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
 
 from esen_train.engine import distributed
 from esen_train.engine.distributed import DistInfo
@@ -64,6 +65,7 @@ class FSDPStrategy(Strategy):
                 for block in _blocks_of(model):
                     fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
+            model.register_forward_hook(_reshard_after_inference)
         self.optimizer = build_adamw(model, optim)  # over the sharded parameters
 
     @contextmanager
@@ -108,8 +110,11 @@ class FSDPStrategy(Strategy):
         save_dcp(self._training_state(), directory / DCP_DIR)
 
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
+        # The fresh optimizer's state covers every parameter (get_state_dict initialises it);
+        # the saved one lacks the parameters that never had a gradient (e.g. a direct stress
+        # head on data without stress): those keep the fresh, zero state.
         state = self._training_state()
-        load_dcp(state, directory / DCP_DIR)
+        load_dcp(state, directory / DCP_DIR, optional_prefixes=("optimizer.state.",))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -129,6 +134,17 @@ def _blocks_of(model: nn.Module) -> list[nn.Module]:
             f"{type(model).__name__} has none"
         )
     return blocks
+
+
+def _reshard_after_inference(root: nn.Module, args, output) -> None:
+    """FSDP2 keeps the root's parameters gathered after its forward pass, for the backward that
+    usually follows. A forward whose outputs need no gradient (validation) has no backward:
+    reshard at once, so the sharded parameters are registered again (where the EMA swaps its
+    weights in and out) and the gathered copies are freed."""
+    if not any(leaf.requires_grad for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)):
+        for module in root.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 @torch.no_grad()

@@ -68,7 +68,20 @@ class _SafeFileSystemReader(FileSystemReader):
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner, reading non-tensor values with weights_only=True."""
+    """DefaultLoadPlanner, reading non-tensor values with weights_only=True. Keys starting with
+    one of `optional_prefixes` may be absent from the checkpoint; any other absent key fails."""
+
+    def __init__(self, path: Path, optional_prefixes: tuple[str, ...]) -> None:
+        super().__init__(allow_partial_load=True)
+        self.path = path
+        self.optional_prefixes = optional_prefixes
+
+    def create_local_plan(self):
+        absent = [key for key in self.state_dict if key not in self.metadata.state_dict_metadata]
+        required = [key for key in absent if not key.startswith(self.optional_prefixes)]
+        if required:
+            raise KeyError(f"{self.path}: the checkpoint lacks {len(required)} entries, e.g. {required[:5]}")
+        return super().create_local_plan()
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         loaded = torch.load(value, weights_only=True)
@@ -83,12 +96,14 @@ def save_dcp(state: dict, directory: Path) -> None:
     dcp.save(state, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
 
 
-def load_dcp(state: dict, directory: Path) -> None:
+def load_dcp(state: dict, directory: Path, optional_prefixes: tuple[str, ...] = ()) -> None:
     """Collective: fill `state` (its tensors in place, its other values by key) from `directory`,
-    resharding when it was written by another number of ranks."""
+    resharding when it was written by another number of ranks. Entries whose flattened key
+    ("optimizer.state.<param>.exp_avg", ...) starts with one of `optional_prefixes` keep their
+    current value when the checkpoint lacks them."""
     dcp.load(
         state,
         storage_reader=_SafeFileSystemReader(str(directory)),
-        planner=_WeightsOnlyLoadPlanner(),
+        planner=_WeightsOnlyLoadPlanner(directory, optional_prefixes),
         no_dist=not dist.is_initialized(),
     )

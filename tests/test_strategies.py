@@ -1,0 +1,241 @@
+"""Every strategy, on two real processes joined by gloo, trains exactly as one process does.
+
+For ddp, fsdp (per-block sharding in the direct stage, root-only in the conservative stage) and
+DeepSpeed ZeRO-1 and ZeRO-2, with and without the double backward of conservative forces, with
+and without gradient accumulation, on a toy potential and on the real tiny eSEN:
+- the loss trajectory, final weights, EMA and validation loss equal one process's with the same
+  global batch (each rank gets half): float64 to 1e-9 relative; DeepSpeed keeps fp32 master
+  weights, so its scenarios run in float32, to 2e-5 relative;
+- a NaN loss on one rank is skipped, and reported skipped, on every rank;
+- a checkpoint saved on 2 ranks and loaded by a fresh model on 2 ranks continues bit for bit;
+  loaded on 1 rank it gives the same weights and EMA (and, except for ZeRO whose optimizer
+  partitions cannot be re-split, the same continuation);
+- FSDP and ZeRO hold about half the optimizer state per rank;
+- a save killed or failing half-way leaves the previous checkpoint valid and nothing that
+  looks like a checkpoint.
+
+Processes: all torch-strategy scenarios run in one pair of processes, the DeepSpeed ones in
+another pair, and the one-rank DeepSpeed loads in one more process. DeepSpeed's first start on
+a machine compiles a C++ extension (about 80 s, cached in ~/.cache/torch_extensions).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from esen_train.engine.config import StageConfig, StrategyConfig
+from esen_train.engine.strategy import build_strategy
+from tests.strategy_harness import (
+    Scenario,
+    build,
+    load_on_this_world,
+    run_in_processes,
+    run_scenario,
+    save_then_die,
+    single_process_dist,
+    train_scenarios,
+)
+
+F32 = torch.float32
+ESEN_LR = 5e-3  # the toy's 3e-2 is too much for eSEN
+TORCH_SCENARIOS = [
+    Scenario("ddp", conservative=True),
+    Scenario("ddp", conservative=False, grad_accum_steps=2),
+    Scenario("fsdp", conservative=False),
+    Scenario("fsdp", conservative=True, grad_accum_steps=2),
+    Scenario("ddp", conservative=True, model="esen", lr=ESEN_LR),
+    Scenario("fsdp", conservative=False, model="esen", lr=ESEN_LR),
+    Scenario("fsdp", conservative=True, model="esen", lr=ESEN_LR),
+]
+DEEPSPEED_SCENARIOS = [
+    Scenario("deepspeed", conservative=True, zero_stage=1, dtype=F32),
+    Scenario("deepspeed", conservative=False, zero_stage=1, grad_accum_steps=2, dtype=F32),
+    Scenario("deepspeed", conservative=True, zero_stage=2, grad_accum_steps=2, dtype=F32),
+    Scenario("deepspeed", conservative=False, zero_stage=2, dtype=F32),
+    Scenario("deepspeed", conservative=True, zero_stage=2, model="esen", lr=ESEN_LR, dtype=F32),
+]
+ALL_SCENARIOS = TORCH_SCENARIOS + DEEPSPEED_SCENARIOS
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+
+
+def by_key(scenarios):
+    return pytest.mark.parametrize("scenario", scenarios, ids=[s.key for s in scenarios])
+
+
+@pytest.fixture(scope="module")
+def checkpoint_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("strategy_checkpoints")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoint_root) -> dict[str, list[dict]]:
+    """key -> [rank 0's results, rank 1's results]."""
+    results = {}
+    for group, name in ((TORCH_SCENARIOS, "torch"), (DEEPSPEED_SCENARIOS, "deepspeed")):
+        ranks = run_in_processes(2, train_scenarios, (group, checkpoint_root), checkpoint_root / f"results-{name}")
+        results.update({s.key: [ranks[0][s.key], ranks[1][s.key]] for s in group})
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, dict]:
+    """The reference: strategy `single`, whole batch, same steps."""
+    root = tmp_path_factory.mktemp("single_process")
+    return {s.key: run_scenario(replace(s, strategy="single"), single_process_dist(), root / s.key) for s in ALL_SCENARIOS}
+
+
+def assert_close_weights(actual: dict, expected: dict, rtol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_equal_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+# ----- trajectories -------------------------------------------------------------------
+def weight_decayed_only(scenario: Scenario, weights: dict, ema: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ZeRO makes of a parameter that never gets a gradient (the toy's stress head): its
+    flat partition has zeros there, not None, so AdamW's decoupled weight decay still shrinks
+    it on every applied step (torch's AdamW skips it), and the EMA follows."""
+    value, average, updates = weights[name].clone(), ema[name].clone(), 0
+    for step in range(scenario.steps):
+        if step != scenario.nonfinite_step:
+            value *= 1.0 - scenario.lr * (1.0 - 0.05 * step) * 0.01
+            average.lerp_(value, 1.0 - min(scenario.ema_decay, (1 + updates) / (10 + updates)))
+            updates += 1
+    return value, average
+
+
+@by_key(ALL_SCENARIOS)
+def test_two_ranks_follow_one_process(scenario, two_ranks, one_process):
+    rank0, reference, rtol = two_ranks[scenario.key][0], one_process[scenario.key], RTOL[scenario.dtype]
+    finite = [i for i in range(scenario.steps) if i != scenario.nonfinite_step]
+    assert [rank0["losses"][i] for i in finite] == pytest.approx([reference["losses"][i] for i in finite], rel=rtol)
+    assert rank0["val_loss"] == pytest.approx(reference["val_loss"], rel=rtol)
+    expected_weights, expected_ema = dict(reference["final_weights"]), dict(reference["final_ema"])
+    if scenario.strategy == "deepspeed" and not scenario.conservative:
+        name = "stress_head.weight"
+        expected_weights[name], expected_ema[name] = weight_decayed_only(scenario, reference["final_weights"], reference["final_ema"], name)
+    assert_close_weights(rank0["final_weights"], expected_weights, rtol)
+    assert_close_weights(rank0["final_ema"], expected_ema, rtol)
+    # The last steps moved the weights: the comparison is not between two untouched models.
+    assert any(not torch.equal(value, reference["saved_weights"][name]) for name, value in rank0["final_weights"].items())
+
+
+@by_key(ALL_SCENARIOS)
+def test_nonfinite_step_is_skipped_on_every_rank(scenario, two_ranks, one_process):
+    expected = [step == scenario.nonfinite_step for step in range(scenario.steps)]
+    for result in [*two_ranks[scenario.key], one_process[scenario.key]]:
+        assert result["skipped"] == expected
+        norms = result["grad_norms"]
+        assert not math.isfinite(norms[scenario.nonfinite_step])
+        assert all(math.isfinite(norm) for i, norm in enumerate(norms) if i != scenario.nonfinite_step)
+
+
+@by_key([s for s in TORCH_SCENARIOS if s.strategy == "fsdp"])
+def test_fsdp_shards_blocks_only_in_the_direct_stage(scenario, two_ranks):
+    assert two_ranks[scenario.key][0]["sharded_blocks"] == (not scenario.conservative)
+
+
+@by_key(ALL_SCENARIOS)
+def test_optimizer_state_per_rank(scenario, two_ranks, one_process):
+    """ddp keeps all of AdamW's state on each rank; fsdp and ZeRO about half of it."""
+    full = one_process[scenario.key]["optimizer_state_bytes"]
+    for rank in two_ranks[scenario.key]:
+        fraction = rank["optimizer_state_bytes"] / full
+        assert fraction == (1.0 if scenario.strategy == "ddp" else pytest.approx(0.5, abs=0.1))
+
+
+# ----- checkpoints ----------------------------------------------------------------------
+@by_key(ALL_SCENARIOS)
+def test_resume_on_two_ranks_continues_bit_for_bit(scenario, two_ranks):
+    for rank, result in enumerate(two_ranks[scenario.key]):
+        assert result["resumed_losses"] == result["losses"][scenario.save_after:]
+        assert result["loaded_extra"] == {"step": scenario.save_after, "rank": rank}
+    rank0 = two_ranks[scenario.key][0]
+    assert_equal_weights(rank0["resumed_final_weights"], rank0["final_weights"])
+    assert_equal_weights(rank0["resumed_final_ema"], rank0["final_ema"])
+
+
+@by_key(TORCH_SCENARIOS)
+def test_two_rank_checkpoint_loads_on_one_rank(scenario, two_ranks, checkpoint_root):
+    """In this process, without a process group: the same weights and EMA, and the same
+    continuation as on two ranks (the optimizer state is complete)."""
+    rank0 = two_ranks[scenario.key][0]
+    loaded = load_on_this_world([scenario], checkpoint_root, dist=single_process_dist())[scenario.key]
+    assert_equal_weights(loaded["weights"], rank0["saved_weights"])
+    assert_equal_weights(loaded["ema"], rank0["saved_ema"])
+    assert loaded["extra_rank"] == 0
+    assert loaded["losses"] == pytest.approx(rank0["resumed_losses"], rel=RTOL[scenario.dtype])
+
+
+def test_two_rank_zero_checkpoint_loads_on_one_rank(two_ranks, checkpoint_root):
+    """ZeRO on one process: the weights and EMA come back; the optimizer state, partitioned for
+    two ranks, does not, and a warning says so."""
+    [loaded] = run_in_processes(1, load_on_this_world, (DEEPSPEED_SCENARIOS, checkpoint_root), checkpoint_root / "one-rank")
+    for scenario in DEEPSPEED_SCENARIOS:
+        rank0, result = two_ranks[scenario.key][0], loaded[scenario.key]
+        assert_equal_weights(result["weights"], rank0["saved_weights"])
+        assert_equal_weights(result["ema"], rank0["saved_ema"])
+        assert any("AdamW moments start afresh" in message for message in result["warnings"])
+
+
+def test_loading_another_strategys_state_fails_clearly(two_ranks, checkpoint_root):
+    fsdp = build(Scenario("fsdp", conservative=True), single_process_dist(), seed=0)
+    with pytest.raises(ValueError, match="written by strategy 'ddp'"):
+        fsdp.load(checkpoint_root / TORCH_SCENARIOS[0].key)
+
+
+class _FailsWhilePickled:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def _assert_only_checkpoint_is_step_1(directory) -> None:
+    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=3)
+    assert strategy.load(directory)["step"] == 1
+    visible = [path.name for path in directory.parent.iterdir() if not path.name.startswith(".")]
+    assert visible == [directory.name]
+    for hidden in directory.parent.glob(".*"):
+        with pytest.raises(FileNotFoundError, match="not a training-state directory"):
+            strategy.load(hidden)
+
+
+def test_exception_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    directory = tmp_path / "checkpoints" / "last"
+    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
+    strategy.save(directory, extra={"step": 1})
+    with pytest.raises(RuntimeError, match="disk full"):
+        strategy.save(directory, extra={"step": 2, "payload": _FailsWhilePickled()})
+    _assert_only_checkpoint_is_step_1(directory)
+
+
+def test_sigkill_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    directory = tmp_path / "checkpoints" / "last"
+    process = mp.get_context("fork").Process(target=save_then_die, args=(directory,))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == -9
+    assert (directory.parent / f".{directory.name}.tmp").is_dir()  # it did die half-way
+    _assert_only_checkpoint_is_step_1(directory)
+
+
+def test_bf16_on_cpu_warns_and_stays_float32():
+    with pytest.warns(UserWarning, match="stays in float32"):
+        strategy = build_strategy(StrategyConfig(name="single"), StageConfig(precision="bf16"), single_process_dist())
+    with strategy.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_single_strategy_refuses_several_processes():
+    two = replace(single_process_dist(), world_size=2)
+    with pytest.raises(ValueError, match="use ddp, fsdp or deepspeed"):
+        build_strategy(StrategyConfig(name="single"), StageConfig(), two)
