@@ -1,10 +1,11 @@
 """esen-launch: profiles, validation, dry runs, sweeps, and real jobs on the local SLURM cluster.
 
-The first part needs no cluster. The tests marked `slurm` submit to the cluster that
-launch/local_slurm.sh started (CI starts it; they skip without SLURM_CONF): a bad profile is
-refused before submission, a two-node DDP training job gives the same metrics as
-`esen-train fit --nproc 2` on this machine, and a job that is requeued by `scontrol requeue`
-or by reaching its time limit resumes its run directory and ends like an uninterrupted run.
+The first part needs no cluster. Then real training: `cluster=local` (submitit's local
+executor) and, in the tests marked `slurm`, the cluster that launch/local_slurm.sh started
+(CI starts it; they skip without SLURM_CONF): a bad profile is refused before submission, a
+two-node DDP job gives the same metrics as `esen-train fit --nproc 2` on this machine, and a
+job requeued by `scontrol requeue` or by reaching its time limit resumes its run directory
+and ends like an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def test_checkpoint_asks_the_trainer_and_requeues_the_same_run():
     assert (resubmission.function.config, resubmission.function.overrides) == (TINY, ["stages=[direct]", "run_dir=/runs/a"])
 
 
-# ----- on the local SLURM cluster ----------------------------------------------------------
+# ----- real training jobs: submitit's local executor and the local SLURM cluster ----------
 
 # A short DDP run of the tiny model on built-in EMT data; checkpoints every 2 steps.
 TRAINING = [
@@ -230,7 +231,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def reference_run(cluster, tmp_path_factory) -> Path:
+def reference_run(tmp_path_factory) -> Path:
     """The same training without SLURM: `esen-train fit --nproc 2` on this machine."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     command = [
@@ -283,6 +284,18 @@ def task_starts(run_dir: Path, job_id: str) -> int:
     """How many times rank 0 of the job started (1 + requeues)."""
     log = run_dir / "submitit" / f"{job_id}_0_log.out"
     return log.read_text().count("Starting with JobEnvironment") if log.exists() else 0
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_same_training(reference_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status = main([TINY, "cluster=local", "tasks_per_node=2", *TRAINING, f"direct.max_steps={MAX_STEPS}",
+                   f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=disabled", f"run_dir={run_dir}", "--wait"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(r"^job \d+: completed$", out, re.M)
+    assert_same_training(run_dir, reference_run)
+    assert last_step(run_dir) == MAX_STEPS
 
 
 @pytest.mark.slurm
@@ -365,7 +378,8 @@ def test_job_reaching_its_time_limit_is_requeued_and_finishes(cluster, reference
     checkpoints and requeues itself. While the job waits to restart the test gives it back its
     10 minutes, so the resumed run is not warned again and finishes."""
     # Enough steps to still be training 45 s after the limit is shortened (SLURM may take 30 s
-    # to notice), measured from the reference run's speed on this machine.
+    # to notice), from the reference run's speed on this machine (which leaves out the time
+    # spent checkpointing and logging: the job trains for longer than that).
     atoms_per_s = statistics.median(row["atoms_per_s"] for row in read_metrics(reference_run).values() if "atoms_per_s" in row)
     max_steps = min(max(20, 2 + math.ceil(45 * atoms_per_s / 64)), 400)
     run_dir = tmp_path / "run"
