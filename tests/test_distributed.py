@@ -1,0 +1,95 @@
+"""Reading the world from torchrun's and SLURM's environment. The multi-process group itself
+is exercised by tests/test_strategies.py (torchrun-style environment) and, on the local
+SLURM cluster, by a real two-node `srun` below."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esen_train.engine import distributed
+from esen_train.engine.distributed import first_host, slurm_master_port, world_from_environment
+from tests.slurm_cluster import require_slurm_cluster
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                    "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
+                    "SLURM_JOB_ID")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node7", "node7"),
+    ("gpu[003-010,012],cpu1", "gpu003"),
+    ("esen-n[1-2]", "esen-n1"),
+    ("rack[2-3]-n[01-04]", "rack2-n01"),
+    ("a1,b[5-6]", "a1"),
+])
+def test_first_host_of_a_slurm_nodelist(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_malformed_nodelist_is_named():
+    with pytest.raises(ValueError, match="malformed SLURM node list: 'gpu\\[1-2'"):
+        first_host("gpu[1-2")
+
+
+def test_no_launcher_is_a_world_of_one(clean_env):
+    assert world_from_environment() == (0, 0, 1)
+    info = distributed.init_distributed()
+    assert (info.rank, info.world_size, info.device) == (0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()  # no process group for a world of one
+    assert distributed.is_main()
+    assert torch.equal(distributed.all_reduce_sum(torch.ones(2)), torch.ones(2))
+
+
+def test_torchrun_environment(clean_env):
+    clean_env.setenv("RANK", "3")
+    clean_env.setenv("WORLD_SIZE", "4")
+    clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("SLURM_STEP_ID", "0")  # torchrun inside a SLURM step: torchrun's view wins
+    clean_env.setenv("SLURM_PROCID", "0")
+    assert world_from_environment() == (3, 1, 4)
+
+
+def test_slurm_step_environment(clean_env):
+    for name, value in dict(SLURM_STEP_ID="0", SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_STEP_NUM_TASKS="8",
+                            SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[017-020]", SLURM_JOB_ID="4242").items():
+        clean_env.setenv(name, value)
+    assert world_from_environment() == (5, 1, 8)
+    assert os.environ["MASTER_ADDR"] == "gpu017"
+    assert os.environ["MASTER_PORT"] == str(slurm_master_port("4242"))
+
+
+def test_slurm_batch_script_is_a_world_of_one(clean_env):
+    """The batch script sees SLURM_PROCID=0 and SLURM_NTASKS=N but is not a task of a step."""
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "4")
+    clean_env.setenv("SLURM_JOB_NODELIST", "node[1-2]")
+    assert world_from_environment() == (0, 0, 1)
+
+
+def test_master_port_depends_on_the_job():
+    ports = {slurm_master_port(str(job)) for job in range(100, 110)}
+    assert len(ports) == 10 and all(20000 <= port < 40000 for port in ports)
+
+
+@pytest.mark.slurm
+def test_two_tasks_of_a_real_slurm_step_form_one_group():
+    require_slurm_cluster()
+    script = (
+        "import torch; from esen_train.engine import distributed as d; info = d.init_distributed(timeout_s=60); "
+        "print(info.rank, info.world_size, int(d.all_reduce_sum(torch.ones(1)).item()), flush=True); d.cleanup()"
+    )
+    result = subprocess.run(
+        ["srun", "--nodes=2", "--ntasks=2", "--time=2", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, f"srun failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert sorted(result.stdout.split()) == sorted("0 2 2 1 2 2".split())
