@@ -26,6 +26,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.engine.tracking import resolve_wandb_mode
 from launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
 from launch.slurm_info import SlurmUnreachable, query_cluster
 from launch.submission import LaunchPlan, Run, sbatch_script, submit
@@ -79,8 +80,8 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     for index, point in enumerate(expand_sweep(sweeps)):
         run_dir = base_run_dir / sweep_dir_name(index, point) if sweeps else base_run_dir
         run_overrides = [o for o in training_overrides if not o.startswith("run_dir=")] + point + [f"run_dir={run_dir}"]
-        load_train_config(config_path, run_overrides)  # every sweep point must be a valid config
-        runs.append(Run(run_dir=run_dir, overrides=run_overrides))
+        # Every sweep point must be a valid config before anything is submitted.
+        runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=load_train_config(config_path, run_overrides)))
     return LaunchPlan(
         cluster=cluster,
         config=str(config_path),
@@ -154,17 +155,23 @@ def _print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:
         print(f"job {job.job_id}: {profile.nodes} node(s) x {profile.tasks_per_node} task(s) ({profile.executor})")
         print(f"  run directory: {run.run_dir}")
         print(f"  logs:          {job.paths.stdout} and .err (one pair per task: _<task>_log)")
-        print(f"  wandb run:     {_describe_wandb_run(run.run_dir)}")
+        print(f"  wandb run:     {_describe_wandb_run(run)}")
     if profile.executor == "slurm":
         ids = ",".join(sorted({job.job_id.split("_")[0] for job in jobs}))
         print(f"follow: squeue -j {ids}; sacct -j {ids}; tail -f {jobs[0].paths.stdout}")
 
 
-def _describe_wandb_run(run_dir: Path) -> str:
-    id_file = run_dir / WANDB_ID_FILE
-    if id_file.is_file():
-        return f"{id_file.read_text().strip()} (resumed; id in {id_file}), files in {run_dir / 'wandb'}"
-    return f"id written to {id_file} when training starts, files in {run_dir / 'wandb'}"
+def _describe_wandb_run(run: Run) -> str:
+    settings = run.config.logging.wandb
+    mode = resolve_wandb_mode(settings.mode)
+    if mode == "disabled":
+        return "disabled (logging.wandb.mode=disabled)"
+    id_file = run.run_dir / WANDB_ID_FILE
+    run_id = f"{id_file.read_text().strip()} (resumed)" if id_file.is_file() else f"id written to {id_file} when training starts"
+    where = f"project {settings.project}, {mode}"
+    if mode == "offline":
+        where += f"; upload with `wandb sync {run.run_dir / 'wandb' / 'offline-run-*'}`"
+    return f"{run_id}; {where}"
 
 
 def _wait(jobs: list[submitit.Job]) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
+from esen_train.engine.config import TrainConfig
 from launch.job import TrainingJob
 from launch.profile import ClusterProfile
 
@@ -24,6 +25,7 @@ from launch.profile import ClusterProfile
 class Run:
     run_dir: Path
     overrides: list[str]  # training overrides, ending with run_dir=<run_dir>
+    config: TrainConfig  # what those overrides resolve to (checked before submission)
 
 
 @dataclass
