@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import ase.db
 import ase.io
@@ -466,3 +468,12 @@ def test_fast_emt_equals_ase_emt():
         assert fast.get_potential_energy() == pytest.approx(reference.get_potential_energy(), abs=1e-10)
         np.testing.assert_allclose(fast.get_forces(), reference.get_forces(), atol=1e-10)
         np.testing.assert_allclose(fast.get_stress(), reference.get_stress(), atol=1e-12)
+
+
+def test_output_has_ordinary_permissions(tmp_path, dataset_dir):
+    """Built with tempfile (owner-only), the dataset still ends up readable like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dataset_dir.stat().st_mode) == 0o777 & ~umask
+    for name in ("manifest.json", "natoms.npy"):
+        assert stat.S_IMODE((dataset_dir / name).stat().st_mode) == 0o666 & ~umask

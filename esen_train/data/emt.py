@@ -26,7 +26,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers, reference_states
 from ase.md.verlet import VelocityVerlet
 
-from esen_train.data.manifest import Manifest
+from esen_train.data.manifest import Manifest, with_default_permissions
 from esen_train.data.records import StructureRecord
 from esen_train.data.sources import atoms_to_record
 from esen_train.data.validate import check_record
@@ -220,4 +220,5 @@ def write_emt_extxyz(
         except BaseException:
             Path(f.name).unlink()
             raise
+    with_default_permissions(f.name)
     os.replace(f.name, path)

@@ -154,12 +154,21 @@ def _check_shard_file(directory: Path, shard: ShardInfo) -> None:
         )
 
 
+def with_default_permissions(path: str | Path) -> None:
+    """Give a file or directory made by `tempfile` (owner-only) the permissions an
+    ordinary `open`/`mkdir` would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old or the complete new content."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    with_default_permissions(f.name)
     os.replace(f.name, path)
 
 
@@ -167,6 +176,7 @@ def save_natoms(directory: str | Path, natoms: np.ndarray) -> None:
     path = Path(directory) / NATOMS_NAME
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         np.save(f, np.asarray(natoms, dtype=np.int32), allow_pickle=False)
+    with_default_permissions(f.name)
     os.replace(f.name, path)
 
 

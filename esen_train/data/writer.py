@@ -25,6 +25,7 @@ from esen_train.data.manifest import (
     ShardInfo,
     file_checksum,
     save_natoms,
+    with_default_permissions,
 )
 from esen_train.data.records import StructureRecord, encode_record
 from esen_train.data.shards import ShardWriter
@@ -87,6 +88,7 @@ class DatasetWriter:
         self.tmp_dir = Path(
             tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.partial-")
         )
+        with_default_permissions(self.tmp_dir)
         self.provenance = provenance
         self.shards = [ShardWriter(self.tmp_dir / shard_name(k)) for k in range(num_shards)]
         self.shard_natoms = [array("i") for _ in range(num_shards)]
