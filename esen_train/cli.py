@@ -66,14 +66,18 @@ def _launch_local_processes(args, run_dir: str) -> int:
 def _add_quickstart_parser(commands) -> None:
     quickstart = commands.add_parser("quickstart", help="the whole recipe on built-in EMT data")
     quickstart.add_argument("--out", default="runs/quickstart", help="output directory")
-    quickstart.add_argument("--nproc", type=int, default=2, help="processes for direct pretraining")
+    quickstart.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    quickstart.add_argument("--structures", type=int, default=800, help="EMT structures to make (default 800)")
+    quickstart.add_argument("--md-steps", type=int, default=400, help="NVE steps of 2 fs (default 400)")
+    quickstart.add_argument("overrides", nargs="*", help="key=value settings for the training, e.g. direct.max_steps=50")
     quickstart.set_defaults(run=_run_quickstart)
 
 
 def _run_quickstart(args) -> int:
     from esen_train.quickstart import run_quickstart
 
-    run_quickstart(args.out, nproc=args.nproc)
+    run_quickstart(args.out, nproc=args.nproc, structures=args.structures, md_steps=args.md_steps,
+                   overrides=args.overrides)
     return 0
 
 

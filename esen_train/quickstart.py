@@ -25,33 +25,35 @@ from esen_train.data.emt import write_emt_extxyz
 from esen_train.evaluation.md import run_nve
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-NUM_STRUCTURES = 800
-MD_SETTINGS = ["--steps", "400", "--timestep", "2.0", "--temperature", "300"]
+MD_TIMESTEP_FS, MD_TEMPERATURE_K = 2.0, 300.0
 
 
-def run_quickstart(out: str | Path, nproc: int = 2) -> dict:
+def run_quickstart(out: str | Path, nproc: int = 2, structures: int = 800, md_steps: int = 400,
+                   overrides: list[str] = ()) -> dict:
+    """Run every step into `out`; `overrides` are `key=value` settings for `esen-train fit`."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    data = _make_data(out)
+    data = _make_data(out, structures)
     run_dir = out / "run"
     _step(f"training: direct pretraining then conservative fine-tuning on {nproc} process(es)")
     _esen_train(["fit", str(CONFIG), f"run_dir={run_dir}", f"data.train=[{data}_train]", f"data.val=[{data}_val]",
-                 f"--nproc={nproc}"])
+                 *overrides, f"--nproc={nproc}"])
     summary = {"run_dir": str(run_dir), "learning_curves": str(run_dir / "learning_curves.png")}
+    md_settings = ["--steps", str(md_steps), "--timestep", str(MD_TIMESTEP_FS), "--temperature", str(MD_TEMPERATURE_K)]
     for stage in ("direct", "conservative"):
-        summary[stage] = _evaluate(run_dir / "checkpoints" / stage / "best", f"{data}_test", out / stage, stage)
-    summary["emt_floor"] = _emt_floor(out / "md_structure.xyz")
+        summary[stage] = _evaluate(run_dir / "checkpoints" / stage / "best", f"{data}_test", out, stage, md_settings)
+    summary["emt_floor"] = _emt_floor(out / "md_structure.xyz", md_steps)
     summary["wall_time_s"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, out)
     return summary
 
 
-def _make_data(out: Path) -> Path:
+def _make_data(out: Path, structures: int) -> Path:
     raw = out / "emt.xyz"
-    _step(f"making {NUM_STRUCTURES} EMT-labelled structures: {raw}")
-    write_emt_extxyz(raw, NUM_STRUCTURES, seed=0)
+    _step(f"making {structures} EMT-labelled structures: {raw}")
+    write_emt_extxyz(raw, structures, seed=0)
     data = out / "data" / "emt"
     _step(f"converting to LMDB shards: {data}")
     _esen_data(["convert", str(raw), "--out", str(data), "--shards", "2", "--overwrite"])
@@ -69,14 +71,14 @@ def _md_structure():
     return atoms
 
 
-def _evaluate(checkpoint: Path, test_data: str, out: Path, stage: str) -> dict:
+def _evaluate(checkpoint: Path, test_data: str, out: Path, stage: str, md_settings: list[str]) -> dict:
     _step(f"{stage}: errors on the test split and the NVE test")
-    forces = ["--forces", stage]
-    _esen_train(["eval", str(checkpoint), "--data", test_data, "--out", str(out), *forces])
-    _esen_train(["md", str(checkpoint), "--structure", str(checkpoint.parents[3] / "md_structure.xyz"),
-                 *MD_SETTINGS, "--out", str(out), *forces])
-    errors = json.loads((out / "errors.json").read_text())
-    md = json.loads((out / "md.json").read_text())
+    stage_out, forces = out / stage, ["--forces", stage]
+    _esen_train(["eval", str(checkpoint), "--data", test_data, "--out", str(stage_out), *forces])
+    _esen_train(["md", str(checkpoint), "--structure", str(out / "md_structure.xyz"), *md_settings,
+                 "--out", str(stage_out), *forces])
+    errors = json.loads((stage_out / "errors.json").read_text())
+    md = json.loads((stage_out / "md.json").read_text())
     keys = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
     return {
         "checkpoint": str(checkpoint),
@@ -88,10 +90,9 @@ def _evaluate(checkpoint: Path, test_data: str, out: Path, stage: str) -> dict:
     }
 
 
-def _emt_floor(structure: Path) -> dict:
+def _emt_floor(structure: Path, steps: int) -> dict:
     """EMT itself with the same integrator and time step: the drift floor."""
-    steps, timestep, temperature = (float(v) for v in MD_SETTINGS[1::2])
-    result = run_nve(ase.io.read(structure), EMT(), int(steps), timestep, temperature)
+    result = run_nve(ase.io.read(structure), EMT(), steps, MD_TIMESTEP_FS, MD_TEMPERATURE_K)
     return {key: result[key] for key in ("drift_mev_per_atom_per_ps", "max_deviation_mev_per_atom")}
 
 
