@@ -84,7 +84,7 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
         runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=load_train_config(config_path, run_overrides)))
     return LaunchPlan(
         cluster=cluster,
-        config=str(config_path),
+        config_file=str(config_path),
         profile=profile,
         runs=runs,
         submitit_dir=base_run_dir / "submitit",
@@ -146,7 +146,7 @@ def _print_dry_run(plan: LaunchPlan) -> None:
         print(f"# local executor: {plan.profile.tasks_per_node} process(es) on this machine, no SLURM")
     for index, run in enumerate(plan.runs):
         task = f"array task {index}" if len(plan.runs) > 1 else "each task"
-        print(f"# {task} runs: esen-train fit {plan.config} {' '.join(run.overrides)}")
+        print(f"# {task} runs: esen-train fit {plan.config_file} {' '.join(run.overrides)}")
 
 
 def _print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:

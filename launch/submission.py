@@ -31,7 +31,7 @@ class Run:
 @dataclass
 class LaunchPlan:
     cluster: str  # the profile's name (or path), as given with cluster=
-    config: str  # the training config file, absolute
+    config_file: str  # the training config, absolute path
     profile: ClusterProfile
     runs: list[Run]
     submitit_dir: Path
@@ -94,7 +94,7 @@ def build_executor(plan: LaunchPlan) -> submitit.AutoExecutor:
 def submit(plan: LaunchPlan) -> list[submitit.Job]:
     """Submit every run; a sweep becomes one job array on SLURM."""
     executor = build_executor(plan)
-    jobs = [TrainingJob(plan.config, run.overrides) for run in plan.runs]
+    jobs = [TrainingJob(plan.config_file, run.overrides) for run in plan.runs]
     if len(jobs) == 1:
         return [executor.submit(jobs[0])]
     return executor.submit_array(jobs)

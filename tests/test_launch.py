@@ -381,14 +381,14 @@ def test_job_reaching_its_time_limit_is_requeued_and_finishes(cluster, reference
     # to notice), from the reference run's speed on this machine (which leaves out the time
     # spent checkpointing and logging: the job trains for longer than that).
     atoms_per_s = statistics.median(row["atoms_per_s"] for row in read_metrics(reference_run).values() if "atoms_per_s" in row)
-    max_steps = min(max(20, 2 + math.ceil(45 * atoms_per_s / 64)), 400)
+    max_steps = min(max(20, 5 + math.ceil(45 * atoms_per_s / 64)), 400)
     run_dir = tmp_path / "run"
     status = main([TINY, "cluster=local-slurm", "time_min=10", "signal_delay_s=120", "max_requeues=2", *TRAINING,
-                   f"direct.max_steps={max_steps}", f"direct.val_every={max_steps}", "logging.wandb.mode=disabled",
-                   f"run_dir={run_dir}"])
+                   f"direct.max_steps={max_steps}", f"direct.val_every={max_steps}", "direct.checkpoint_every=5",
+                   "logging.wandb.mode=disabled", f"run_dir={run_dir}"])
     assert status == 0
     job_id = launched_job_id(capsys.readouterr().out)
-    wait_for(lambda: (run_dir / "checkpoints" / "direct" / "step_00000002").exists(), 300, "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "direct" / "step_00000005").exists(), 300, "the first checkpoint")
 
     elapsed_s = int(subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "ElapsedRaw"], capture_output=True,
                                    text=True, timeout=30).stdout.split()[0])

@@ -102,11 +102,12 @@ def cluster():
     return require_slurm_cluster()
 
 
-def test_sacct_sees_finished_and_failed_jobs(cluster):
+def test_sacct_sees_finished_and_failed_jobs(cluster, tmp_path):
     ids = {}
     for name, command in (("ok", "true"), ("bad", "exit 3")):
         submitted = subprocess.run(
-            ["sbatch", "--parsable", "--wait", "--job-name", f"esen-test-{name}", "--wrap", command],
+            ["sbatch", "--parsable", "--wait", "--job-name", f"esen-test-{name}", f"--output={tmp_path}/%j.out",
+             "--wrap", command],
             capture_output=True, text=True, timeout=120,
         )
         ids[name] = submitted.stdout.strip()
