@@ -99,3 +99,6 @@ def test_periodic_direction_without_lattice_vector_is_rejected():
         build_neighbor_list(np.zeros((2, 3)), np.diag([3.0, 3.0, 0.0]), [True, True, True], 5.0)
     with pytest.raises(ValueError, match="shape"):
         build_neighbor_list(np.zeros((2, 2)), np.eye(3), [True] * 3, 5.0)
+    flat_cell = [[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 3.0, 0.0]]  # three vectors in one plane
+    with pytest.raises(ValueError, match="neighbour list"):
+        build_neighbor_list(np.zeros((2, 3)), flat_cell, [True] * 3, 5.0)

@@ -32,8 +32,12 @@ def build_neighbor_list(
 
     # One thread: parallelism comes from the dataloader workers, one structure each.
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, n_threads=1)
-    centres, neighbours, shifts = calculator.compute(positions, cell, pbc, "ijS")
-    edge_index = np.stack([neighbours, centres]).astype(np.int64)
+    try:
+        centres, neighbours, shifts = calculator.compute(positions, cell, pbc, "ijS")
+    except RuntimeError as error:  # e.g. "the box matrix is not invertible"
+        raise ValueError(f"cannot build the neighbour list: {error}") from None
+    edge_index = np.empty((2, len(centres)), dtype=np.int64)
+    edge_index[0], edge_index[1] = neighbours, centres
     return edge_index, shifts.astype(np.int64)
 
 
@@ -51,5 +55,3 @@ def _check_inputs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cuto
     for axis in np.flatnonzero(pbc):
         if not np.any(cell[axis]):
             raise ValueError(f"pbc[{axis}] is True but lattice vector {axis} of the cell is zero")
-    if pbc.all() and abs(np.linalg.det(cell)) < 1e-12:
-        raise ValueError("the cell is periodic in all directions but its volume is zero")
