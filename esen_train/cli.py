@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(commands)
     add_md_parser(commands)
     _add_quickstart_parser(commands)
-    args = parser.parse_args(argv)
+    # Options may come before, between or after the key=value overrides: argparse leaves
+    # overrides that follow an option unparsed, so they are collected here.
+    args, rest = parser.parse_known_args(argv)
+    if rest and (not hasattr(args, "overrides") or any(arg.startswith("-") or "=" not in arg for arg in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     return args.run(args)
 
 

@@ -71,3 +71,9 @@ def test_fit_cli_reports_config_error_and_starts_nothing(tmp_path, capsys):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_train_config("no/such/file.yaml")
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    code = main(["fit", str(TINY), "--nproc", "2", "direct.max_stpes=3", f"run_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "direct.max_stpes" in capsys.readouterr().err

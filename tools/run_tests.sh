@@ -4,7 +4,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh || exit 1
-eval "$(bash launch/local_slurm.sh start)" || { echo "local SLURM cluster failed to start" >&2; exit 1; }
+# `start` prints only the export line on stdout (apt and progress go to stderr).
+slurm_env=$(bash launch/local_slurm.sh start) || { echo "local SLURM cluster failed to start" >&2; exit 1; }
+eval "$slurm_env"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python3 -m pytest tests "$@"
 status=$?
