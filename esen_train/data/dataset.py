@@ -3,8 +3,9 @@
 Each item is a `torch_geometric.data.Data` with the fields of the batch table in
 ARCHITECTURE.md; the neighbour graph is built on the fly (every neighbour within
 the cutoff, periodic images included). Shards are LMDB files opened read-only,
-without locking, lazily in each process that reads them, so DataLoader workers
-never share an environment.
+without locking, on first read; every process (each DataLoader worker) reads
+through a transaction of its own (see shards.py for how forked workers reuse
+the read-only mapping).
 
 Global index: the structures of the first directory, then those of the second,
 and so on, each directory in its manifest's order; `natoms` follows that order.
