@@ -1,0 +1,297 @@
+"""Accuracy on real DFT data: train one config within a wall-clock budget, test, compare.
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py DATASET --budget-minutes M [--mace]
+                      [--nve-steps 400 --nve-temperature 500 --nve-timestep 0.5]
+
+DATASET is one of rmd17-aspirin, rmd17-ethanol, mlearn-si, mlearn-li, acac (configs/DATASET.yaml).
+Steps, all through the user-facing commands:
+1. data: `esen-data convert` the files of /work/shared/data into data/real/DATASET_all and
+   DATASET_test, and `esen-data split` the training file into DATASET_train / DATASET_val
+   (rMD17: 50 of the 1000 training structures for validation; mlearn: 10%; AcAc has no
+   published test file here, so 80/10/10 of train_300K). Existing directories are reused.
+2. timing probe: `esen-train fit` with 3 direct and 2 conservative steps, which gives the
+   cost of one step of each stage and the fixed cost of a run (start-up, validation,
+   checkpoints). The probe is not counted in the budget.
+3. training: `esen-train fit` with max_steps chosen so the run takes the budget: 60% of the
+   step time to the direct stage, 40% to the conservative one (validation at each stage's end).
+4. test: `esen-train eval` (float64) of both stages' best checkpoints on the test set.
+5. NVE (--nve-steps > 0): `esen-train md` of both checkpoints from the first test structure,
+   conservative forces beside direct ones.
+6. --mace: benchmarks/mace_side.py trains MACE on the same split for the same budget.
+Prints a table and then one JSON object (last line). The load average is recorded at each
+phase: on the shared 2-core machine the throughput, and hence what a budget buys, follows it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ESEN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+DATA_DIR = REPO_ROOT / "data" / "real"
+DIRECT_SHARE = 0.6  # of the budget's step time; the rest goes to the conservative stage
+
+# rMD17 split 01, N_train = 1000, test MAE: energy meV per molecule, forces meV/Å. From the
+# rMD17 table of the MACE paper (Batatia et al., arXiv:2206.07697, NeurIPS 2022), as listed in
+# /work/shared/data/README.md (read from a copy of the table; Allegro, BOTNet and NequIP are
+# the numbers the MACE paper quotes).
+RMD17_SOURCE = "Batatia et al., MACE, arXiv:2206.07697, rMD17 table (N_train=1000), via /work/shared/data/README.md"
+RMD17_PUBLISHED = {
+    "aspirin": {"MACE": (2.2, 6.6), "Allegro": (2.3, 7.3), "BOTNet": (2.3, 8.5), "NequIP": (2.3, 8.2)},
+    "ethanol": {"MACE": (0.4, 2.1), "Allegro": (0.4, 2.1), "BOTNet": (0.4, 3.2), "NequIP": (0.4, 2.8)},
+}
+NOT_FOUND_MLEARN = ("not found: Zuo et al., J. Phys. Chem. A 124, 731 (2020), Fig. 2 / Table 2 were not in the "
+                    "searchable sources; no number is quoted")
+NOT_COMPARABLE_ACAC = ("not comparable: the published AcAc errors (BOTNet arXiv:2205.06643, MACE arXiv:2206.07697) "
+                       "are on the 300 K / 600 K test files, which are not in /work/shared/data; this test set is "
+                       "10% of train_300K")
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_file: str  # relative to SHARED_DATA
+    test_file: str | None  # None: carve the test set out of train_file
+    fractions: tuple[float, ...]
+    published: dict = field(default_factory=dict)  # model -> (energy meV/structure, forces meV/Å)
+    published_source: str = ""
+
+    @property
+    def config(self) -> Path:
+        return REPO_ROOT / "configs" / f"{self.name}.yaml"
+
+    def split_dir(self, part: str) -> Path:
+        return DATA_DIR / f"{self.name}_{part}"
+
+
+DATASETS = {
+    "rmd17-aspirin": Dataset("rmd17-aspirin", "rmd17/aspirin_train.xyz", "rmd17/aspirin_test.xyz", (0.95, 0.05),
+                             RMD17_PUBLISHED["aspirin"], RMD17_SOURCE),
+    "rmd17-ethanol": Dataset("rmd17-ethanol", "rmd17/ethanol_train.xyz", "rmd17/ethanol_test.xyz", (0.95, 0.05),
+                             RMD17_PUBLISHED["ethanol"], RMD17_SOURCE),
+    "mlearn-si": Dataset("mlearn-si", "mlearn/Si_train.xyz", "mlearn/Si_test.xyz", (0.9, 0.1),
+                         published_source=NOT_FOUND_MLEARN),
+    "mlearn-li": Dataset("mlearn-li", "mlearn/Li_train.xyz", "mlearn/Li_test.xyz", (0.9, 0.1),
+                         published_source=NOT_FOUND_MLEARN),
+    "acac": Dataset("acac", "acac/train_300K.xyz", None, (0.8, 0.1, 0.1), published_source=NOT_COMPARABLE_ACAC),
+}
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def run(command: list[str], log: Path | None = None) -> tuple[str, float]:
+    """Run a command from the repository root; returns (stdout, wall seconds). Fails loudly
+    with the command's output when it fails."""
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout, seconds
+
+
+# ----- 1. data ------------------------------------------------------------------------
+def prepare_data(dataset: Dataset) -> dict[str, Path]:
+    """The train/val/test dataset directories, converted and split once."""
+    source = SHARED_DATA / dataset.train_file
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is absent: the real DFT data of /work/shared/data is needed")
+    parts = ("train", "val", "test")
+    if all((dataset.split_dir(part) / "manifest.json").exists() for part in parts):
+        return {part: dataset.split_dir(part) for part in parts}
+    converted = dataset.split_dir("all")
+    fractions = ",".join(str(f) for f in dataset.fractions)
+    run(["esen-data", "convert", str(source), "--out", str(converted), "--quiet", "--overwrite"])
+    run(["esen-data", "split", str(converted), "--out", str(DATA_DIR / dataset.name), "--fractions", fractions,
+         "--seed", "0", "--overwrite"])
+    if dataset.test_file is not None:
+        run(["esen-data", "convert", str(SHARED_DATA / dataset.test_file), "--out", str(dataset.split_dir("test")),
+             "--quiet", "--overwrite"])
+    return {part: dataset.split_dir(part) for part in parts}
+
+
+# ----- 2./3. training -----------------------------------------------------------------
+def fit(config: Path, run_dir: Path, overrides: list[str]) -> float:
+    """`esen-train fit` into run_dir (replaced); returns the wall seconds."""
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    _, seconds = run(["esen-train", "fit", str(config), f"run_dir={run_dir}", "logging.wandb.mode=disabled",
+                      *overrides], log=run_dir.parent / f"{run_dir.name}.log")
+    return seconds
+
+
+def step_seconds(run_dir: Path, stage: str, max_atoms: int) -> float:
+    """Median seconds of one optimizer step of `stage` from the run's metrics (atoms/s of full
+    batches; the first step, which pays for lazy set-up, is left out)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["atoms_per_s"] for row in rows if row["stage"] == stage and row["split"] == "train"]
+    rates = rates[1:] or rates
+    return max_atoms / float(np.median(rates))
+
+
+def probe(dataset: Dataset, out: Path) -> dict:
+    """Costs of a direct step, a conservative step and a run's fixed part, from a short fit."""
+    from esen_train.engine.config import load_train_config
+
+    config = load_train_config(dataset.config)
+    steps = {"direct": 3, "conservative": 2}
+    overrides = [f"{stage}.{key}={value}" for stage, n in steps.items()
+                 for key, value in (("max_steps", n), ("warmup_steps", 1), ("log_every", 1),
+                                    ("val_every", 1000), ("checkpoint_every", 1000))]
+    wall = fit(dataset.config, out / "probe", overrides)
+    costs = {stage: step_seconds(out / "probe", stage, getattr(config, stage).max_atoms) for stage in steps}
+    fixed = max(wall - sum(costs[stage] * n for stage, n in steps.items()), 0.0)
+    return {"direct_step_s": costs["direct"], "conservative_step_s": costs["conservative"],
+            "fixed_s": fixed, "probe_wall_s": wall, "load_average": load_average()}
+
+
+def budget_overrides(dataset: Dataset, timing: dict, budget_s: float) -> tuple[list[str], dict]:
+    """max_steps of each stage so that the run (fixed part included) fits the budget."""
+    from esen_train.engine.config import load_train_config
+
+    config = load_train_config(dataset.config)
+    step_time = max(budget_s - timing["fixed_s"], 0.0)
+    plan = {
+        "direct": max(1, int(DIRECT_SHARE * step_time / timing["direct_step_s"])),
+        "conservative": max(1, int((1 - DIRECT_SHARE) * step_time / timing["conservative_step_s"])),
+    }
+    overrides = []
+    for stage, steps in plan.items():
+        warmup = min(getattr(config, stage).warmup_steps, max(1, steps // 10))
+        overrides += [f"{stage}.max_steps={steps}", f"{stage}.warmup_steps={warmup}",
+                      f"{stage}.val_every={steps}", f"{stage}.checkpoint_every={steps}"]
+    return overrides, plan
+
+
+# ----- 4./5. test and NVE -------------------------------------------------------------
+def evaluate(checkpoint: Path, test_dir: Path, forces: str, out: Path) -> dict:
+    stdout, seconds = run(["esen-train", "eval", str(checkpoint), "--data", str(test_dir), "--forces", forces,
+                           "--dtype", "float64", "--json", "--out", str(out)])
+    report = json.loads(stdout)
+    report.pop("per_element", None)
+    return {**report, "eval_wall_s": seconds}
+
+
+def energy_per_structure_mev(metrics: dict, test_dir: Path) -> float | None:
+    """Energy MAE per structure (meV), as rMD17 papers publish it: exact only when every test
+    structure has the same number of atoms (a molecule's test set); None otherwise."""
+    from esen_train.data.manifest import load_natoms
+
+    natoms = load_natoms(test_dir)
+    if natoms.min() != natoms.max():
+        return None
+    return metrics["energy_mae_mev_per_atom"] * int(natoms[0])
+
+
+def nve(checkpoint: Path, structure: Path, forces: str, args: argparse.Namespace, out: Path) -> dict:
+    stdout, seconds = run(["esen-train", "md", str(checkpoint), "--structure", str(structure), "--forces", forces,
+                           "--steps", str(args.nve_steps), "--timestep", str(args.nve_timestep),
+                           "--temperature", str(args.nve_temperature), "--json", "--out", str(out)])
+    return {**json.loads(stdout), "md_wall_s": seconds}
+
+
+# ----- 6. MACE ------------------------------------------------------------------------
+def mace(dataset: Dataset, dirs: dict[str, Path], budget_minutes: float, out: Path) -> dict:
+    stdout, _ = run([sys.executable, str(REPO_ROOT / "benchmarks" / "mace_side.py"), dataset.name,
+                     "--budget-minutes", str(budget_minutes), "--train", str(dirs["train"]),
+                     "--val", str(dirs["val"]), "--test", str(dirs["test"]), "--out", str(out)],
+                    log=out / "mace_side.log")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ----- report -------------------------------------------------------------------------
+def table(report: dict) -> str:
+    rows = [("model", "E meV/struct", "E meV/atom", "F meV/Å", "S meV/Å³", "train wall s")]
+    for label, result in report["results"].items():
+        test = result["test"]
+        rows.append((label, _fmt(test.get("energy_mae_mev_per_structure")), _fmt(test["energy_mae_mev_per_atom"]),
+                     _fmt(test["force_mae_mev_per_A"]), _fmt(test.get("stress_mae_mev_per_A3")),
+                     _fmt(result.get("train_wall_s"), "{:.0f}")))
+    for model, (energy, forces) in report["published"].items():
+        rows.append((f"{model} (published)", _fmt(energy), "-", _fmt(forces), "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"published: {report['published_source']}")
+    return "\n".join(lines)
+
+
+def _fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--budget-minutes", type=float, required=True, help="wall-clock training budget per model")
+    parser.add_argument("--mace", action="store_true", help="also train MACE (benchmarks/mace_side.py), same budget")
+    parser.add_argument("--nve-steps", type=int, default=400, help="NVE steps per model (0: no NVE test)")
+    parser.add_argument("--nve-timestep", type=float, default=0.5, help="fs (default 0.5)")
+    parser.add_argument("--nve-temperature", type=float, default=500.0, help="K (default 500)")
+    parser.add_argument("--out", default=None, help="work directory (default runs/accuracy/DATASET)")
+    args = parser.parse_args(argv)
+
+    dataset = DATASETS[args.dataset]
+    out = Path(args.out or REPO_ROOT / "runs" / "accuracy" / dataset.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"dataset": dataset.name, "budget_minutes": args.budget_minutes, "cpu_count": os.cpu_count(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_start": load_average()}
+    dirs = prepare_data(dataset)
+    report["data"] = {part: str(path) for part, path in dirs.items()}
+
+    timing = probe(dataset, out)
+    overrides, plan = budget_overrides(dataset, timing, 60 * args.budget_minutes)
+    report["timing_probe"], report["planned_steps"] = timing, plan
+    load_before = load_average()
+    train_wall = fit(dataset.config, out / "esen", overrides)
+    report["load_average_training"] = [load_before, load_average()]
+
+    results = {}
+    for stage in ("direct", "conservative"):
+        checkpoint = out / "esen" / "checkpoints" / stage / "best"
+        test = evaluate(checkpoint, dirs["test"], stage, out / f"eval_{stage}")
+        test["energy_mae_mev_per_structure"] = energy_per_structure_mev(test, dirs["test"])
+        results[f"eSEN {stage}"] = {"test": test, "train_wall_s": train_wall, "steps": plan[stage]}
+    if args.nve_steps > 0:
+        structure = SHARED_DATA / (dataset.test_file or dataset.train_file)
+        report["nve"] = {stage: nve(out / "esen" / "checkpoints" / stage / "best", structure, stage, args,
+                                    out / f"md_{stage}") for stage in ("direct", "conservative")}
+    report["results"] = results
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if MACE fails
+    if args.mace:
+        mace_report = mace(dataset, dirs, args.budget_minutes, out / "mace")
+        results["MACE"] = {"test": mace_report["test"], "train_wall_s": mace_report["train_wall_s"]}
+        report["mace"] = mace_report
+        ours = results["eSEN conservative"]["test"]
+        report["ratio_esen_over_mace"] = {
+            key: ours[key] / mace_report["test"][key]
+            for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A") if mace_report["test"].get(key)
+        }
+    report["results"] = results
+    report["published"], report["published_source"] = dataset.published, dataset.published_source
+    report["load_average_end"] = load_average()
+    print(table(report))
+    if "nve" in report:
+        for stage, md in report["nve"].items():
+            print(f"NVE {stage}: drift {md['drift_mev_per_atom_per_ps']:+.3f} meV/atom/ps, "
+                  f"max deviation {md['max_deviation_mev_per_atom']:.3f} meV/atom")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

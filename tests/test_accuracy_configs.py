@@ -1,0 +1,76 @@
+"""The accuracy configs (configs/<dataset>.yaml, used by benchmarks/accuracy.py): each loads,
+trains both stages, reads the dataset directories the benchmark writes, and one of them trains
+end to end on real DFT data."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import ase.io
+import pytest
+
+from esen_train.data.cli import main as esen_data
+from esen_train.engine.config import load_train_config
+from esen_train.engine.fit import fit
+from tests.conftest import REPO_ROOT, shared_data
+
+
+def _accuracy_benchmark():
+    spec = importlib.util.spec_from_file_location("accuracy", REPO_ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+ACCURACY = _accuracy_benchmark()
+
+
+@pytest.mark.parametrize("name", sorted(ACCURACY.DATASETS))
+def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
+    dataset = ACCURACY.DATASETS[name]
+    config = load_train_config(dataset.config)
+    assert config.stages == ["direct", "conservative"]
+    assert [REPO_ROOT / path for path in config.data.train] == [dataset.split_dir("train")]
+    assert [REPO_ROOT / path for path in config.data.val] == [dataset.split_dir("val")]
+    assert config.model.cutoff == 5.0
+    for stage in (config.direct, config.conservative):
+        assert stage.force_weight > 0 and stage.energy_weight > 0
+        assert stage.warmup_steps < stage.max_steps
+    # The conservative stage is the fine-tuning: a lower learning rate than pretraining.
+    assert config.conservative.lr < config.direct.lr
+
+
+def test_budget_plan_gives_each_stage_its_share_of_the_step_time():
+    dataset = ACCURACY.DATASETS["rmd17-aspirin"]
+    timing = {"direct_step_s": 1.0, "conservative_step_s": 2.5, "fixed_s": 60.0}
+    overrides, plan = ACCURACY.budget_overrides(dataset, timing, budget_s=660.0)
+    assert plan == {"direct": 360, "conservative": 96}  # 600 s of steps: 60% direct, 40% conservative
+    assert "direct.max_steps=360" in overrides and "conservative.val_every=96" in overrides
+    # A budget smaller than the fixed cost still trains a step of each stage.
+    _, plan = ACCURACY.budget_overrides(dataset, timing, budget_s=10.0)
+    assert plan == {"direct": 1, "conservative": 1}
+
+
+def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeypatch):
+    source = shared_data("rmd17/ethanol_train.xyz")
+    subset = tmp_path / "ethanol_20.xyz"
+    ase.io.write(subset, ase.io.read(source, index=":20"), format="extxyz")
+    data_dir = tmp_path / "ethanol_20"
+    assert esen_data(["convert", str(subset), "--out", str(data_dir), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.train=[{data_dir}]", f"data.val=[{data_dir}]", f"run_dir={tmp_path / 'run'}",
+                 "logging.wandb.mode=disabled"]
+    for stage in ("direct", "conservative"):
+        overrides += [f"{stage}.max_steps=2", f"{stage}.warmup_steps=1", f"{stage}.val_every=2",
+                      f"{stage}.checkpoint_every=2", f"{stage}.log_every=1"]
+    run_dir = fit(load_train_config(REPO_ROOT / "configs" / "rmd17-ethanol.yaml", overrides))
+
+    for stage in ("direct", "conservative"):
+        assert (run_dir / "checkpoints" / stage / "best" / "model.pt").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for stage in ("direct", "conservative"):
+        assert math.isfinite(summary[stage]["force_mae_mev_per_A"])
+        assert math.isfinite(summary[stage]["energy_mae_mev_per_atom"])
