@@ -12,7 +12,8 @@ FSDP), each with --warmup untimed steps and --steps timed ones. Reported per run
   and ZeRO); zero_master_bytes: ZeRO's fp32 master slice of the weights, held besides;
 - peak_resident_param_bytes: the most parameter bytes materialised on a rank at any module's
   forward (gathered and sharded; under FSDP this shows what is all-gathered at once);
-- peak memory: torch.cuda.max_memory_allocated on GPU, else the process's peak RSS.
+- peak_memory_mb: torch.cuda.max_memory_allocated on GPU (per stage); on the CPU the
+  process's peak RSS so far (the conservative row includes the direct stage run before it).
 Summary: scaling efficiency = atoms/s at 2 processes / (2 x atoms/s at 1), conservative step
 time / direct step time, optimizer state per rank at 2 processes / at 1.
 On a shared CPU machine the throughput figures follow the load (reported as load_average).
@@ -20,6 +21,7 @@ On a shared CPU machine the throughput figures follow the load (reported as load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -169,9 +171,12 @@ def _worker(rank: int, world_size: int, port: int, run: str, args, out_dir: str)
     name, _, zero = run.partition("-zero")
     try:
         rows = {}
-        for mode in ("direct", "conservative"):
-            rows[mode] = measure_stage(name, int(zero or 2), mode == "conservative", args, dist)
-            rows[mode]["peak_memory_mb_so_far"] = peak_memory_mb(dist.device)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON (DeepSpeed prints)
+            for mode in ("direct", "conservative"):
+                if dist.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dist.device)
+                rows[mode] = measure_stage(name, int(zero or 2), mode == "conservative", args, dist)
+                rows[mode]["peak_memory_mb"] = peak_memory_mb(dist.device)
         torch.save(rows, Path(out_dir) / f"{run}-{world_size}-rank{rank}.pt")
     finally:
         distributed.cleanup()
@@ -196,7 +201,7 @@ def benchmark(run: str, world_size: int, args, out_dir: Path) -> list[dict]:
             "optimizer_state_bytes_per_rank": [r[mode]["optimizer_state_bytes"] for r in per_rank],
             "zero_master_bytes_per_rank": [r[mode]["zero_master_bytes"] for r in per_rank],
             "peak_resident_param_bytes_per_rank": [r[mode]["peak_resident_param_bytes"] for r in per_rank],
-            "peak_memory_mb_per_rank": [r[mode]["peak_memory_mb_so_far"] for r in per_rank],
+            "peak_memory_mb_per_rank": [r[mode]["peak_memory_mb"] for r in per_rank],
         })
     return rows
 

@@ -178,7 +178,7 @@ class Scenario:
         return f"{self.model}-{self.strategy}{zero}-{self.forces}-accum{self.grad_accum_steps}"
 
 
-def build(scenario: Scenario, dist: DistInfo, seed: int, name: str | None = None) -> Strategy:
+def build(scenario: Scenario, dist: DistInfo, seed: int) -> Strategy:
     """A fresh model (initialised from `seed`) inside a set-up strategy with an EMA."""
     torch.manual_seed(seed)
     if scenario.model == "esen":
@@ -186,7 +186,7 @@ def build(scenario: Scenario, dist: DistInfo, seed: int, name: str | None = None
     else:
         model = ToyPotential(direct_forces=not scenario.conservative).to(scenario.dtype)
     strategy = build_strategy(
-        StrategyConfig(name=name or scenario.strategy, zero_stage=scenario.zero_stage),
+        StrategyConfig(name=scenario.strategy, zero_stage=scenario.zero_stage),
         StageConfig(grad_accum_steps=scenario.grad_accum_steps, precision="fp32"),
         dist,
     )

@@ -72,20 +72,39 @@ def checkpoint_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(checkpoint_root) -> dict[str, list[dict]]:
-    """key -> [rank 0's results, rank 1's results]."""
-    results = {}
-    for group, name in ((TORCH_SCENARIOS, "torch"), (DEEPSPEED_SCENARIOS, "deepspeed")):
-        ranks = run_in_processes(2, train_scenarios, (group, checkpoint_root), checkpoint_root / f"results-{name}")
-        results.update({s.key: [ranks[0][s.key], ranks[1][s.key]] for s in group})
-    return results
+def torch_two_ranks(checkpoint_root) -> dict[str, list[dict]]:
+    """key -> [rank 0's results, rank 1's results] for the torch strategies."""
+    ranks = run_in_processes(2, train_scenarios, (TORCH_SCENARIOS, checkpoint_root), checkpoint_root / "results-torch")
+    return {s.key: [ranks[0][s.key], ranks[1][s.key]] for s in TORCH_SCENARIOS}
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict[str, dict]:
-    """The reference: strategy `single`, whole batch, same steps."""
-    root = tmp_path_factory.mktemp("single_process")
-    return {s.key: run_scenario(replace(s, strategy="single"), single_process_dist(), root / s.key) for s in ALL_SCENARIOS}
+def deepspeed_two_ranks(checkpoint_root) -> dict[str, list[dict]]:
+    """The same for DeepSpeed, in processes of their own."""
+    ranks = run_in_processes(2, train_scenarios, (DEEPSPEED_SCENARIOS, checkpoint_root), checkpoint_root / "results-ds")
+    return {s.key: [ranks[0][s.key], ranks[1][s.key]] for s in DEEPSPEED_SCENARIOS}
+
+
+@pytest.fixture
+def two_ranks(request, scenario) -> list[dict]:
+    """[rank 0's results, rank 1's results] of this test's scenario."""
+    group = "deepspeed_two_ranks" if scenario.strategy == "deepspeed" else "torch_two_ranks"
+    return request.getfixturevalue(group)[scenario.key]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    """Scenario key -> one process's results, filled on demand by `one_process`."""
+    return {}
+
+
+@pytest.fixture
+def one_process(references, scenario, tmp_path_factory) -> dict:
+    """The reference: strategy `single`, whole batch, same steps (computed once per scenario)."""
+    if scenario.key not in references:
+        single = replace(scenario, strategy="single")
+        references[scenario.key] = run_scenario(single, single_process_dist(), tmp_path_factory.mktemp("single"))
+    return references[scenario.key]
 
 
 def assert_close_weights(actual: dict, expected: dict, rtol: float) -> None:
@@ -116,7 +135,7 @@ def weight_decayed_only(scenario: Scenario, weights: dict, ema: dict, name: str)
 
 @by_key(ALL_SCENARIOS)
 def test_two_ranks_follow_one_process(scenario, two_ranks, one_process):
-    rank0, reference, rtol = two_ranks[scenario.key][0], one_process[scenario.key], RTOL[scenario.dtype]
+    rank0, reference, rtol = two_ranks[0], one_process, RTOL[scenario.dtype]
     finite = [i for i in range(scenario.steps) if i != scenario.nonfinite_step]
     assert [rank0["losses"][i] for i in finite] == pytest.approx([reference["losses"][i] for i in finite], rel=rtol)
     assert rank0["val_loss"] == pytest.approx(reference["val_loss"], rel=rtol)
@@ -133,7 +152,7 @@ def test_two_ranks_follow_one_process(scenario, two_ranks, one_process):
 @by_key(ALL_SCENARIOS)
 def test_nonfinite_step_is_skipped_on_every_rank(scenario, two_ranks, one_process):
     expected = [step == scenario.nonfinite_step for step in range(scenario.steps)]
-    for result in [*two_ranks[scenario.key], one_process[scenario.key]]:
+    for result in [*two_ranks, one_process]:
         assert result["skipped"] == expected
         norms = result["grad_norms"]
         assert not math.isfinite(norms[scenario.nonfinite_step])
@@ -142,14 +161,14 @@ def test_nonfinite_step_is_skipped_on_every_rank(scenario, two_ranks, one_proces
 
 @by_key([s for s in TORCH_SCENARIOS if s.strategy == "fsdp"])
 def test_fsdp_shards_blocks_only_in_the_direct_stage(scenario, two_ranks):
-    assert two_ranks[scenario.key][0]["sharded_blocks"] == (not scenario.conservative)
+    assert two_ranks[0]["sharded_blocks"] == (not scenario.conservative)
 
 
 @by_key(ALL_SCENARIOS)
 def test_optimizer_state_per_rank(scenario, two_ranks, one_process):
     """ddp keeps all of AdamW's state on each rank; fsdp and ZeRO about half of it."""
-    full = one_process[scenario.key]["optimizer_state_bytes"]
-    for rank in two_ranks[scenario.key]:
+    full = one_process["optimizer_state_bytes"]
+    for rank in two_ranks:
         fraction = rank["optimizer_state_bytes"] / full
         assert fraction == (1.0 if scenario.strategy == "ddp" else pytest.approx(0.5, abs=0.1))
 
@@ -157,10 +176,10 @@ def test_optimizer_state_per_rank(scenario, two_ranks, one_process):
 # ----- checkpoints ----------------------------------------------------------------------
 @by_key(ALL_SCENARIOS)
 def test_resume_on_two_ranks_continues_bit_for_bit(scenario, two_ranks):
-    for rank, result in enumerate(two_ranks[scenario.key]):
+    for rank, result in enumerate(two_ranks):
         assert result["resumed_losses"] == result["losses"][scenario.save_after:]
         assert result["loaded_extra"] == {"step": scenario.save_after, "rank": rank}
-    rank0 = two_ranks[scenario.key][0]
+    rank0 = two_ranks[0]
     assert_equal_weights(rank0["resumed_final_weights"], rank0["final_weights"])
     assert_equal_weights(rank0["resumed_final_ema"], rank0["final_ema"])
 
@@ -169,7 +188,7 @@ def test_resume_on_two_ranks_continues_bit_for_bit(scenario, two_ranks):
 def test_two_rank_checkpoint_loads_on_one_rank(scenario, two_ranks, checkpoint_root):
     """In this process, without a process group: the same weights and EMA, and the same
     continuation as on two ranks (the optimizer state is complete)."""
-    rank0 = two_ranks[scenario.key][0]
+    rank0 = two_ranks[0]
     loaded = load_on_this_world([scenario], checkpoint_root, dist=single_process_dist())[scenario.key]
     assert_equal_weights(loaded["weights"], rank0["saved_weights"])
     assert_equal_weights(loaded["ema"], rank0["saved_ema"])
@@ -177,18 +196,18 @@ def test_two_rank_checkpoint_loads_on_one_rank(scenario, two_ranks, checkpoint_r
     assert loaded["losses"] == pytest.approx(rank0["resumed_losses"], rel=RTOL[scenario.dtype])
 
 
-def test_two_rank_zero_checkpoint_loads_on_one_rank(two_ranks, checkpoint_root):
+def test_two_rank_zero_checkpoint_loads_on_one_rank(deepspeed_two_ranks, checkpoint_root):
     """ZeRO on one process: the weights and EMA come back; the optimizer state, partitioned for
     two ranks, does not, and a warning says so."""
     [loaded] = run_in_processes(1, load_on_this_world, (DEEPSPEED_SCENARIOS, checkpoint_root), checkpoint_root / "one-rank")
     for scenario in DEEPSPEED_SCENARIOS:
-        rank0, result = two_ranks[scenario.key][0], loaded[scenario.key]
+        rank0, result = deepspeed_two_ranks[scenario.key][0], loaded[scenario.key]
         assert_equal_weights(result["weights"], rank0["saved_weights"])
         assert_equal_weights(result["ema"], rank0["saved_ema"])
         assert any("AdamW moments start afresh" in message for message in result["warnings"])
 
 
-def test_loading_another_strategys_state_fails_clearly(two_ranks, checkpoint_root):
+def test_loading_another_strategys_state_fails_clearly(torch_two_ranks, checkpoint_root):
     fsdp = build(Scenario("fsdp", conservative=True), single_process_dist(), seed=0)
     with pytest.raises(ValueError, match="written by strategy 'ddp'"):
         fsdp.load(checkpoint_root / TORCH_SCENARIOS[0].key)

@@ -85,7 +85,8 @@ class ZeroStrategy(Strategy):
     def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
         if not dist.is_initialized():
             # DeepSpeed always needs a process group; a world of one gets an in-process one.
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=30))
+            backend = "nccl" if self.dist.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=30))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_adamw(model, optim), config=self._deepspeed_config(), dist_init_required=False
         )
