@@ -10,8 +10,8 @@ FSDP), each with --warmup untimed steps and --steps timed ones. Reported per run
 - atoms_per_s: global atoms per optimizer step / step time (slowest rank);
 - optimizer_state_bytes: bytes of AdamW state tensors held by each rank (its shard under FSDP
   and ZeRO); zero_master_bytes: ZeRO's fp32 master slice of the weights, held besides;
-- peak_resident_param_bytes: the most parameter bytes materialised on a rank at any module's
-  forward (gathered and sharded; under FSDP this shows what is all-gathered at once);
+- peak_resident_param_bytes: the most parameter bytes held by a rank at any module's forward
+  (its persistent copy or shard plus what FSDP has gathered at that moment);
 - peak_memory_mb: torch.cuda.max_memory_allocated on GPU (per stage); on the CPU the
   process's peak RSS so far (the conservative row includes the direct stage run before it).
 Summary: scaling efficiency = atoms/s at 2 processes / (2 x atoms/s at 1), conservative step
@@ -82,18 +82,25 @@ def loss_share(out: dict, batch: Batch, world_size: int) -> torch.Tensor:
 
 
 class ResidentParameters:
-    """The most parameter bytes materialised at once, sampled before every module's forward."""
+    """The most parameter bytes held at once, sampled before every module's forward: the
+    parameters as they are between steps (FSDP's shards, ZeRO's flat buffer, DDP's tensors)
+    plus whatever is gathered at that moment (FSDP registers the gathered parameters in place
+    of the shards while a unit runs)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module, self.peak = module, 0
+        self.persistent = self._storages()
         self.handles = [m.register_forward_pre_hook(self._sample) for m in module.modules()]
 
-    def _sample(self, *_) -> None:
+    def _storages(self) -> dict[int, int]:
         storages = {}  # ZeRO's parameters are views of one flat buffer: count each storage once
         for param in self.module.parameters():
             storage = (param.to_local() if hasattr(param, "to_local") else param).untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        self.peak = max(self.peak, sum(storages.values()))
+        return storages
+
+    def _sample(self, *_) -> None:
+        self.peak = max(self.peak, sum({**self.persistent, **self._storages()}.values()))
 
 
 def optimizer_state_bytes(strategy: Strategy) -> int:

@@ -116,16 +116,8 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def is_main() -> bool:
-    return rank() == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:
