@@ -102,7 +102,8 @@ def record_to_graph(record: StructureRecord, cutoff: float, dtype: torch.dtype) 
         "natoms": np.array([record.num_atoms], dtype=np.int64),
         "edge_index": edge_index,
         "cell_offsets": cell_offsets.astype(real),
-        "energy": np.array([record.energy], dtype=real),
+        # Total energies stay float64: -17,600 eV (aspirin) in float32 is only good to ~1 meV.
+        "energy": np.array([record.energy], dtype=np.float64),
         "forces": record.forces.astype(real, copy=False),
         "stress": stress.astype(real, copy=False).reshape(1, 3, 3),
         "has_stress": np.array([has_stress]),
