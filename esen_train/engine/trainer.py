@@ -73,6 +73,10 @@ class StageTrainer:
         self.init_checkpoint = self._initial_checkpoint()
         if self.init_checkpoint is not None:
             load_backbone(model, read_model_file(self.init_checkpoint / MODEL_FILE))
+        if model.direct_heads is not None and not self.data.has_stress:
+            # No stress labels: freeze the stress head, or ZeRO's flat zero gradients would
+            # still let AdamW's weight decay shrink it.
+            model.direct_heads.stress.requires_grad_(False)
         model.to(self.dist.device)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay)
