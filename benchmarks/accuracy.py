@@ -17,7 +17,10 @@ Steps, all through the user-facing commands:
 4. test: `esen-train eval` (float64) of both stages' best checkpoints on the test set.
 5. NVE (--nve-steps > 0): `esen-train md` of both checkpoints from the first test structure,
    conservative forces beside direct ones.
-6. --mace: benchmarks/mace_side.py trains MACE on the same split for the same budget.
+6. --mace: benchmarks/mace_side.py trains MACE on the same split for the same budget. MACE's
+   evaluation is slow on this CPU (about a second per aspirin): --mace-test-structures N
+   evaluates it on N random test structures (seed 0), and eSEN again on exactly those, so the
+   eSEN/MACE ratio compares the same structures.
 Prints a table and then one JSON object (last line). The load average is recorded at each
 phase: on the shared 2-core machine the throughput, and hence what a budget buys, follows it.
 """
@@ -32,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ase.io
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -181,19 +185,21 @@ def evaluate(checkpoint: Path, test_dir: Path, forces: str, out: Path) -> dict:
     stdout, seconds = run(["esen-train", "eval", str(checkpoint), "--data", str(test_dir), "--forces", forces,
                            "--dtype", "float64", "--json", "--out", str(out)])
     report = json.loads(stdout)
-    report.pop("per_element", None)
+    report["energy_mae_mev_per_structure"] = energy_per_structure_mev(report, test_dir)
+    report.pop("per_element")
     return {**report, "eval_wall_s": seconds}
 
 
-def energy_per_structure_mev(metrics: dict, test_dir: Path) -> float | None:
+def energy_per_structure_mev(metrics: dict, test_data: Path) -> float | None:
     """Energy MAE per structure (meV), as rMD17 papers publish it: exact only when every test
     structure has the same number of atoms (a molecule's test set); None otherwise."""
     from esen_train.data.manifest import load_natoms
 
-    natoms = load_natoms(test_dir)
-    if natoms.min() != natoms.max():
-        return None
-    return metrics["energy_mae_mev_per_atom"] * int(natoms[0])
+    if test_data.is_dir():
+        natoms = set(load_natoms(test_data).tolist())
+    else:
+        natoms = {len(atoms) for atoms in ase.io.read(test_data, index=":")}
+    return metrics["energy_mae_mev_per_atom"] * natoms.pop() if len(natoms) == 1 else None
 
 
 def nve(checkpoint: Path, structure: Path, forces: str, args: argparse.Namespace, out: Path) -> dict:
@@ -204,12 +210,33 @@ def nve(checkpoint: Path, structure: Path, forces: str, args: argparse.Namespace
 
 
 # ----- 6. MACE ------------------------------------------------------------------------
-def mace(dataset: Dataset, dirs: dict[str, Path], budget_minutes: float, out: Path) -> dict:
+def mace(dataset: Dataset, dirs: dict[str, Path], budget_minutes: float, test_structures: int | None,
+         out: Path) -> dict:
+    limit = [] if test_structures is None else ["--test-structures", str(test_structures)]
     stdout, _ = run([sys.executable, str(REPO_ROOT / "benchmarks" / "mace_side.py"), dataset.name,
                      "--budget-minutes", str(budget_minutes), "--train", str(dirs["train"]),
-                     "--val", str(dirs["val"]), "--test", str(dirs["test"]), "--out", str(out)],
+                     "--val", str(dirs["val"]), "--test", str(dirs["test"]), "--out", str(out), *limit],
                     log=out / "mace_side.log")
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def write_test_subset(test_dir: Path, limit: int, path: Path) -> Path:
+    """The test structures MACE is evaluated on (mace_side.random_subset), as labelled extxyz."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from esen_train.evaluation.errors import read_labelled_structures
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from mace_side import random_subset
+
+    frames = []
+    for structure in random_subset(read_labelled_structures(test_dir), limit):
+        atoms = structure.atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=structure.energy, forces=structure.forces,
+                                           **({} if structure.stress is None else {"stress": structure.stress}))
+        frames.append(atoms)
+    ase.io.write(path, frames, format="extxyz")
+    return path
 
 
 # ----- report -------------------------------------------------------------------------
@@ -241,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nve-steps", type=int, default=400, help="NVE steps per model (0: no NVE test)")
     parser.add_argument("--nve-timestep", type=float, default=0.5, help="fs (default 0.5)")
     parser.add_argument("--nve-temperature", type=float, default=500.0, help="K (default 500)")
+    parser.add_argument("--mace-test-structures", type=int, default=None,
+                        help="evaluate MACE (and eSEN again) on this many random test structures")
     parser.add_argument("--out", default=None, help="work directory (default runs/accuracy/DATASET)")
     args = parser.parse_args(argv)
 
@@ -263,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("direct", "conservative"):
         checkpoint = out / "esen" / "checkpoints" / stage / "best"
         test = evaluate(checkpoint, dirs["test"], stage, out / f"eval_{stage}")
-        test["energy_mae_mev_per_structure"] = energy_per_structure_mev(test, dirs["test"])
         results[f"eSEN {stage}"] = {"test": test, "train_wall_s": train_wall, "steps": plan[stage]}
     if args.nve_steps > 0:
         structure = SHARED_DATA / (dataset.test_file or dataset.train_file)
@@ -272,10 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     report["results"] = results
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if MACE fails
     if args.mace:
-        mace_report = mace(dataset, dirs, args.budget_minutes, out / "mace")
+        mace_report = mace(dataset, dirs, args.budget_minutes, args.mace_test_structures, out / "mace")
         results["MACE"] = {"test": mace_report["test"], "train_wall_s": mace_report["train_wall_s"]}
         report["mace"] = mace_report
         ours = results["eSEN conservative"]["test"]
+        if args.mace_test_structures is not None:
+            subset = write_test_subset(dirs["test"], args.mace_test_structures, out / "mace_test_subset.xyz")
+            for stage in ("direct", "conservative"):
+                checkpoint = out / "esen" / "checkpoints" / stage / "best"
+                results[f"eSEN {stage}, MACE's test subset"] = {
+                    "test": evaluate(checkpoint, subset, stage, out / f"eval_{stage}_mace_subset"),
+                    "train_wall_s": train_wall}
+            ours = results["eSEN conservative, MACE's test subset"]["test"]
         report["ratio_esen_over_mace"] = {
             key: ours[key] / mace_report["test"][key]
             for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A") if mace_report["test"].get(key)

@@ -15,10 +15,13 @@ work uses on top: batch size 5, learning rate 0.01, forces weight 1000 against e
 trains for only a few epochs). Stage two keeps mace-torch's default weights (energy 1000,
 forces 100). Periodic data with stress adds `--loss=stress`.
 
-Budget: a probe run (2 epochs on 50 training structures, not counted) gives the time of an
-epoch from MACE's own log timestamps; the real run gets as many epochs as fit the budget.
-Validation structures are costed at a third of a training structure (forward and one backward
-against forward, double backward and optimizer step). Prints one JSON object (last line):
+Budget: a probe run (one epoch on 10 training and 10 validation structures, not counted) gives,
+from MACE's own log timestamps, the seconds per validation structure (start of training to the
+"Initial" validation line) and per training structure (the epoch minus its validation), and the
+fixed cost (start-up, model saving). The real run gets as many epochs as fit the budget. When
+not even one epoch fits (MACE of this size on a loaded 2-core CPU), it trains one epoch on as
+many training structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples
+seen. Prints one JSON object (last line):
 test errors computed with esen_train.evaluation.errors from `mace_eval_configs` predictions,
 so the numbers are defined exactly as `esen-train eval`'s.
 """
@@ -44,10 +47,8 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script: import esen_train from th
 from esen_train.evaluation.errors import compute_errors, read_labelled_structures  # noqa: E402
 
 VENV = REPO_ROOT / ".venvs" / "mace"
-PROBE_STRUCTURES = 50
-PROBE_EPOCHS = 2
-VALIDATION_COST = 1 / 3  # of a training structure's
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (Initial|Epoch \d+):")
+PROBE_STRUCTURES = 10
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (Started training|Initial|Epoch \d+|Training complete)")
 
 RECIPE = [
     "--model=MACE", "--num_interactions=2", "--hidden_irreps=128x0e + 128x1o", "--correlation=3",
@@ -56,6 +57,7 @@ RECIPE = [
     "--ema", "--ema_decay=0.99", "--amsgrad", "--default_dtype=float64", "--device=cpu", "--seed=123",
     "--error_table=TotalMAE", "--energy_key=REF_energy", "--forces_key=REF_forces", "--save_cpu",
     "--eval_interval=1",
+    "--plot=False",  # the plots re-evaluate the whole training set after training, on our clock
 ]
 
 
@@ -71,8 +73,9 @@ def ensure_venv() -> Path:
 
 
 def write_extxyz(dataset_dir: Path, path: Path, limit: int | None = None) -> tuple[int, bool]:
-    """A dataset directory as extxyz with MACE's REF_* keys; returns (structures, has stress)."""
-    structures = read_labelled_structures(dataset_dir)[:limit]
+    """A dataset directory as extxyz with MACE's REF_* keys; returns (structures, has stress).
+    With `limit`, that many structures drawn at random (seed 0)."""
+    structures = random_subset(read_labelled_structures(dataset_dir), limit)
     frames = []
     for structure in structures:
         atoms = structure.atoms.copy()
@@ -84,6 +87,14 @@ def write_extxyz(dataset_dir: Path, path: Path, limit: int | None = None) -> tup
     path.parent.mkdir(parents=True, exist_ok=True)
     ase.io.write(path, frames, format="extxyz")
     return len(frames), any(s.stress is not None for s in structures)
+
+
+def random_subset(structures: list, limit: int | None) -> list:
+    """`limit` structures drawn at random (seed 0), in their original order; all if None."""
+    if limit is None or limit >= len(structures):
+        return structures
+    chosen = np.random.default_rng(0).choice(len(structures), size=limit, replace=False)
+    return [structures[i] for i in sorted(chosen)]
 
 
 def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: int, stress: bool) -> float:
@@ -105,40 +116,47 @@ def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: i
     return seconds
 
 
-def log_times(work: Path) -> list[datetime]:
-    """Timestamps of MACE's validation lines ("Initial", "Epoch 0", ...) in the run's log."""
-    times = []
+def log_times(work: Path) -> dict[str, datetime]:
+    """Timestamps of "Started training", "Initial" (validation) and "Epoch N" in MACE's log."""
+    times = {}
     for line in (work / "stdout.log").read_text().splitlines():
         match = LOG_LINE.match(line)
         if match:
-            times.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f"))
+            times[match.group(2)] = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f")
+    missing = {"Started training", "Initial", "Epoch 0"} - set(times)
+    if missing:
+        raise RuntimeError(f"the MACE probe's log in {work} lacks the lines {sorted(missing)}")
     return times
 
 
-def plan_epochs(probe_wall: float, times: list[datetime], n_train: int, n_val: int, budget_s: float) -> dict:
-    """Epochs that fit the budget, from the probe's epoch time scaled to the full set."""
-    if len(times) < PROBE_EPOCHS + 1:
-        raise RuntimeError(f"the MACE probe logged {len(times)} validation lines, expected {PROBE_EPOCHS + 1}")
-    epoch_probe = (times[-1] - times[0]).total_seconds() / PROBE_EPOCHS
-    per_structure = epoch_probe / (PROBE_STRUCTURES + VALIDATION_COST * n_val)
-    epoch_full = per_structure * (n_train + VALIDATION_COST * n_val)
-    fixed = probe_wall - PROBE_EPOCHS * epoch_probe
-    epochs = max(1, int((budget_s - fixed) / epoch_full))
-    return {"probe_wall_s": probe_wall, "probe_epoch_s": epoch_probe, "epoch_s_estimate": epoch_full,
-            "fixed_s": fixed, "epochs": epochs}
+def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_val: int, budget_s: float) -> dict:
+    """Epochs, and training structures per epoch, that fit the budget."""
+    validation = (times["Initial"] - times["Started training"]).total_seconds()
+    per_val = validation / PROBE_STRUCTURES
+    per_train = ((times["Epoch 0"] - times["Initial"]).total_seconds() - validation) / PROBE_STRUCTURES
+    fixed = probe_wall - (times["Epoch 0"] - times["Started training"]).total_seconds()
+    available = budget_s - fixed - n_val * per_val  # the initial validation
+    epoch = n_train * per_train + n_val * per_val
+    plan = {"probe_wall_s": probe_wall, "seconds_per_train_structure": per_train,
+            "seconds_per_val_structure": per_val, "fixed_s": fixed, "epoch_s_estimate": epoch}
+    if available >= epoch:
+        return {**plan, "epochs": int(available / epoch), "train_structures": n_train}
+    fitting = int((available - n_val * per_val) / per_train)
+    return {**plan, "epochs": 1, "train_structures": max(1, min(n_train, fitting))}
 
 
-def evaluate(bin_dir: Path, work: Path, test_dir: Path) -> dict:
-    """Test errors of the trained model (the stage-two model when there is one)."""
+def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None) -> dict:
+    """Test errors of the trained model (the stage-two model when there is one) on the test
+    set, or on `limit` of its structures (random, seed 0; the file test.xyz says which)."""
     model = work / "mace_stagetwo.model"
     if not model.exists():
         model = work / "mace.model"
     test_file, predicted = work / "test.xyz", work / "test_predicted.xyz"
-    write_extxyz(test_dir, test_file)
+    write_extxyz(test_dir, test_file, limit)
     subprocess.run([str(bin_dir / "mace_eval_configs"), f"--configs={test_file}", f"--model={model}",
                     f"--output={predicted}", "--device=cpu", "--default_dtype=float64", "--batch_size=20"],
                    check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    structures = read_labelled_structures(test_dir)
+    structures = random_subset(read_labelled_structures(test_dir), limit)
     predictions = []
     for atoms in ase.io.read(predicted, index=":"):
         prediction = {"energy": atoms.info["MACE_energy"], "forces": atoms.arrays["MACE_forces"]}
@@ -151,7 +169,7 @@ def evaluate(bin_dir: Path, work: Path, test_dir: Path) -> dict:
     metrics["energy_mae_mev_per_structure"] = (
         metrics["energy_mae_mev_per_atom"] * natoms.pop() if len(natoms) == 1 else None
     )
-    return {**metrics, "model": str(model)}
+    return {**metrics, "model": str(model), "test_file": str(test_file)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "mace_side")
+    parser.add_argument("--test-structures", type=int, default=None,
+                        help="evaluate on this many test structures (random, seed 0; default all)")
     args = parser.parse_args(argv)
 
     bin_dir = ensure_venv()
@@ -169,17 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     n_train, stress = write_extxyz(args.train, out / "train.xyz")
     n_val, _ = write_extxyz(args.val, out / "val.xyz")
     write_extxyz(args.train, out / "probe_train.xyz", limit=PROBE_STRUCTURES)
+    write_extxyz(args.val, out / "probe_val.xyz", limit=PROBE_STRUCTURES)
 
     load_probe = list(os.getloadavg())
-    probe_wall = train(bin_dir, out / "probe", out / "probe_train.xyz", out / "val.xyz", PROBE_EPOCHS, stress)
+    probe_wall = train(bin_dir, out / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress)
     plan = plan_epochs(probe_wall, log_times(out / "probe"), n_train, n_val, 60 * args.budget_minutes)
+    if plan["train_structures"] < n_train:
+        write_extxyz(args.train, out / "train.xyz", limit=plan["train_structures"])
     load_before = list(os.getloadavg())
     train_wall = train(bin_dir, out / "run", out / "train.xyz", out / "val.xyz", plan["epochs"], stress)
     load_after = list(os.getloadavg())
-    test = evaluate(bin_dir, out / "run", args.test)
+    run_times = log_times(out / "run")
+    train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
+    test = evaluate(bin_dir, out / "run", args.test, args.test_structures)
     report = {
         "dataset": args.dataset, "budget_minutes": args.budget_minutes, "train_structures": n_train,
-        "val_structures": n_val, "plan": plan, "train_wall_s": train_wall, "test": test,
+        "val_structures": n_val, "plan": plan, "train_wall_s": train_wall, "train_loop_s": train_loop_s, "test": test,
         "recipe": RECIPE, "load_average": {"probe": load_probe, "training_start": load_before,
                                            "training_end": load_after},
     }
