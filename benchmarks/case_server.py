@@ -1,0 +1,238 @@
+"""One side of the side-by-side model benchmark: runs cases on request, each in a forked child.
+
+`model_vs_fairchem.py` starts one server per model (ours with the project's Python,
+fairchem's inside its own virtualenv, where esen_train is not importable: so this file
+needs only torch, numpy and the standard library) and speaks JSON lines with it:
+
+    {"cmd": "open", "case": {...}, "batch": "cu108.npz"}  -> {"num_parameters", "rss_mb", ...}
+    {"cmd": "step"}                                      -> {"seconds", "cpu_seconds", "rss_mb", "peak_rss_mb"}
+    {"cmd": "flops"}                                     -> {"flops"}   (one step under FlopCounterMode)
+    {"cmd": "profile", "top": 25}                        -> {"profile"} (one step under torch.profiler)
+    {"cmd": "close"}                                     -> {"peak_rss_mb"}
+    {"cmd": "quit"}
+
+"open" forks a child that builds the model and runs the case until "close", then exits.
+The server imports its stack once (fairchem's import alone takes ~10-20 s here) but never
+builds a model or runs a threaded op itself, so every child starts as a fresh process
+that has just done the imports: its peak resident set (VmHWM, which Linux starts at the
+resident set at fork) is that of a fresh process running only this case. While the
+server waits for the child, the child owns stdin and the protocol channel.
+
+After each step the child frees what it no longer holds (gc, then glibc's malloc_trim),
+outside the timed region, so that an idle child holds only its model, optimizer state and
+batch while the other model's child runs.
+
+Both sides share the step definitions below (`forward_step`, `training_step`, the loss,
+AdamW), so the only thing that differs between them is the model: each side provides
+`build(case, arrays) -> (model, predict)` where `predict()` runs the model on the batch
+and returns {"energy" [B], "forces" [N, 3], "stress" [B, 3, 3] (if case["stress"])}.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+Predict = Callable[[], dict]
+Build = Callable[[dict, dict], tuple[torch.nn.Module, Predict]]
+
+
+# ----- the steps both models run --------------------------------------------------------
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def targets_of(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {
+        "energy": torch.from_numpy(arrays["target_energy"]).float(),
+        "forces": torch.from_numpy(arrays["target_forces"]).float(),
+        "stress": torch.from_numpy(arrays["target_stress"]).float(),
+        "natoms": torch.from_numpy(arrays["natoms"]).float(),
+    }
+
+
+def loss_of(out: dict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-atom energy MSE + force MSE (+ stress MSE): the same for both models."""
+    energy = (out["energy"].float() - targets["energy"]) / targets["natoms"]
+    loss = energy.square().mean() + (out["forces"].float() - targets["forces"]).square().mean()
+    if "stress" in out:
+        loss = loss + (out["stress"].float().reshape(-1, 3, 3) - targets["stress"]).square().mean()
+    return loss
+
+
+def forward_step(model: torch.nn.Module, predict: Predict) -> Callable[[], None]:
+    """Inference: energy and forces (and stress), no parameter gradients."""
+    model.eval()
+
+    def step() -> None:
+        with torch.no_grad():  # both models switch autograd on inside for conservative forces
+            predict()
+
+    return step
+
+
+def training_step(model: torch.nn.Module, predict: Predict, targets: dict) -> Callable[[], None]:
+    """Loss, backward (a double backward for conservative forces), AdamW step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = loss_of(predict(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ----- process bookkeeping ----------------------------------------------------------------
+def memory_mb() -> tuple[float, float]:
+    """(current, peak) resident set of this process in MB, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def profile_step(step: Callable[[], None], top: int) -> list[dict]:
+    """The `top` operators of one step by self CPU time (torch.profiler), with call counts."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        step()
+    release_free_memory()
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    return [
+        {"op": event.key, "self_s": round(event.self_cpu_time_total / 1e6, 3),
+         "share": round(event.self_cpu_time_total / total, 4), "calls": event.count}
+        for event in events[:top]
+    ]
+
+
+def parameters_by_module(model: torch.nn.Module, depth: int = 2) -> dict[str, int]:
+    """Trainable parameters per module path cut at `depth` ("backbone.blocks": ...)."""
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            key = ".".join(name.split(".")[:depth])
+            counts[key] = counts.get(key, 0) + parameter.numel()
+    return counts
+
+
+def release_free_memory() -> None:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class Channel:
+    """JSON lines: commands on stdin (read unbuffered, so a forked child and its parent
+    never hold each other's bytes), replies on the original stdout. Anything libraries
+    print goes to stderr instead."""
+
+    def __init__(self) -> None:
+        self.reply_fd = os.dup(1)
+        os.dup2(2, 1)
+        self.commands = os.fdopen(0, "rb", buffering=0)
+
+    def receive(self) -> dict:
+        line = self.commands.readline()
+        if not line:
+            raise EOFError("the driver closed the command channel")
+        return json.loads(line)
+
+    def reply(self, message: dict) -> None:
+        os.write(self.reply_fd, (json.dumps(message) + "\n").encode())
+
+
+# ----- server and child -------------------------------------------------------------------
+def serve(build: Build, versions: dict[str, str]) -> None:
+    """Answer "open" by forking a child that runs the case; exit on "quit" or end of input."""
+    # No thread pool in the server: a forked child must not inherit a started OpenMP pool.
+    torch.set_num_threads(1)
+    channel = Channel()
+    channel.reply({"ready": True, "rss_mb": memory_mb()[0], "versions": {"torch": torch.__version__, **versions}})
+    while True:
+        try:
+            command = channel.receive()
+        except EOFError:
+            return
+        if command["cmd"] == "quit":
+            return
+        if command["cmd"] != "open":
+            channel.reply({"error": f"expected 'open' or 'quit', got {command['cmd']!r}"})
+            continue
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                run_case(channel, build, command)
+            except BaseException:  # report anything, then leave without running the server's cleanup
+                channel.reply({"error": traceback.format_exc()})
+                status = 1
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        # Killed (the out-of-memory killer picks the process that is stepping, not an idle
+        # one): the driver waits for the reply the child could not give.
+        if os.WIFSIGNALED(status):
+            channel.reply({"error": f"the case's process was killed by signal {os.WTERMSIG(status)}"
+                                    " (SIGKILL: out of memory?)"})
+
+
+def run_case(channel: Channel, build: Build, command: dict) -> None:
+    case = command["case"]
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(case["seed"])
+    arrays = load_arrays(command["batch"])
+    model, predict = build(case, arrays)
+    if case["task"] == "train":
+        step = training_step(model, predict, targets_of(arrays))
+    else:
+        step = forward_step(model, predict)
+    release_free_memory()
+    channel.reply({
+        "num_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters_by_module": parameters_by_module(model),
+        "rss_mb": memory_mb()[0],
+        "threads": torch.get_num_threads(),
+    })
+    while True:
+        command = channel.receive()
+        if command["cmd"] == "step":
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+            release_free_memory()
+            rss, peak_rss = memory_mb()
+            channel.reply({"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss, "peak_rss_mb": peak_rss})
+        elif command["cmd"] == "flops":
+            with FlopCounterMode(display=False) as counter:
+                step()
+            release_free_memory()
+            channel.reply({"flops": counter.get_total_flops()})
+        elif command["cmd"] == "profile":
+            channel.reply({"profile": profile_step(step, command.get("top", 25))})
+        elif command["cmd"] == "close":
+            channel.reply({"peak_rss_mb": memory_mb()[1]})
+            return
+        else:
+            channel.reply({"error": f"unknown command {command['cmd']!r}"})
+
+
+def main(build: Build, versions: dict[str, str]) -> None:
+    """A side's entry point; `versions` are reported to the driver (with torch's)."""
+    if len(sys.argv) != 1:
+        raise SystemExit(f"usage: {sys.argv[0]} (speaks JSON lines on stdin/stdout; see case_server.py)")
+    serve(build, versions)

@@ -1,0 +1,67 @@
+"""Our eSEN as one side of benchmarks/model_vs_fairchem.py (runs with the project's Python).
+
+    python benchmarks/esen_side.py     # a case server: see case_server.py
+
+The batch arrives as arrays (model_vs_fairchem.write_batch) and is turned into the
+torch_geometric batch of ARCHITECTURE.md, the one the loader gives the model.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import case_server  # noqa: E402
+from esen_train.model import ESEN, ModelConfig  # noqa: E402
+
+
+def model_config(hyper: dict, direct_forces: bool) -> ModelConfig:
+    """The driver's hyperparameters, named as fairchem names them, in our names."""
+    return ModelConfig(
+        num_layers=hyper["num_layers"],
+        sphere_channels=hyper["sphere_channels"],
+        hidden_channels=hyper["hidden_channels"],
+        edge_channels=hyper["edge_channels"],
+        lmax=hyper["lmax"],
+        mmax=hyper["mmax"],
+        num_radial_basis=hyper["num_distance_basis"],
+        cutoff=hyper["cutoff"],
+        max_num_elements=hyper["max_num_elements"],
+        feed_forward=hyper["ff_type"],
+        direct_forces=direct_forces,
+    )
+
+
+def batch_of(arrays: dict[str, np.ndarray]) -> Data:
+    natoms = torch.from_numpy(arrays["natoms"])
+    return Data(
+        pos=torch.from_numpy(arrays["pos"]).float(),
+        atomic_numbers=torch.from_numpy(arrays["atomic_numbers"]),
+        cell=torch.from_numpy(arrays["cell"]).float(),
+        pbc=torch.from_numpy(arrays["pbc"]),
+        natoms=natoms,
+        edge_index=torch.from_numpy(arrays["edge_index"]),
+        cell_offsets=torch.from_numpy(arrays["cell_offsets"]).float(),
+        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
+    )
+
+
+def build(case: dict, arrays: dict[str, np.ndarray]) -> tuple[torch.nn.Module, case_server.Predict]:
+    direct = case["mode"] == "direct"
+    model = ESEN(model_config(case["model"], direct_forces=direct))
+    batch = batch_of(arrays)
+    forces = "direct" if direct else "conservative"
+
+    def predict() -> dict:
+        return model(batch, forces=forces, stress=case["stress"], create_graph=model.training)
+
+    return model, predict
+
+
+if __name__ == "__main__":
+    case_server.main(build, {})

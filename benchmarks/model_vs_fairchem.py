@@ -1,0 +1,449 @@
+"""Our eSEN against fairchem-core's eSEN, same hyperparameters, same batch, one run; prints JSON.
+
+    python benchmarks/model_vs_fairchem.py [--repeats 3] [--warmup 1] [--systems cu108,aspirin]
+                                           [--tasks forward,train] [--modes direct,conservative]
+                                           [--fairchem-flops] [--profile 25] [--output figures.json]
+
+Models: the "small" preset of ../shared/ESEN_SPEC.md (4 layers, 64 sphere channels, 128
+hidden, 128 edge, lmax = mmax = 2, 64 Gaussians, 6 Å, RMS norm, gate activation on edges,
+grid feed-forward), random weights, float32, 2 threads each. fairchem-core runs in its own
+virtualenv (default .venvs/fairchem); when that cannot import fairchem the driver makes it:
+
+    python -m venv .venvs/fairchem
+    .venvs/fairchem/bin/pip install torch==2.13.0      # the CPU wheel; an unpinned torch is CUDA
+    .venvs/fairchem/bin/pip install fairchem-core==2.24.0
+
+Batches: 4 periodic 108-atom Cu cells (3x3x3 fcc conventional, rattled) and 16 rMD17
+aspirin molecules (21 atoms, from ../shared/data; skipped when absent), with every
+neighbour within 6 Å from our neighbour list, handed to both models as the same arrays.
+
+Cases: forward (energy + forces) and training step (loss, backward, AdamW step), each in
+direct mode (force head) and conservative mode (forces and, for Cu, stress by autograd;
+training backpropagates through them: a double backward). The same loss and optimizer
+for both (case_server.py).
+
+Method. One server per model imports its stack once; for every case each forks a fresh
+child (case_server.py), so `peak_rss_mb` is the peak resident set (VmHWM) of a fresh
+process that ran only that case's steps, imports included (fairchem's are larger), and
+`step_rss_mb` is that peak minus the resident set once model and batch were built
+(`build_rss_mb`): the memory the steps need. The two children of a case take turns step
+by step (ours, fairchem, fairchem, ours, ...), because the machine's cores are shared:
+load hits both alike. Warm-up steps are not timed; times are medians; CPU seconds of the
+process per step are reported beside wall seconds (less sensitive to other processes).
+The 1-minute load average is recorded per case. FLOPs per step are counted with torch's
+FlopCounterMode (matmul-like ops: mm, addmm, bmm, ...; elementwise work is not counted)
+in one extra step, and compared with a float32 2048x2048 matmul on the same threads,
+measured before and after the cases (the higher one is the machine's peak).
+A case that fails on one side (an exception, or its process killed, e.g. out of memory)
+is reported with its error and the run goes on; with --output the JSON so far is written
+after every case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ase.build
+import ase.io
+import numpy as np
+import torch
+from ase import Atoms
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent
+ASPIRIN = REPO.parent / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
+DEFAULT_VENV = REPO / ".venvs" / "fairchem"
+TORCH_PIN = "torch==2.13.0"
+FAIRCHEM_PIN = "fairchem-core==2.24.0"
+
+# The "small" preset in fairchem's names (eSCNMDBackbone); esen_side.py maps them to ours.
+SMALL = {
+    "num_layers": 4,
+    "sphere_channels": 64,
+    "hidden_channels": 128,
+    "edge_channels": 128,
+    "lmax": 2,
+    "mmax": 2,
+    "num_distance_basis": 64,
+    "cutoff": 6.0,
+    "max_num_elements": 100,
+    "norm_type": "rms_norm_sh",
+    "act_type": "gate",
+    "ff_type": "grid",
+}
+# fairchem's charge/spin conditioning (UMA's; eSEN has none): left out when comparing sizes.
+FAIRCHEM_EXTRA_MODULES = ("backbone.mix_csd",)
+SIDES = ("ours", "fairchem")
+TASKS = ("forward", "train")
+MODES = ("direct", "conservative")
+
+
+# ----- the fairchem virtualenv --------------------------------------------------------------
+def ensure_fairchem_venv(venv: Path) -> Path:
+    """fairchem-core's interpreter, creating the virtualenv first if it cannot import fairchem."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import fairchem.core"], capture_output=True).returncode == 0:
+        return python
+    print(f"creating {venv} with {TORCH_PIN} and {FAIRCHEM_PIN} (a few minutes)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    # torch first and pinned: fairchem-core would otherwise pull a multi-GB CUDA build.
+    subprocess.run([python, "-m", "pip", "install", "-q", TORCH_PIN], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", FAIRCHEM_PIN], check=True)
+    return python
+
+
+# ----- batches --------------------------------------------------------------------------------
+def cu_cells(count: int) -> list[Atoms]:
+    cells = []
+    for seed in range(count):
+        atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+        atoms.rattle(0.05, seed=seed)
+        cells.append(atoms)
+    return cells
+
+
+def aspirin_molecules(count: int) -> list[Atoms]:
+    frames = ase.io.read(ASPIRIN, index=":")
+    return frames[:: max(len(frames) // count, 1)][:count]
+
+
+def batch_arrays(structures: list[Atoms], cutoff: float, seed: int) -> dict[str, np.ndarray]:
+    """The structures as one batch (edge indices offset per structure), plus random targets."""
+    rng = np.random.default_rng(seed)
+    edge_index, cell_offsets, nedges = [], [], []
+    offset = 0
+    for atoms in structures:
+        edges, shifts = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+        edge_index.append(edges + offset)
+        cell_offsets.append(shifts)
+        nedges.append(edges.shape[1])
+        offset += len(atoms)
+    num_atoms, num_structures = offset, len(structures)
+    return {
+        "pos": np.concatenate([atoms.positions for atoms in structures]),
+        "atomic_numbers": np.concatenate([atoms.numbers for atoms in structures]).astype(np.int64),
+        "cell": np.stack([atoms.cell.array for atoms in structures]),
+        "pbc": np.stack([atoms.pbc for atoms in structures]),
+        "natoms": np.array([len(atoms) for atoms in structures], dtype=np.int64),
+        "edge_index": np.concatenate(edge_index, axis=1),
+        "cell_offsets": np.concatenate(cell_offsets).astype(np.float64),
+        "nedges": np.array(nedges, dtype=np.int64),
+        "target_energy": rng.normal(size=num_structures),
+        "target_forces": rng.normal(size=(num_atoms, 3)),
+        "target_stress": rng.normal(scale=0.01, size=(num_structures, 3, 3)),
+    }
+
+
+def write_batches(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
+    """{system: {"path", "periodic", "atoms", "structures", "edges"}} for the systems asked for."""
+    systems = {}
+    for name in args.systems:
+        if name == "cu108":
+            structures, periodic = cu_cells(args.cu_cells), True
+        elif name == "aspirin":
+            if not ASPIRIN.exists():
+                print(f"skipping aspirin: {ASPIRIN} is absent", file=sys.stderr)
+                continue
+            structures, periodic = aspirin_molecules(args.aspirin_molecules), False
+        else:
+            raise SystemExit(f"unknown system {name!r} (known: cu108, aspirin)")
+        arrays = batch_arrays(structures, SMALL["cutoff"], args.seed)
+        path = workdir / f"{name}.npz"
+        np.savez(path, **arrays)
+        systems[name] = {
+            "path": str(path),
+            "periodic": periodic,
+            "atoms": int(arrays["natoms"].sum()),
+            "structures": len(structures),
+            "edges": int(arrays["edge_index"].shape[1]),
+        }
+    return systems
+
+
+# ----- the machine's matmul rate ----------------------------------------------------------------
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 7) -> float:
+    """Median GFLOP/s of a float32 [size, size] @ [size, size] on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+# ----- talking to the two servers ---------------------------------------------------------------
+class SideError(RuntimeError):
+    """One side failed a case; its case process has exited."""
+
+    def __init__(self, side: str, message: str) -> None:
+        super().__init__(f"{side}: {message}")
+        self.side = side
+
+
+class Server:
+    """A case server (case_server.py) in a subprocess; `ask` sends one command, returns the reply."""
+
+    def __init__(self, side: str, command: list) -> None:
+        self.side = side
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+        self.hello = self._read()
+
+    def ask(self, message: dict) -> dict:
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        self.process.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} server exited (code {self.process.wait()}); see its stderr above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise SideError(self.side, reply["error"])
+        return reply
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write(b'{"cmd": "quit"}\n')
+            self.process.stdin.close()
+            self.process.wait()
+
+
+def start_servers(fairchem_python: Path) -> dict[str, Server]:
+    return {
+        "ours": Server("ours", [sys.executable, BENCHMARKS / "esen_side.py"]),
+        "fairchem": Server("fairchem", [fairchem_python, BENCHMARKS / "fairchem_side.py"]),
+    }
+
+
+def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argparse.Namespace) -> dict:
+    """Open the case on both sides, alternate their steps, count FLOPs, close; raw figures per side."""
+    raw = {side: {"steps": []} for side in servers}
+    open_sides = []
+    try:
+        for side, server in servers.items():
+            raw[side]["opened"] = server.ask({"cmd": "open", "case": case, "batch": batch})
+            open_sides.append(side)
+        for index in range(args.warmup + args.repeats):
+            order = SIDES if index % 2 == 0 else SIDES[::-1]  # ABBA: neither side always goes first
+            for side in order:
+                reply = servers[side].ask({"cmd": "step"})
+                if index >= args.warmup:
+                    raw[side]["steps"].append(reply)
+        # The last step's peak is the steps' peak: the FLOP and profile steps come after it.
+        for side in servers:
+            if side == "ours" or args.fairchem_flops:
+                raw[side]["flops"] = servers[side].ask({"cmd": "flops"})["flops"]
+            if args.profile:
+                raw[side]["profile"] = servers[side].ask({"cmd": "profile", "top": args.profile})["profile"]
+    except SideError as error:
+        if error.side in open_sides:
+            open_sides.remove(error.side)  # its process has gone; the other side's still waits
+        raise
+    finally:
+        for side in open_sides:
+            servers[side].ask({"cmd": "close"})
+    return raw
+
+
+# ----- figures ----------------------------------------------------------------------------------
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
+
+
+def side_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
+    seconds = [step["seconds"] for step in raw["steps"]]
+    median = statistics.median(seconds)
+    median_cpu = statistics.median(step["cpu_seconds"] for step in raw["steps"])
+    peak_rss = raw["steps"][-1]["peak_rss_mb"]
+    figures = {
+        "median_s": round(median, 3),
+        "seconds": [round(t, 3) for t in seconds],
+        "atoms_per_s": round(atoms / median, 2),
+        "median_cpu_s": round(median_cpu, 3),
+        "atoms_per_cpu_s": round(atoms / median_cpu, 2),
+        "peak_rss_mb": round(peak_rss),
+        "step_rss_mb": round(peak_rss - raw["opened"]["rss_mb"]),
+        "build_rss_mb": round(raw["opened"]["rss_mb"]),
+    }
+    if "flops" in raw:
+        figures["gflop_per_step"] = round(raw["flops"] / 1e9, 2)
+        figures["gflop_per_s"] = round(raw["flops"] / median / 1e9, 2)
+        figures["fraction_of_matmul_peak"] = round(raw["flops"] / median / 1e9 / peak_gflops, 4)
+    if "profile" in raw:
+        figures["profile"] = raw["profile"]
+    return figures
+
+
+def case_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
+    ours = side_figures(raw["ours"], atoms, peak_gflops)
+    theirs = side_figures(raw["fairchem"], atoms, peak_gflops)
+    return {
+        "ours": ours,
+        "fairchem": theirs,
+        "ours_over_fairchem": {
+            "throughput": ratio(ours["atoms_per_s"], theirs["atoms_per_s"]),
+            "throughput_per_cpu_s": ratio(ours["atoms_per_cpu_s"], theirs["atoms_per_cpu_s"]),
+            "peak_rss": ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+            "step_rss": ratio(ours["step_rss_mb"], theirs["step_rss_mb"]),
+        },
+    }
+
+
+def parameter_counts(measured: list[dict]) -> dict:
+    """Trainable parameters per mode; fairchem's also without its charge/spin mixing layer."""
+    counts = {}
+    for item in measured:
+        mode, raw = item["case"]["mode"], item.get("raw")
+        if mode in counts or raw is None:
+            continue
+        opened = {side: raw[side]["opened"] for side in SIDES}
+        extra = sum(count for module, count in opened["fairchem"]["parameters_by_module"].items()
+                    if module in FAIRCHEM_EXTRA_MODULES)
+        counts[mode] = {
+            "ours": opened["ours"]["num_parameters"],
+            "fairchem": opened["fairchem"]["num_parameters"],
+            "fairchem_without_charge_spin_mixing": opened["fairchem"]["num_parameters"] - extra,
+        }
+    return counts
+
+
+def conservative_to_direct(cases: list[dict]) -> dict:
+    """Time of a conservative step over a direct one, per system, task and side."""
+    done = {(c["system"], c["task"], c["mode"]): c for c in cases if "error" not in c}
+    out = {}
+    for (system, task, mode), conservative in done.items():
+        direct = done.get((system, task, "direct"))
+        if mode == "conservative" and direct is not None:
+            out[f"{system}_{task}"] = {
+                side: ratio(conservative[side]["median_s"], direct[side]["median_s"]) for side in SIDES
+            }
+    return out
+
+
+def build_report(args, systems, measured, versions, peaks, load_at_start, started) -> dict:
+    peak = max(peaks.values())  # load from other processes only lowers it
+    cases = []
+    for item in measured:
+        case = item["case"]
+        entry = {key: case[key] for key in ("system", "task", "mode", "stress")}
+        entry["load_average_1min"] = item["load_average_1min"]
+        if "error" in item:
+            entry["error"] = item["error"]
+        else:
+            entry |= case_figures(item["raw"], systems[case["system"]]["atoms"], peak)
+        cases.append(entry)
+    return {
+        "benchmark": "eSEN: ours vs fairchem-core, same hyperparameters, batch and threads, measured side by side",
+        "hyperparameters_fairchem_names": SMALL,
+        "threads": args.threads,
+        "dtype": "float32",
+        "warmup_steps": args.warmup,
+        "timed_steps": args.repeats,
+        "memory": "peak_rss_mb: VmHWM of a fresh process (forked after imports) running only the case's steps; "
+                  "step_rss_mb: that minus build_rss_mb, its resident set once model and batch were built",
+        "versions": versions,
+        "matmul_peak_gflops": {name: round(value, 1) for name, value in peaks.items()} | {"used": round(peak, 1)},
+        "load_average_1_5_15": {"start": [round(x, 2) for x in load_at_start],
+                                "now": [round(x, 2) for x in os.getloadavg()]},
+        "cpus": os.cpu_count(),
+        "systems": {name: {k: v for k, v in info.items() if k != "path"} for name, info in systems.items()},
+        "parameters": parameter_counts(measured),
+        "cases": cases,
+        "conservative_to_direct": conservative_to_direct(cases),
+        "wall_s": round(time.time() - started, 1),
+    }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+# ----- main -----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per side and case (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--systems", default="cu108,aspirin", type=lambda s: s.split(","))
+    parser.add_argument("--tasks", default=",".join(TASKS), type=lambda s: s.split(","))
+    parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
+    parser.add_argument("--cu-cells", type=int, default=4)
+    parser.add_argument("--aspirin-molecules", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fairchem-flops", action="store_true",
+                        help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="add each side's TOP operators by self CPU time in one more, profiled step")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="fairchem-core's virtualenv")
+    parser.add_argument("--output", type=Path, help="also write the JSON here (after every case)")
+    args = parser.parse_args(argv)
+    for values, known, what in ((args.tasks, TASKS, "task"), (args.modes, MODES, "mode")):
+        for value in values:
+            if value not in known:
+                parser.error(f"unknown {what} {value!r} (known: {', '.join(known)})")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    fairchem_python = ensure_fairchem_venv(args.venv)
+    load_at_start = os.getloadavg()
+    peaks = {"start": matmul_gflops(args.threads)}
+    measured, report = [], {}
+    with tempfile.TemporaryDirectory(prefix="esen-vs-fairchem-") as workdir:
+        systems = write_batches(args, Path(workdir))
+        servers = start_servers(fairchem_python)
+        versions = {side: server.hello["versions"] for side, server in servers.items()}
+        try:
+            for system, info in systems.items():
+                for task in args.tasks:
+                    for mode in args.modes:
+                        case = {"system": system, "task": task, "mode": mode, "model": SMALL,
+                                "stress": mode == "conservative" and info["periodic"],
+                                "threads": args.threads, "seed": args.seed}
+                        item = {"case": case, "load_average_1min": round(os.getloadavg()[0], 2)}
+                        print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
+                        try:
+                            item["raw"] = measure_case(servers, case, info["path"], args)
+                        except SideError as error:
+                            item["error"] = str(error)
+                            print(f"  failed: {error}", file=sys.stderr, flush=True)
+                        measured.append(item)
+                        if args.output:
+                            report = build_report(args, systems, measured, versions, peaks, load_at_start, started)
+                            write_atomically(args.output, json.dumps(report, indent=2) + "\n")
+        finally:
+            for server in servers.values():
+                server.close()
+    peaks["end"] = matmul_gflops(args.threads)
+    report = build_report(args, systems, measured, versions, peaks, load_at_start, started)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        write_atomically(args.output, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
