@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
     test = evaluate(bin_dir, out / "run", args.test, args.test_structures)
     report = {
-        "dataset": args.dataset, "budget_minutes": args.budget_minutes, "train_structures": n_train,
+        "dataset": args.dataset, "budget_minutes": args.budget_minutes, "train_structures_available": n_train,
         "val_structures": n_val, "plan": plan, "train_wall_s": train_wall, "train_loop_s": train_loop_s, "test": test,
         "recipe": RECIPE, "load_average": {"probe": load_probe, "training_start": load_before,
                                            "training_end": load_after},
