@@ -19,8 +19,11 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # Set, then delete: monkeypatch then restores each variable's original absence too,
+    # so a MASTER_ADDR that the code under test sets does not leak into later tests.
     for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
