@@ -18,9 +18,9 @@ Direct outputs come from the direct heads (`config.direct_forces`), which live u
 a direct-pretrained checkpoint loads with strict=True into a model without them.
 
 Energy = energy_scale * sum over atoms of the energy head + sum of the per-element
-reference energies. Scale and references are buffers set from the training set's
-statistics (`set_energy_scale`, `set_reference_energies`), so the network only learns
-a residual of order one.
+reference energies, returned in float64 whatever the model's dtype. Scale and references
+are float64 buffers set from the training set's statistics (`set_energy_scale`,
+`set_reference_energies`), so the network only learns a residual of order one.
 """
 from __future__ import annotations
 
@@ -110,6 +110,15 @@ class ESEN(nn.Module):
             )
         self.reference_energies.copy_(references)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)` casts every floating buffer; the dataset statistics stay float64
+        # (only their device follows the model), so large total energies keep meV precision.
+        statistics = {name: self._buffers[name] for name in ("energy_scale", "reference_energies")}
+        super()._apply(fn, recurse)
+        for name, original in statistics.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device)
+        return self
+
     def set_energy_scale(self, scale: float) -> None:
         """eV per network energy unit (e.g. the training set's force RMS times a length)."""
         if not float(scale) > 0:
@@ -175,9 +184,12 @@ class ESEN(nn.Module):
         shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
         edge_vectors = pos[source] - pos[target] + shifts
         x = self.backbone(inputs["element"], edge_vectors, inputs["edge_index"])
-        per_atom = self.energy_head(x) * self.energy_scale.to(x.dtype)
-        per_atom = per_atom + self.reference_energies.to(x.dtype)[inputs["element"] + 1]
-        return sum_per_structure(per_atom, inputs["batch"], inputs["natoms"].shape[0]), x
+        num_structures = inputs["natoms"].shape[0]
+        network = sum_per_structure(self.energy_head(x) * self.energy_scale.to(x.dtype), inputs["batch"], num_structures)
+        # The references are summed and the total returned in float64: a total energy of
+        # -17,600 eV (aspirin) in float32 is only good to about 1 meV.
+        references = sum_per_structure(self.reference_energies[inputs["element"] + 1], inputs["batch"], num_structures)
+        return network.double() + references, x
 
     def _inputs(self, batch) -> dict[str, torch.Tensor]:
         """The batch fields the model reads (ARCHITECTURE.md), checked."""
