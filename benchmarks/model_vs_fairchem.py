@@ -1,8 +1,9 @@
 """Our eSEN against fairchem-core's eSEN, same hyperparameters, same batch, one run; prints JSON.
 
-    python benchmarks/model_vs_fairchem.py [--repeats 3] [--warmup 1] [--systems cu108,aspirin]
+    python benchmarks/model_vs_fairchem.py [--repeats 3] [--warmup 1] [--systems aspirin,cu108]
                                            [--tasks forward,train] [--modes direct,conservative]
-                                           [--fairchem-flops] [--profile 25] [--output figures.json]
+                                           [--fairchem-flops] [--profile 25] [--ours-commit REV]
+                                           [--output figures.json]
 
 Models: the "small" preset of ../shared/ESEN_SPEC.md (4 layers, 64 sphere channels, 128
 hidden, 128 edge, lmax = mmax = 2, 64 Gaussians, 6 Å, RMS norm, gate activation on edges,
@@ -34,9 +35,12 @@ The 1-minute load average is recorded per case. FLOPs per step are counted with 
 FlopCounterMode (matmul-like ops: mm, addmm, bmm, ...; elementwise work is not counted)
 in one extra step, and compared with a float32 2048x2048 matmul on the same threads,
 measured before and after the cases (the higher one is the machine's peak).
-A case that fails on one side (an exception, or its process killed, e.g. out of memory)
-is reported with its error and the run goes on; with --output the JSON so far is written
-after every case.
+Shared machine: before each step the driver waits until the memory the step needs is
+available (what that side's previous step took; for a case's first step, an estimate per
+edge from the smaller system, which runs first), and the case processes volunteer to be
+the first the kernel kills when memory runs out (oom_score_adj 1000). A killed case is
+tried once more; a case that fails on one side is reported with its error and the run
+goes on; with --output the JSON so far is written after every case.
 """
 from __future__ import annotations
 
@@ -198,9 +202,10 @@ class SideError(RuntimeError):
 class Server:
     """A case server (case_server.py) in a subprocess; `ask` sends one command, returns the reply."""
 
-    def __init__(self, side: str, command: list) -> None:
+    def __init__(self, side: str, command: list, env: dict | None = None) -> None:
         self.side = side
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+                                        env=env)
         self.hello = self._read()
 
     def ask(self, message: dict) -> dict:
@@ -224,16 +229,55 @@ class Server:
             self.process.wait()
 
 
-def start_servers(fairchem_python: Path) -> dict[str, Server]:
+def export_commit(revision: str, workdir: Path) -> dict:
+    """esen_train as of `revision`, extracted under workdir: the environment for our server."""
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    source = workdir / "esen_train_source"
+    source.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "esen_train"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", source], input=archive.stdout, check=True)
+    return os.environ | {"ESEN_TRAIN_SOURCE": str(source), "ESEN_TRAIN_COMMIT": commit}
+
+
+def start_servers(fairchem_python: Path, ours_env: dict | None) -> dict[str, Server]:
     return {
-        "ours": Server("ours", [sys.executable, BENCHMARKS / "esen_side.py"]),
+        "ours": Server("ours", [sys.executable, BENCHMARKS / "esen_side.py"], env=ours_env),
         "fairchem": Server("fairchem", [fairchem_python, BENCHMARKS / "fairchem_side.py"]),
     }
 
 
-def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argparse.Namespace) -> dict:
-    """Open the case on both sides, alternate their steps, count FLOPs, close; raw figures per side."""
-    raw = {side: {"steps": []} for side in servers}
+def available_mb() -> float:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def wait_for_memory(need_mb: float, limit_s: float) -> float:
+    """Wait until the machine has `need_mb` available (others' jobs come and go); seconds waited.
+    Gives up after `limit_s` and goes ahead."""
+    start = time.monotonic()
+    announced = False
+    while available_mb() < need_mb and time.monotonic() - start < limit_s:
+        if not announced:
+            print(f"  waiting for {need_mb:.0f} MB of free memory ({available_mb():.0f} MB now)",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(5)
+    return time.monotonic() - start
+
+
+def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argparse.Namespace,
+                 need_mb: dict[str, float]) -> dict:
+    """Open the case on both sides, alternate their steps, count FLOPs, close; raw figures per side.
+
+    Before each step, waits until the machine has the memory that side's step needs
+    (`need_mb` at first, an estimate; then what its previous step took), so that the
+    benchmark does not push others' work out of memory."""
+    raw = {side: {"steps": [], "memory_wait_s": 0.0} for side in servers}
+    need_mb = dict(need_mb)
     open_sides = []
     try:
         for side, server in servers.items():
@@ -242,14 +286,18 @@ def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argpa
         for index in range(args.warmup + args.repeats):
             order = SIDES if index % 2 == 0 else SIDES[::-1]  # ABBA: neither side always goes first
             for side in order:
+                raw[side]["memory_wait_s"] += wait_for_memory(need_mb[side], args.memory_wait_limit)
                 reply = servers[side].ask({"cmd": "step"})
+                need_mb[side] = 1.1 * (reply["peak_rss_mb"] - reply["rss_mb"])
                 if index >= args.warmup:
                     raw[side]["steps"].append(reply)
         # The last step's peak is the steps' peak: the FLOP and profile steps come after it.
         for side in servers:
             if side == "ours" or args.fairchem_flops:
+                wait_for_memory(need_mb[side], args.memory_wait_limit)
                 raw[side]["flops"] = servers[side].ask({"cmd": "flops"})["flops"]
             if args.profile:
+                wait_for_memory(need_mb[side], args.memory_wait_limit)
                 raw[side]["profile"] = servers[side].ask({"cmd": "profile", "top": args.profile})["profile"]
     except SideError as error:
         if error.side in open_sides:
@@ -280,6 +328,7 @@ def side_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
         "peak_rss_mb": round(peak_rss),
         "step_rss_mb": round(peak_rss - raw["opened"]["rss_mb"]),
         "build_rss_mb": round(raw["opened"]["rss_mb"]),
+        "memory_wait_s": round(raw["memory_wait_s"], 1),
     }
     if "flops" in raw:
         figures["gflop_per_step"] = round(raw["flops"] / 1e9, 2)
@@ -381,7 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per side and case (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--systems", default="cu108,aspirin", type=lambda s: s.split(","))
+    parser.add_argument("--systems", default="aspirin,cu108", type=lambda s: s.split(","),
+                        help="run smallest first whatever the order (memory estimates)")
     parser.add_argument("--tasks", default=",".join(TASKS), type=lambda s: s.split(","))
     parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
     parser.add_argument("--cu-cells", type=int, default=4)
@@ -392,6 +442,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="add each side's TOP operators by self CPU time in one more, profiled step")
+    parser.add_argument("--memory-wait-limit", type=float, default=1800, metavar="SECONDS",
+                        help="longest wait for free memory before a step (then it runs anyway)")
+    parser.add_argument("--ours-commit", metavar="REV",
+                        help="benchmark esen_train as of this git revision (default: the checkout as it is)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="fairchem-core's virtualenv")
     parser.add_argument("--output", type=Path, help="also write the JSON here (after every case)")
     args = parser.parse_args(argv)
@@ -404,41 +458,93 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def physical_memory_mb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+class MemoryEstimate:
+    """Memory a step will need, from the steps measured so far: per (side, task, mode), the
+    most MB per edge any system's steps took (the small molecule batch takes more per edge
+    than Cu: an overestimate, capped at 80% of the machine). Systems run smallest first,
+    so the large one's first step is not a blind guess."""
+
+    CAP = 0.8
+
+    def __init__(self) -> None:
+        self.mb_per_edge: dict[tuple, float] = {}
+
+    def need_mb(self, case: dict, edges: int) -> dict[str, float]:
+        key = (case["task"], case["mode"])
+        return {side: min(edges * self.mb_per_edge.get((side, *key), 0.0), self.CAP * physical_memory_mb())
+                for side in SIDES}
+
+    def record(self, case: dict, edges: int, raw: dict) -> None:
+        for side in SIDES:
+            step_mb = max(step["peak_rss_mb"] for step in raw[side]["steps"]) - raw[side]["opened"]["rss_mb"]
+            key = (side, case["task"], case["mode"])
+            self.mb_per_edge[key] = max(self.mb_per_edge.get(key, 0.0), step_mb / edges)
+
+
+def measure_with_retry(servers, case: dict, info: dict, args, memory: MemoryEstimate) -> dict:
+    """measure_case; a case whose process was killed (out of memory: others' jobs come and go)
+    is tried once more, when the memory it needs (or, with no estimate, 80% of the
+    machine's) is available. Returns {"raw": ...} or {"error": ...}."""
+    need_mb = memory.need_mb(case, info["edges"])
+    for attempt in (1, 2):
+        try:
+            raw = measure_case(servers, case, info["path"], args, need_mb)
+            memory.record(case, info["edges"], raw)
+            return {"raw": raw}
+        except SideError as error:
+            print(f"  failed: {error}", file=sys.stderr, flush=True)
+            if attempt == 2 or "killed by signal" not in str(error):
+                return {"error": str(error)}
+            fallback = MemoryEstimate.CAP * physical_memory_mb()
+            wait_for_memory(max(need_mb.values()) or fallback, args.memory_wait_limit)
+            print("  trying the case again", file=sys.stderr, flush=True)
+
+
+def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[dict]:
+    """Every case of every system (smallest system first); `on_case(measured)` after each."""
+    measured, memory = [], MemoryEstimate()
+    for system, info in sorted(systems.items(), key=lambda item: item[1]["edges"]):
+        for task in args.tasks:
+            for mode in args.modes:
+                case = {"system": system, "task": task, "mode": mode, "model": SMALL,
+                        "stress": mode == "conservative" and info["periodic"],
+                        "threads": args.threads, "seed": args.seed}
+                print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
+                item = {"case": case, "load_average_1min": round(os.getloadavg()[0], 2)}
+                item |= measure_with_retry(servers, case, info, args, memory)
+                measured.append(item)
+                on_case(measured)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     fairchem_python = ensure_fairchem_venv(args.venv)
     load_at_start = os.getloadavg()
     peaks = {"start": matmul_gflops(args.threads)}
-    measured, report = [], {}
     with tempfile.TemporaryDirectory(prefix="esen-vs-fairchem-") as workdir:
         systems = write_batches(args, Path(workdir))
-        servers = start_servers(fairchem_python)
+        ours_env = export_commit(args.ours_commit, Path(workdir)) if args.ours_commit else None
+        servers = start_servers(fairchem_python, ours_env)
         versions = {side: server.hello["versions"] for side, server in servers.items()}
+
+        def save_so_far(measured: list[dict]) -> None:
+            if args.output:
+                report = build_report(args, systems, measured, versions, peaks, load_at_start, started)
+                write_atomically(args.output, json.dumps(report, indent=2) + "\n")
+
         try:
-            for system, info in systems.items():
-                for task in args.tasks:
-                    for mode in args.modes:
-                        case = {"system": system, "task": task, "mode": mode, "model": SMALL,
-                                "stress": mode == "conservative" and info["periodic"],
-                                "threads": args.threads, "seed": args.seed}
-                        item = {"case": case, "load_average_1min": round(os.getloadavg()[0], 2)}
-                        print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
-                        try:
-                            item["raw"] = measure_case(servers, case, info["path"], args)
-                        except SideError as error:
-                            item["error"] = str(error)
-                            print(f"  failed: {error}", file=sys.stderr, flush=True)
-                        measured.append(item)
-                        if args.output:
-                            report = build_report(args, systems, measured, versions, peaks, load_at_start, started)
-                            write_atomically(args.output, json.dumps(report, indent=2) + "\n")
+            measured = run_cases(args, systems, servers, save_so_far)
         finally:
             for server in servers.values():
                 server.close()
     peaks["end"] = matmul_gflops(args.threads)
-    report = build_report(args, systems, measured, versions, peaks, load_at_start, started)
-    text = json.dumps(report, indent=2)
+    text = json.dumps(build_report(args, systems, measured, versions, peaks, load_at_start, started), indent=2)
     print(text)
     if args.output:
         write_atomically(args.output, text + "\n")
