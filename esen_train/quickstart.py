@@ -119,6 +119,6 @@ def _print_summary(summary: dict, out: Path) -> None:
     for name in ("direct", "conservative"):
         row = summary[name]
         print(f"{name:<14}{row['energy_mae_mev_per_atom']:>14.2f}{row['force_mae_mev_per_A']:>14.1f}"
-              f"{row['drift_mev_per_atom_per_ps']:>18.3f}")
-    print(f"{'EMT (floor)':<14}{'':>28}{summary['emt_floor']['drift_mev_per_atom_per_ps']:>18.3f}")
+              f"{row['drift_mev_per_atom_per_ps']:>18.4f}")
+    print(f"{'EMT (floor)':<14}{'':>28}{summary['emt_floor']['drift_mev_per_atom_per_ps']:>18.4f}")
     print(f"summary: {out / 'summary.json'}; learning curves: {summary['learning_curves']}")

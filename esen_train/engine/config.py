@@ -47,7 +47,6 @@ class StageConfig:
     force_weight: float = 10.0  # per-atom force L2 norm
     stress_weight: float = 1.0  # stress MAE, structures with stress labels only
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is applied on GPU only)
-    compile: bool = False
     log_every: int = 10
     val_every: int = 50
     checkpoint_every: int = 50
