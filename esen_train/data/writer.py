@@ -1,7 +1,7 @@
 """Writing a dataset directory so that it appears only when complete.
 
 `DatasetWriter` builds everything in a hidden temporary directory beside the output
-(`.NAME.partial-XXXX`, same file system) and renames it into place in `finish()`; on an
+(`.NAME.partial-<random suffix>`, same file system) and renames it into place in `finish()`; on an
 error the temporary directory is removed, so a failed run leaves nothing behind.
 Structure i goes to shard i mod num_shards, which balances the shards without knowing
 in advance how many structures will come.
