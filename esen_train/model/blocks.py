@@ -1,6 +1,6 @@
 """Message passing: the edge-degree embedding and the eSEN block.
 
-Every message is built in its edge's frame and rotated back with `EdgeRotation.to_node`,
+Every message is built in its edge's frame and rotated back by `EdgeRotation`,
 which carries the smooth envelope, so an edge contributes nothing (and no force) as its
 length reaches the cutoff. Messages are summed onto the centre atom i (edge_index[1]).
 """
@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esen_train.model.coefficients import degree_of_each_coefficient, edge_order
 from esen_train.model.config import ModelConfig
 from esen_train.model.layers import (
     EquivariantRMSNorm,
-    GateActivation,
     GridFeedForward,
     SpectralFeedForward,
 )
@@ -40,18 +38,16 @@ class EdgeDegreeEmbedding(nn.Module):
         self.degrees = config.lmax + 1
         self.channels = config.sphere_channels
         self.rescale = config.edge_degree_rescale
-        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, self.degrees * self.channels)
+        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, [self.degrees * self.channels])
 
     def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, target: torch.Tensor) -> torch.Tensor:
-        m0 = self.radial(edges).view(-1, self.degrees, self.channels)
-        # The m = 0 coefficients come first in the edge order.
-        messages = torch.bmm(rotation.to_node[:, :, : self.degrees], m0) / self.rescale
-        return x + sum_over_neighbours(messages, target, x.shape[0])
+        m0 = self.radial(edges)[0].view(-1, self.degrees, self.channels)
+        return x + sum_over_neighbours(rotation.rotate_to_nodes([m0]), target, x.shape[0]) / self.rescale
 
 
 class Edgewise(nn.Module):
     """Message j -> i: rotate [x_j, x_i] into the edge frame, SO(2) conv weighted by the
-    radial MLP, nonlinearity, SO(2) conv, rotate back (times the envelope), sum over j."""
+    radial MLP, gate nonlinearity, SO(2) conv, rotate back (times the envelope), sum over j."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -60,19 +56,15 @@ class Edgewise(nn.Module):
         # The gate, not a grid: on a finite grid a pointwise nonlinearity in the edge frame
         # is not exactly invariant to the frame's roll about the edge, and the roll is an
         # arbitrary (and, for some edge directions, discontinuous) choice.
-        self.activation = GateActivation(degree_of_each_coefficient(lmax)[edge_order(lmax, mmax)], lmax)
-        self.conv1 = SO2Convolution(2 * config.sphere_channels, hidden, lmax, mmax, extra_m0_channels=lmax * hidden)
+        self.conv1 = SO2Convolution(2 * config.sphere_channels, hidden, lmax, mmax, gated=True)
         self.conv2 = SO2Convolution(hidden, config.sphere_channels, lmax, mmax)
-        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, self.conv1.radial_channels)
+        self.radial = RadialMLP(config.num_radial_basis, config.edge_channels, self.conv1.radial_sizes)
 
     def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor) -> torch.Tensor:
         source, target = edge_index
-        pair = torch.cat([x[source], x[target]], dim=2)
-        messages = torch.bmm(rotation.to_edge, pair)
-        messages, gates = self.conv1(messages, self.radial(edges))
-        messages = self.activation(messages, gates)
-        messages, _ = self.conv2(messages)
-        return sum_over_neighbours(torch.bmm(rotation.to_node, messages), target, x.shape[0])
+        orders = rotation.rotate_to_edges(torch.cat([x[source], x[target]], dim=2))
+        orders = self.conv2(self.conv1(orders, self.radial(edges)))
+        return sum_over_neighbours(rotation.rotate_to_nodes(orders), target, x.shape[0])
 
 
 class Block(nn.Module):

@@ -5,9 +5,11 @@ within a degree the orders m = -l..l (index l^2 + l + m). e3nn's real spherical 
 have the y axis as their pole: Y_l^0 is symmetric about y, and a rotation about y by an
 angle t turns each pair (Y_l^{+m}, Y_l^{-m}) by m*t, the same way for every l.
 
-In an edge-aligned frame (edge along y) only orders |m| <= mmax are kept, grouped by m
-so each group is one dense block of the SO(2) convolution:
-    [m=0: l=0..lmax] [m=+1: l=1..lmax] [m=-1: l=1..lmax] [m=+2: l=2..lmax] [m=-2: ...] ...
+In an edge-aligned frame (edge along y) only orders |m| <= mmax are kept, and they are
+grouped by order, each group one dense block of the SO(2) convolution. Edge-frame
+features are a list indexed by m ("orders"):
+    orders[0]: [E, lmax + 1, channels]                      (l = 0..lmax, m = 0)
+    orders[m]: (plus, minus), each [E, lmax + 1 - m, channels]  (orders +m and -m; l = m..lmax)
 """
 from __future__ import annotations
 
@@ -24,21 +26,14 @@ def degree_of_each_coefficient(lmax: int) -> torch.Tensor:
     return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
 
 
-def edge_order(lmax: int, mmax: int) -> torch.Tensor:
-    """[num_edge_coefficients] long: the node index of each coefficient kept in the edge frame."""
-    order = [node_index(l, 0) for l in range(lmax + 1)]
+def rows_of_each_order(lmax: int, mmax: int) -> list[list[int]]:
+    """For m = 0..mmax, the node indices of the coefficients in `orders[m]` (flattened)."""
+    rows = [[node_index(l, 0) for l in range(lmax + 1)]]
     for m in range(1, mmax + 1):
-        order += [node_index(l, m) for l in range(m, lmax + 1)]
-        order += [node_index(l, -m) for l in range(m, lmax + 1)]
-    return torch.tensor(order, dtype=torch.long)
+        rows.append([node_index(l, m) for l in range(m, lmax + 1)] + [node_index(l, -m) for l in range(m, lmax + 1)])
+    return rows
 
 
 def degrees_per_order(lmax: int, mmax: int) -> list[int]:
     """How many degrees l carry order m, for m = 0..mmax: [lmax+1, lmax, ..., lmax+1-mmax]."""
     return [lmax + 1 - m for m in range(mmax + 1)]
-
-
-def edge_split_sizes(lmax: int, mmax: int) -> list[int]:
-    """Sizes of the groups of edge coefficients: m=0, then (+m and -m together) per m >= 1."""
-    sizes = degrees_per_order(lmax, mmax)
-    return [sizes[0]] + [2 * n for n in sizes[1:]]

@@ -2,6 +2,11 @@
 
 A plain dataclass so omegaconf can use it as a structured config: a preset YAML may
 only name fields that exist here, and a misspelt key fails with the key's name.
+
+Fixed choices (not options): RMS normalisation over spherical-harmonic degrees, the
+gated nonlinearity between the two SO(2) convolutions (a grid nonlinearity in the edge
+frame would depend on the frame's arbitrary roll about the edge), Gaussian distance basis,
+polynomial envelope, no neighbour cap.
 """
 from __future__ import annotations
 

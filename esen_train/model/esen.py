@@ -27,10 +27,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from esen_train.model.blocks import Block, EdgeDegreeEmbedding
-from esen_train.model.coefficients import edge_order
+from esen_train.model.coefficients import rows_of_each_order
 from esen_train.model.config import ModelConfig, check_model_config
 from esen_train.model.heads import DirectForceHead, DirectStressHead, EnergyHead, sum_per_structure
 from esen_train.model.layers import EquivariantRMSNorm
@@ -56,7 +57,9 @@ class Backbone(nn.Module):
         self.distance_basis = GaussianBasis(config.cutoff, config.num_radial_basis, config.gaussian_width)
         self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent)
         self.wigner = WignerD(config.lmax)
-        self.register_buffer("edge_order", edge_order(config.lmax, config.mmax), persistent=False)
+        rows = rows_of_each_order(config.lmax, config.mmax)
+        self.register_buffer("edge_rows", torch.tensor(sum(rows, [])), persistent=False)
+        self.order_sizes = [len(order_rows) for order_rows in rows]
         self.edge_degree = EdgeDegreeEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = EquivariantRMSNorm(config.lmax, config.sphere_channels)
@@ -65,7 +68,7 @@ class Backbone(nn.Module):
         """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E]."""
         distance = edge_vectors.norm(dim=1)
         wigner = self.wigner(edge_frames(edge_vectors / distance.unsqueeze(1)))
-        rotation = EdgeRotation.build(wigner, self.edge_order, self.envelope(distance))
+        rotation = EdgeRotation(wigner, self.edge_rows, self.order_sizes, self.envelope(distance))
         edges = EdgeScalars(
             basis=self.distance_basis(distance),
             source_element=element[edge_index[0]],
@@ -216,3 +219,19 @@ class ESEN(nn.Module):
             "edge_index": batch.edge_index,
             "cell_offsets": batch.cell_offsets.to(pos.dtype),
         }
+
+
+def compile_model(model: ESEN, **options) -> ESEN:
+    """Compile the per-batch computations of `model` with torch.compile, in place.
+
+    Input checks and the creation of the leaves to differentiate by (positions, strain)
+    stay eager; the conservative and direct computations, autograd call included, are
+    compiled with dynamic shapes (atom and edge counts change every batch). Double
+    backward through a compiled region needs dynamo to trace the autograd call, so this
+    sets torch._dynamo.config.trace_autograd_ops = True. `options` go to torch.compile.
+    """
+    torch._dynamo.config.trace_autograd_ops = True
+    options.setdefault("dynamic", True)
+    model.conservative_outputs = torch.compile(model.conservative_outputs, **options)
+    model.direct_outputs = torch.compile(model.direct_outputs, **options)
+    return model

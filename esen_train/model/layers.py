@@ -3,7 +3,8 @@
 - `EquivariantRMSNorm`: one RMS over all coefficients (each degree weighted equally), a
   learned scale per degree and channel, and centring + bias on l=0 only.
 - `SO3Linear`: a channel mixing per degree (one weight matrix per l, bias on l=0).
-- `GateActivation`: SiLU on l=0; every l>0 coefficient times sigmoid(its gate scalar).
+- `GateActivation`: SiLU on l=0; every l>0 coefficient times sigmoid(its degree's gate
+  scalar). (The same gate on edges is part of `SO2Convolution(gated=True)`.)
 - `SpectralFeedForward`: SO3Linear -> gate -> SO3Linear (exactly equivariant).
 - `GridFeedForward`: features sampled on a sphere grid, pointwise MLP, projected back
   (equivariant up to the grid's sampling error, the way eSEN's "grid" MLP is).
@@ -55,21 +56,18 @@ class SO3Linear(nn.Module):
 
 
 class GateActivation(nn.Module):
-    """Nonlinearity for features whose coefficient k has degree `degrees[k]` (degrees[0] = 0).
+    """SiLU on l=0; every l > 0 coefficient times sigmoid(its degree's gate), on node features."""
 
-    gates: [..., lmax * channels], one gate per degree l >= 1 and channel.
-    """
-
-    def __init__(self, degrees: torch.Tensor, lmax: int) -> None:
+    def __init__(self, lmax: int) -> None:
         super().__init__()
-        if int(degrees[0]) != 0 or bool((degrees[1:] == 0).any()):
-            raise ValueError("GateActivation expects l=0 first and only there")
         self.lmax = lmax
-        self.register_buffer("gate_index", degrees[1:] - 1, persistent=False)
+        self.register_buffer("degree", degree_of_each_coefficient(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        gates = torch.sigmoid(gates).view(x.shape[0], self.lmax, x.shape[2])
-        return torch.cat([F.silu(x[:, :1]), x[:, 1:] * gates[:, self.gate_index]], dim=1)
+        """x [N, (lmax+1)^2, C], gates [N, lmax * C]."""
+        # Row 0: sigmoid(x_l=0), so that x * it is SiLU(x); row l: sigmoid(gate of degree l).
+        factors = torch.cat([torch.sigmoid(x[:, :1]), torch.sigmoid(gates).view(x.shape[0], self.lmax, -1)], dim=1)
+        return x * factors[:, self.degree]
 
 
 class SpectralFeedForward(nn.Module):
@@ -77,7 +75,7 @@ class SpectralFeedForward(nn.Module):
         super().__init__()
         self.gate_scalars = nn.Linear(channels, lmax * hidden_channels)
         self.linear_in = SO3Linear(channels, hidden_channels, lmax)
-        self.gate = GateActivation(degree_of_each_coefficient(lmax), lmax)
+        self.gate = GateActivation(lmax)
         self.linear_out = SO3Linear(hidden_channels, channels, lmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class GaussianBasis(nn.Module):
@@ -45,7 +46,8 @@ class PolynomialEnvelope(nn.Module):
 
 
 class RadialMLP(nn.Module):
-    """Linear -> LayerNorm -> SiLU -> Linear -> LayerNorm -> SiLU -> Linear on edge scalars.
+    """Linear -> LayerNorm -> SiLU -> Linear -> LayerNorm -> SiLU -> Linear on edge scalars,
+    the output split into groups of `out_sizes` channels.
 
     The edge scalars are [Gaussian basis of d, source-element embedding, target-element
     embedding]. The first linear layer is applied term by term: the element terms are
@@ -53,10 +55,11 @@ class RadialMLP(nn.Module):
     is exactly W @ concat(...) but skips two thirds of the first layer's work.
     """
 
-    def __init__(self, num_basis: int, edge_channels: int, out_channels: int) -> None:
+    def __init__(self, num_basis: int, edge_channels: int, out_sizes: list[int]) -> None:
         super().__init__()
         self.num_basis = num_basis
         self.edge_channels = edge_channels
+        self.out_sizes = out_sizes
         self.layers = nn.Sequential(
             nn.Linear(num_basis + 2 * edge_channels, edge_channels),
             nn.LayerNorm(edge_channels),
@@ -64,10 +67,11 @@ class RadialMLP(nn.Module):
             nn.Linear(edge_channels, edge_channels),
             nn.LayerNorm(edge_channels),
             nn.SiLU(),
-            nn.Linear(edge_channels, out_channels),
+            nn.Linear(edge_channels, sum(out_sizes)),
         )
 
-    def forward(self, edges: EdgeScalars) -> torch.Tensor:
+    def forward(self, edges: EdgeScalars) -> list[torch.Tensor]:
+        """-> one [E, size] tensor per entry of `out_sizes`."""
         first = self.layers[0]
         w_basis, w_source, w_target = first.weight.split(
             [self.num_basis, self.edge_channels, self.edge_channels], dim=1
@@ -76,7 +80,14 @@ class RadialMLP(nn.Module):
         target_table = edges.target_table @ w_target.T
         hidden = torch.addmm(first.bias, edges.basis, w_basis.T)
         hidden = hidden + source_table[edges.source_element] + target_table[edges.target_element]
-        return self.layers[1:](hidden)
+        hidden = self.layers[1:-1](hidden)
+        # Split the last layer's weights, not its output: separate outputs need no slicing
+        # (whose backward zero-fills and copies full-size tensors).
+        last = self.layers[-1]
+        return [
+            F.linear(hidden, weight, bias)
+            for weight, bias in zip(last.weight.split(self.out_sizes), last.bias.split(self.out_sizes))
+        ]
 
 
 @dataclass

@@ -83,22 +83,32 @@ class WignerD(nn.Module):
 
 
 class EdgeRotation:
-    """For each edge, the maps node coefficients -> truncated edge-frame coefficients and back."""
+    """Per edge, the maps node coefficients <-> edge-frame `orders`.
 
-    def __init__(self, to_edge: torch.Tensor, to_node: torch.Tensor) -> None:
-        self.to_edge = to_edge  # [E, edge_coefficients, node_coefficients]
-        self.to_node = to_node  # [E, node_coefficients, edge_coefficients], times the envelope
+    Built once per forward pass and shared by all layers. The envelope multiplies every
+    message exactly once, when it is rotated back, so it is folded into `to_node`. One
+    bmm each way (not one per order): these products are memory-bound, and one pass over
+    the gathered node features is the cheapest.
+    """
 
-    @classmethod
-    def build(cls, wigner: torch.Tensor, order: torch.Tensor, envelope: torch.Tensor) -> "EdgeRotation":
-        """wigner [E, n, n]; order from `coefficients.edge_order`; envelope [E].
+    def __init__(self, wigner: torch.Tensor, rows: torch.Tensor, order_sizes: list[int], envelope: torch.Tensor) -> None:
+        """wigner [E, n, n] (block-diagonal D(R)); rows: the node index of each edge-frame
+        coefficient, orders concatenated; order_sizes: coefficients per order; envelope [E]."""
+        self.order_sizes = order_sizes
+        self.to_edge = wigner.index_select(1, rows)  # [E, edge_coefficients, n]
+        self.to_node = (self.to_edge * envelope.view(-1, 1, 1)).transpose(1, 2).contiguous()
 
-        The envelope multiplies every message exactly once, when it is rotated back, so it
-        is folded into `to_node` here instead of being applied per layer.
-        """
-        to_edge = wigner.index_select(1, order)
-        to_node = to_edge.transpose(1, 2) * envelope.view(-1, 1, 1)
-        return cls(to_edge, to_node)
+    def rotate_to_edges(self, x: torch.Tensor) -> list:
+        """x [E, n, C] (node coefficients gathered per edge) -> orders (views, no copies)."""
+        rotated = torch.bmm(self.to_edge, x).split(self.order_sizes, dim=1)
+        return [rotated[0]] + [part.chunk(2, dim=1) for part in rotated[1:]]
+
+    def rotate_to_nodes(self, orders: list) -> torch.Tensor:
+        """orders (all of them, or just orders[0]) -> [E, n, C] in the global frame, times the envelope."""
+        if len(orders) == 1:
+            return torch.bmm(self.to_node[:, :, : self.order_sizes[0]], orders[0])
+        flat = [orders[0]] + [half for plus_minus in orders[1:] for half in plus_minus]
+        return torch.bmm(self.to_node, torch.cat(flat, dim=1))
 
 
 def _fibonacci_sphere(count: int) -> torch.Tensor:

@@ -4,13 +4,18 @@ In a frame whose y axis is the edge, a rotation-equivariant linear map of spheri
 coefficients only mixes coefficients of the same order |m| (across degrees l and
 channels), and acts on each pair (+m, -m) like multiplication by a complex number:
     out_{+m} = W_r x_{+m} - W_i x_{-m},   out_{-m} = W_i x_{+m} + W_r x_{-m}.
-So one layer is one dense matmul per order m over all edges at once:
-m = 0 is a plain linear layer (with bias; it may also emit extra invariant channels,
-the gates of the activation), and m > 0 is the 2x2 block matrix [[W_r, -W_i], [W_i, W_r]].
+So one layer is a few dense matmuls per order m over all edges at once: m = 0 is a plain
+linear layer (with bias), and m > 0 is a complex matrix W_r + i W_i acting on
+x_{+m} + i x_{-m} (three real matmuls, see `complex_linear`).
 
-Inputs are edge-frame features [E, edge_coefficients, channels] in the order of
-`coefficients.edge_order`. With `radial_channels`, the input of each order is first
-multiplied channel-wise by per-edge weights from the radial MLP (distance and elements).
+`gated=True` adds eSEN's gate nonlinearity to the output: the m = 0 layer also emits one
+gate per degree l >= 1 and channel (invariant, so any function of it is equivariant);
+the l = 0 outputs go through SiLU and every l >= 1 output is multiplied by sigmoid(its
+degree's gate). Doing it here, on the separate outputs of each matmul, slices no
+full-size tensor (slicing costs zero-filled copies in every backward pass).
+
+Features are edge-frame `orders` (see coefficients.py). With `radial`, the input of each
+order is first multiplied channel-wise by per-edge weights from the radial MLP.
 """
 from __future__ import annotations
 
@@ -20,47 +25,68 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from esen_train.model.coefficients import degrees_per_order, edge_split_sizes
+from esen_train.model.coefficients import degrees_per_order
 
 
 class SO2Convolution(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, lmax: int, mmax: int, extra_m0_channels: int = 0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, lmax: int, mmax: int, gated: bool = False) -> None:
         super().__init__()
         self.out_channels = out_channels
-        self.extra_m0_channels = extra_m0_channels
-        self.split_sizes = edge_split_sizes(lmax, mmax)
+        self.lmax = lmax
+        self.gated = gated
         degrees = degrees_per_order(lmax, mmax)
-        self.m0 = nn.Linear(degrees[0] * in_channels, degrees[0] * out_channels + extra_m0_channels)
+        # Output rows of the m = 0 layer: [gates (lmax * out, if gated) | l = 0 | l = 1..lmax].
+        self.gate_channels = lmax * out_channels if gated else 0
+        self.m0 = nn.Linear(degrees[0] * in_channels, self.gate_channels + degrees[0] * out_channels)
         # One weight per m > 0 holding W_r (first half of the rows) and W_i (second half).
         self.m_weights = nn.ParameterList()
         for count in degrees[1:]:
             linear = nn.Linear(count * in_channels, 2 * count * out_channels, bias=False)
             self.m_weights.append(nn.Parameter(linear.weight.detach() / math.sqrt(2)))
-        # Sizes of the radial weights per order: the input size of each order's matmul.
+        # The radial weights of each order: one per input coefficient and channel.
         self.radial_sizes = [count * in_channels for count in degrees]
 
-    @property
-    def radial_channels(self) -> int:
-        return sum(self.radial_sizes)
+    def forward(self, orders: list, radial: list[torch.Tensor] | None = None) -> list:
+        """orders with in_channels [, radial: per order m, [E, radial_sizes[m]]] -> orders with out_channels."""
+        num_edges, channels = orders[0].shape[0], self.out_channels
+        radial = radial if radial is not None else [None] * len(orders)
 
-    def forward(self, x: torch.Tensor, radial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [E, edge_coefficients, in] (, radial [E, radial_channels]) -> ([E, edge_coefficients, out], [E, extra])."""
-        num_edges = x.shape[0]
-        parts = x.split(self.split_sizes, dim=1)
-        radial_parts = radial.split(self.radial_sizes, dim=1) if radial is not None else [None] * len(parts)
+        x0 = orders[0].reshape(num_edges, -1)
+        if radial[0] is not None:
+            x0 = x0 * radial[0]
+        weight, bias = self.m0.weight, self.m0.bias
+        if self.gated:
+            # Separate matmuls with slices of the weight, so that no output is sliced.
+            gates, scalars, rest = (
+                F.linear(x0, w, b) for w, b in zip(
+                    weight.split([self.gate_channels, channels, self.lmax * channels]),
+                    bias.split([self.gate_channels, channels, self.lmax * channels]),
+                )
+            )
+            gates = torch.sigmoid(gates).view(num_edges, self.lmax, channels)
+            out0 = torch.cat([F.silu(scalars).unsqueeze(1), rest.view(num_edges, self.lmax, channels) * gates], dim=1)
+        else:
+            out0 = F.linear(x0, weight, bias).view(num_edges, -1, channels)
+        outputs = [out0]
 
-        x0 = parts[0].reshape(num_edges, -1)
-        if radial_parts[0] is not None:
-            x0 = x0 * radial_parts[0]
-        out0 = self.m0(x0)
-        extra, out0 = out0.split([self.extra_m0_channels, out0.shape[1] - self.extra_m0_channels], dim=1)
-        outputs = [out0.view(num_edges, -1, self.out_channels)]
+        for m, ((plus, minus), radial_m, weight) in enumerate(zip(orders[1:], radial[1:], self.m_weights), 1):
+            plus, minus = plus.reshape(num_edges, -1), minus.reshape(num_edges, -1)
+            if radial_m is not None:
+                plus, minus = plus * radial_m, minus * radial_m
+            plus, minus = complex_linear(plus, minus, *weight.chunk(2, dim=0))
+            plus, minus = plus.view(num_edges, -1, channels), minus.view(num_edges, -1, channels)
+            if self.gated:  # orders[m] holds degrees m..lmax: gates m-1..lmax-1
+                plus, minus = plus * gates[:, m - 1:], minus * gates[:, m - 1:]
+            outputs.append((plus, minus))
+        return outputs
 
-        for xm, rm, weight in zip(parts[1:], radial_parts[1:], self.m_weights):
-            xm = xm.reshape(num_edges, 2, -1)  # [+m rows | -m rows]
-            if rm is not None:
-                xm = xm * rm.unsqueeze(1)
-            w_real, w_imag = weight.chunk(2, dim=0)
-            block = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)], 0)
-            outputs.append(F.linear(xm.view(num_edges, -1), block).view(num_edges, -1, self.out_channels))
-        return torch.cat(outputs, dim=1), extra
+
+def complex_linear(x_plus: torch.Tensor, x_minus: torch.Tensor, w_real: torch.Tensor,
+                   w_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_r + i W_i)(x_+ + i x_-) with three real matmuls instead of four (Gauss's trick):
+    real = W_r x_+ - W_i x_-, imag = (W_r + W_i)(x_+ + x_-) - W_r x_+ - W_i x_-.
+    These matmuls are most of the model's work, in every pass of the double backward."""
+    real_part = F.linear(x_plus, w_real)
+    imag_part = F.linear(x_minus, w_imag)
+    mixed = F.linear(x_plus + x_minus, w_real + w_imag)
+    return real_part - imag_part, mixed - real_part - imag_part
