@@ -45,8 +45,8 @@ def _atoms_outside_cell() -> Atoms:
     return atoms
 
 
-def _slab() -> Atoms:
-    slab = ase.build.fcc111("Cu", (2, 2, 3), vacuum=5.0)
+def _slab(size: tuple[int, int, int] = (2, 2, 3)) -> Atoms:
+    slab = ase.build.fcc111("Cu", size, vacuum=5.0)
     slab.rattle(0.05, seed=2)
     return slab
 
@@ -61,10 +61,12 @@ def _molecule() -> Atoms:
     ("make", "cutoff"),
     [
         (_rattled_cu_108, 6.0),  # cutoff above half the box: several images of the same atom
+        (_rattled_cu_108, 4.0),  # box thicker than two cutoffs: the vesin path
         (lambda: ase.build.bulk("Cu"), 6.0),  # 1-atom cell: only self-images
         (_skewed_cell, 5.0),
         (_atoms_outside_cell, 5.0),
         (_slab, 6.0),  # periodic in x, y only
+        (lambda: _slab(size=(4, 4, 3)), 3.0),  # slab at least two cutoffs wide: the vesin path
         (_molecule, 2.5),
         (_molecule, 100.0),  # everything connected
     ],

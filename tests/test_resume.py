@@ -15,7 +15,7 @@ from esen_train.engine.tracking import read_metrics
 from esen_train.evaluation.checkpoint import read_model_file
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-STEPS = 8
+STEPS = 12
 OVERRIDES = [
     "data.emt_structures=40", "stages=[direct]", f"direct.max_steps={STEPS}", "direct.max_atoms=64",
     "direct.checkpoint_every=2", "direct.val_every=4", "direct.log_every=1", "logging.wandb.mode=disabled",
@@ -35,18 +35,21 @@ def run_uninterrupted(run_dir: Path, nproc: int) -> None:
 
 
 def run_killed_then_resumed(run_dir: Path, nproc: int) -> int:
-    """Start, SIGKILL the whole process group once step 4's checkpoint exists (plus a random
-    delay), start again. Returns the step the resumed run started from."""
+    """Start, SIGKILL the whole process group a random moment after the checkpoint of a
+    random step (4, 6 or 8) exists, start again. Returns the step the resumed run started
+    from. The delay is short next to the 4 steps that remain, so the kill always lands
+    mid-run, however fast the machine."""
     process = subprocess.Popen(fit_command(run_dir, nproc), env=environment(), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run_dir / "checkpoints" / "direct" / "step_00000004"
+    kill_after = random.choice([4, 6, 8])
+    checkpoint = run_dir / "checkpoints" / "direct" / f"step_{kill_after:08d}"
     deadline = time.time() + 300
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.1))
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert checkpoint.exists(), "the run never reached its step-4 checkpoint"
+    assert checkpoint.exists(), f"the run never reached its step-{kill_after} checkpoint"
     resumed_from = int(os.readlink(run_dir / "checkpoints" / "direct" / "last").split("_")[-1])
     assert resumed_from < STEPS, "the run finished before it was killed"
     run_uninterrupted(run_dir, nproc)
