@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -245,4 +246,44 @@ def test_corrupted_record_names_shard_and_record(shard):
     with pytest.raises(RecordError, match=f"{path.name} record 7: checksum mismatch"):
         reader.read(7)
     assert_records_identical(records[6], reader.read(6))
+    reader.close()
+
+
+def _resident_kib_of_mapping(path) -> int:
+    """Resident KiB of this process's memory mappings of `path` (/proc/self/smaps)."""
+    target, resident, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                inside = fields[-1] == target
+            elif inside and fields[0] == "Rss:":
+                resident += int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
+def test_reader_releases_mapped_pages_as_it_goes(tmp_path, monkeypatch):
+    import esen_train.data.shards as shards
+
+    rng = np.random.default_rng(7)
+    records = [make_record(rng, natoms=300) for _ in range(200)]  # ~6 MB of records
+    path = tmp_path / "big.lmdb"
+    write_shard(path, records)
+    size_kib = path.stat().st_size // 1024
+
+    reader = ShardReader(path)
+    for index in range(len(records)):
+        reader.read(index)
+    assert _resident_kib_of_mapping(path) > size_kib // 2  # every page read is still mapped
+    shards.release_mapped_pages(path)
+    assert _resident_kib_of_mapping(path) < size_kib // 20
+    assert_records_identical(records[17], reader.read(17))  # reads fault the pages back in
+    reader.close()
+
+    monkeypatch.setattr(shards, "RELEASE_PAGES_EVERY", 20)
+    reader = ShardReader(path)
+    for index in range(len(records)):
+        assert_records_identical(records[index], reader.read(index))
+    assert _resident_kib_of_mapping(path) < size_kib // 5  # ~20 records' pages at most
     reader.close()

@@ -128,3 +128,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     last = read_model_file(run / "checkpoints" / "direct" / "last")
     assert last["step"] == 5
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_compile_setting_compiles_the_model_of_that_stage_only(tmp_path, monkeypatch):
+    """The wiring of `<stage>.compile`; that a compiled model computes what the eager one
+    does, double backward included, is tests/test_model_compile.py's (compiling a whole
+    run takes minutes on a CPU)."""
+    import esen_train.engine.trainer as trainer
+
+    compiled = []
+    monkeypatch.setattr(trainer, "compile_model", lambda model: compiled.append(model.config.direct_forces) or model)
+    fit(load_train_config(TINY, FAST + [f"run_dir={tmp_path}", "direct.max_steps=1", "conservative.max_steps=1",
+                                        "conservative.compile=true"]))
+    assert compiled == [False]  # once, for the conservative stage (the one without a direct head)
+
+
+def test_compile_with_a_sharding_strategy_is_rejected():
+    with pytest.raises(ValueError, match="direct.compile is supported with the single and ddp"):
+        load_train_config(TINY, ["strategy.name=fsdp", "direct.compile=true"])

@@ -47,6 +47,9 @@ class StageConfig:
     force_weight: float = 10.0  # per-atom force L2 norm
     stress_weight: float = 1.0  # stress MAE, structures with stress labels only
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is applied on GPU only)
+    # torch.compile the model's per-batch computations (model.compile_model); the first
+    # steps then pay the compile time. Works with the single and ddp strategies.
+    compile: bool = False
     log_every: int = 10
     val_every: int = 50
     checkpoint_every: int = 50
@@ -144,6 +147,11 @@ def _check_values(config: TrainConfig, path: Path) -> None:
         settings: StageConfig = getattr(config, stage)
         if settings.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{path}: {stage}.precision must be fp32 or bf16, got {settings.precision!r}")
+        if settings.compile and config.strategy.name not in ("single", "ddp"):
+            raise ConfigError(
+                f"{path}: {stage}.compile is supported with the single and ddp strategies, "
+                f"not {config.strategy.name!r}"
+            )
         if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
             raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):

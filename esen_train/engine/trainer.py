@@ -23,7 +23,7 @@ from esen_train.engine.losses import ErrorAccumulator, LossWeights, batch_counts
 from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.strategy import build_strategy
 from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
-from esen_train.model import ESEN
+from esen_train.model import ESEN, compile_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,6 +78,8 @@ class StageTrainer:
             # still let AdamW's weight decay shrink it.
             model.direct_heads.stress.requires_grad_(False)
         model.to(self.dist.device)
+        if self.settings.compile:
+            compile_model(model)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         self.strategy.setup(model, optim, conservative=self.conservative)
