@@ -272,11 +272,12 @@ def test_reader_releases_mapped_pages_as_it_goes(tmp_path, monkeypatch):
     write_shard(path, records)
     size_kib = path.stat().st_size // 1024
 
+    monkeypatch.setattr(shards, "RELEASE_PAGES_EVERY", 10**9)
     reader = ShardReader(path)
     for index in range(len(records)):
         reader.read(index)
     assert _resident_kib_of_mapping(path) > size_kib // 2  # every page read is still mapped
-    shards.release_mapped_pages(path)
+    shards.release_mapped_pages([path])
     assert _resident_kib_of_mapping(path) < size_kib // 20
     assert_records_identical(records[17], reader.read(17))  # reads fault the pages back in
     reader.close()
@@ -286,4 +287,7 @@ def test_reader_releases_mapped_pages_as_it_goes(tmp_path, monkeypatch):
     for index in range(len(records)):
         assert_records_identical(records[index], reader.read(index))
     assert _resident_kib_of_mapping(path) < size_kib // 5  # ~20 records' pages at most
+    for _ in reader:  # streaming with a cursor releases pages too
+        pass
+    assert _resident_kib_of_mapping(path) < size_kib // 5
     reader.close()

@@ -19,10 +19,12 @@ from esen_train.data.records import RecordError, StructureRecord, decode_record,
 
 _KEY = struct.Struct(">Q")
 _INITIAL_MAP_SIZE = 1 << 30  # grown by doubling when full; the file only holds used pages
-# A reader drops the shard pages it has mapped in after this many reads (see
-# `release_mapped_pages`): at most ~40 MB of 4 KiB pages stay resident per shard.
-RELEASE_PAGES_EVERY = 10_000
+# Every this many reads in a process, its shard mappings drop the pages reads have
+# mapped in (see `release_mapped_pages`). The kernel maps up to 64 KiB around each page
+# fault, so this keeps at most ~64 MB of shard pages resident, whatever the dataset size.
+RELEASE_PAGES_EVERY = 1_000
 _MADV_DONTNEED = 4  # Linux
+_reads_since_release = 0
 
 
 class ShardError(ValueError):
@@ -85,7 +87,7 @@ class ShardWriter:
 
 
 # Environments open in this process, shared by all readers of the same file (py-lmdb
-# refuses to open one file twice in a process): file identity -> [environment, readers].
+# refuses to open one file twice in a process): file identity -> [environment, readers, path].
 # A forked child inherits this table and reuses the parent's read-only, lock-free
 # mapping; its readers' counts keep it from ever closing the parent's environment.
 _OPEN_ENVIRONMENTS: dict[tuple[int, int], list] = {}
@@ -105,7 +107,7 @@ def _acquire_environment(path: Path) -> tuple[tuple[int, int], lmdb.Environment]
             )
         except lmdb.Error as error:
             raise ShardError(f"{path}: not a readable LMDB shard ({error})") from None
-        entry = _OPEN_ENVIRONMENTS[key] = [env, 0]
+        entry = _OPEN_ENVIRONMENTS[key] = [env, 0, path]
     # Reading a page past the end of a truncated file would kill the interpreter with
     # SIGBUS (the file is memory-mapped), so compare the size LMDB expects first.
     env = entry[0]
@@ -131,8 +133,8 @@ def _close_environment(key: tuple[int, int]) -> None:
     _OPEN_ENVIRONMENTS.pop(key)[0].close()
 
 
-def release_mapped_pages(path: Path) -> None:
-    """Unmap from this process the pages of shard `path` that reads have mapped in (Linux).
+def release_mapped_pages(paths: list[Path]) -> None:
+    """Unmap from this process the pages of the shards `paths` that reads have mapped in (Linux).
 
     LMDB reads through a read-only shared memory mapping of the file, and every page
     read stays in the process's resident set until it is unmapped: one pass over a
@@ -143,14 +145,22 @@ def release_mapped_pages(path: Path) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    target = str(path.resolve())
+    targets = {str(Path(path).resolve()) for path in paths}
     libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == target:
+            if len(fields) == 6 and fields[5].rstrip("\n") in targets:
                 start, end = (int(address, 16) for address in fields[0].split("-"))
                 libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def _count_read() -> None:
+    global _reads_since_release
+    _reads_since_release += 1
+    if _reads_since_release >= RELEASE_PAGES_EVERY:
+        _reads_since_release = 0
+        release_mapped_pages([entry[2] for entry in _OPEN_ENVIRONMENTS.values()])
 
 
 class ShardReader:
@@ -165,7 +175,6 @@ class ShardReader:
         self._key = None
         self._txn = None
         self._pid = None
-        self._reads = 0
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -193,9 +202,7 @@ class ShardReader:
             raise ShardError(f"{self.path} record {index}: LMDB error ({error})") from None
         if value is None:
             raise IndexError(f"{self.path}: no record {index} (shard has {len(self)} records)")
-        self._reads += 1
-        if self._reads % RELEASE_PAGES_EVERY == 0:
-            release_mapped_pages(self.path)
+        _count_read()
         return value
 
     def read(self, index: int) -> StructureRecord:
@@ -211,8 +218,7 @@ class ShardReader:
                 where = f"{self.path} record {position}"
                 if key != record_key(position):
                     raise ShardError(f"{where}: unexpected key {key!r} (records must be 0..n-1)")
-                if position and position % RELEASE_PAGES_EVERY == 0:
-                    release_mapped_pages(self.path)
+                _count_read()
                 yield decode_record(value, where=where)
         except lmdb.Error as error:
             raise ShardError(f"{self.path}: LMDB error while iterating ({error})") from None

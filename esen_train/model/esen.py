@@ -227,11 +227,23 @@ def compile_model(model: ESEN, **options) -> ESEN:
     Input checks and the creation of the leaves to differentiate by (positions, strain)
     stay eager; the conservative and direct computations, autograd call included, are
     compiled with dynamic shapes (atom and edge counts change every batch). Double
-    backward through a compiled region needs dynamo to trace the autograd call, so this
-    sets torch._dynamo.config.trace_autograd_ops = True. `options` go to torch.compile.
+    backward through a compiled region needs dynamo to trace the autograd call
+    (torch._dynamo.config.trace_autograd_ops = True) and compiled backward functions
+    that can themselves be differentiated (AOTAutograd's donated buffers off, as they
+    forbid create_graph=True). `options` go to torch.compile.
+
+    The conservative computation always runs compiled with create_graph=True: with torch
+    2.13, the graph traced for create_graph=False returns zero forces (stress and energy
+    are right), so inference uses the training graph and `forward` detaches its outputs.
     """
     torch._dynamo.config.trace_autograd_ops = True
+    torch._functorch.config.donated_buffer = False
     options.setdefault("dynamic", True)
-    model.conservative_outputs = torch.compile(model.conservative_outputs, **options)
+    compiled_conservative = torch.compile(model.conservative_outputs, **options)
+
+    def conservative_outputs(pos, strain, inputs, stress, create_graph):
+        return compiled_conservative(pos, strain, inputs, stress, True)
+
+    model.conservative_outputs = conservative_outputs
     model.direct_outputs = torch.compile(model.direct_outputs, **options)
     return model
