@@ -6,7 +6,7 @@ channels), and acts on each pair (+m, -m) like multiplication by a complex numbe
     out_{+m} = W_r x_{+m} - W_i x_{-m},   out_{-m} = W_i x_{+m} + W_r x_{-m}.
 So one layer is a few dense matmuls per order m over all edges at once: m = 0 is a plain
 linear layer (with bias), and m > 0 is a complex matrix W_r + i W_i acting on
-x_{+m} + i x_{-m} (three real matmuls, see `complex_linear`).
+x_{+m} + i x_{-m} (see `complex_linear`).
 
 `gated=True` adds eSEN's gate nonlinearity to the output: the m = 0 layer also emits one
 gate per degree l >= 1 and channel (invariant, so any function of it is equivariant);
@@ -83,10 +83,10 @@ class SO2Convolution(nn.Module):
 
 def complex_linear(x_plus: torch.Tensor, x_minus: torch.Tensor, w_real: torch.Tensor,
                    w_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_r + i W_i)(x_+ + i x_-) with three real matmuls instead of four (Gauss's trick):
-    real = W_r x_+ - W_i x_-, imag = (W_r + W_i)(x_+ + x_-) - W_r x_+ - W_i x_-.
-    These matmuls are most of the model's work, in every pass of the double backward."""
-    real_part = F.linear(x_plus, w_real)
-    imag_part = F.linear(x_minus, w_imag)
-    mixed = F.linear(x_plus + x_minus, w_real + w_imag)
-    return real_part - imag_part, mixed - real_part - imag_part
+    """(W_r + i W_i)(x_+ + i x_-) = (W_r x_+ - W_i x_-) + i (W_i x_+ + W_r x_-).
+
+    Four real matmuls. Gauss's three-matmul form saves a quarter of these FLOPs, but it
+    keeps x_+ + x_- alive for the backward pass, and in conservative training (double
+    backward) that cost more peak memory than fairchem's eSEN (benchmarks/model_vs_fairchem.py)."""
+    return (F.linear(x_plus, w_real) - F.linear(x_minus, w_imag),
+            F.linear(x_plus, w_imag) + F.linear(x_minus, w_real))
