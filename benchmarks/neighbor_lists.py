@@ -52,8 +52,10 @@ def ase_pairs(atoms: Atoms, cutoff: float):
 
 
 def vesin_pairs(atoms: Atoms, cutoff: float):
-    edge_index, shifts = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
-    return edge_index[1], edge_index[0], shifts
+    import vesin
+
+    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+    return calculator.compute(atoms.positions, atoms.cell.array, atoms.pbc, "ijS")
 
 
 def vesin_torch_pairs(atoms: Atoms, cutoff: float):
