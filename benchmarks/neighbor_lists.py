@@ -27,7 +27,7 @@ from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+from esen_train.data.neighbors import _pymatgen_neighbor_list, build_neighbor_list  # noqa: E402
 
 ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
 
@@ -82,16 +82,12 @@ def matscipy_pairs(atoms: Atoms, cutoff: float):
 
 
 def pymatgen_pairs(atoms: Atoms, cutoff: float):
-    from pymatgen.optimization.neighbors import find_points_in_spheres
-
     # It needs an invertible lattice even without periodicity.
     lattice = atoms.cell.array if atoms.pbc.any() else np.eye(3)
-    i, j, shifts, distances = find_points_in_spheres(
-        atoms.positions, atoms.positions, r=cutoff, pbc=atoms.pbc.astype(np.int64),
-        lattice=np.ascontiguousarray(lattice, dtype=float), tol=1e-8,
+    edge_index, shifts = _pymatgen_neighbor_list(
+        atoms.positions, np.ascontiguousarray(lattice, dtype=float), np.asarray(atoms.pbc), cutoff
     )
-    keep = (i != j) | (distances > 1e-8)  # drop each atom's zero-distance self pair
-    return i[keep], j[keep], np.rint(shifts[keep]).astype(np.int64)
+    return edge_index[1], edge_index[0], shifts
 
 
 def esen_train_pairs(atoms: Atoms, cutoff: float):
