@@ -23,12 +23,14 @@ from pathlib import Path
 
 import ase.build
 import ase.io
+import numpy as np
 import torch
 from ase import Atoms
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+from esen_train.data.dataset import record_to_graph  # noqa: E402
+from esen_train.data.records import StructureRecord  # noqa: E402
 from esen_train.model import ESEN, compile_model, load_model_config  # noqa: E402
 
 ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
@@ -45,19 +47,15 @@ def systems() -> dict[str, list[Atoms]]:
 
 
 def batch_of(structures: list[Atoms], cutoff: float) -> Batch:
-    graphs = []
-    for atoms in structures:
-        edge_index, offsets = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
-        graphs.append(Data(
-            pos=torch.tensor(atoms.positions, dtype=torch.float32),
-            atomic_numbers=torch.tensor(atoms.numbers),
-            cell=torch.tensor(atoms.cell.array, dtype=torch.float32).unsqueeze(0),
-            pbc=torch.tensor(atoms.pbc).unsqueeze(0),
-            natoms=torch.tensor([len(atoms)]),
-            edge_index=torch.from_numpy(edge_index),
-            cell_offsets=torch.from_numpy(offsets).float(),
-        ))
-    return Batch.from_data_list(graphs)
+    """The batch the data loader would give for these structures (labels zero: unused)."""
+    records = [
+        StructureRecord(
+            positions=atoms.positions, atomic_numbers=atoms.numbers, cell=atoms.cell.array, pbc=atoms.pbc,
+            energy=0.0, forces=np.zeros_like(atoms.positions), source_file="benchmark", source_index=index,
+        )
+        for index, atoms in enumerate(structures)
+    ]
+    return Batch.from_data_list([record_to_graph(record, cutoff, torch.float32) for record in records])
 
 
 def step_seconds(model: ESEN, batch: Batch, forces: str, steps: int) -> tuple[list[float], float]:
