@@ -52,6 +52,21 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
+def batch_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The batch fields both models read, as float32 tensors: each side adds its own."""
+    natoms = torch.from_numpy(arrays["natoms"])
+    return {
+        "pos": torch.from_numpy(arrays["pos"]).float(),
+        "atomic_numbers": torch.from_numpy(arrays["atomic_numbers"]),
+        "cell": torch.from_numpy(arrays["cell"]).float(),
+        "pbc": torch.from_numpy(arrays["pbc"]),
+        "natoms": natoms,
+        "edge_index": torch.from_numpy(arrays["edge_index"]),
+        "cell_offsets": torch.from_numpy(arrays["cell_offsets"]).float(),
+        "batch": torch.repeat_interleave(torch.arange(len(natoms)), natoms),
+    }
+
+
 def targets_of(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {
         "energy": torch.from_numpy(arrays["target_energy"]).float(),

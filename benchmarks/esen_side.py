@@ -44,17 +44,7 @@ def model_config(hyper: dict, direct_forces: bool) -> ModelConfig:
 
 
 def batch_of(arrays: dict[str, np.ndarray]) -> Data:
-    natoms = torch.from_numpy(arrays["natoms"])
-    return Data(
-        pos=torch.from_numpy(arrays["pos"]).float(),
-        atomic_numbers=torch.from_numpy(arrays["atomic_numbers"]),
-        cell=torch.from_numpy(arrays["cell"]).float(),
-        pbc=torch.from_numpy(arrays["pbc"]),
-        natoms=natoms,
-        edge_index=torch.from_numpy(arrays["edge_index"]),
-        cell_offsets=torch.from_numpy(arrays["cell_offsets"]).float(),
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-    )
+    return Data(**case_server.batch_tensors(arrays))
 
 
 def model_version() -> str:

@@ -80,19 +80,12 @@ def atomic_data(arrays: dict[str, np.ndarray]) -> AtomicData:
     natoms = torch.from_numpy(arrays["natoms"])
     num_atoms = int(natoms.sum())
     return AtomicData(
-        pos=torch.from_numpy(arrays["pos"]).float(),
-        atomic_numbers=torch.from_numpy(arrays["atomic_numbers"]),
-        cell=torch.from_numpy(arrays["cell"]).float(),
-        pbc=torch.from_numpy(arrays["pbc"]),
-        natoms=natoms,
-        edge_index=torch.from_numpy(arrays["edge_index"]),
-        cell_offsets=torch.from_numpy(arrays["cell_offsets"]).float(),
+        **case_server.batch_tensors(arrays),
         nedges=torch.from_numpy(arrays["nedges"]),
         charge=torch.zeros(len(natoms), dtype=torch.long),
         spin=torch.zeros(len(natoms), dtype=torch.long),
         fixed=torch.zeros(num_atoms, dtype=torch.long),
         tags=torch.zeros(num_atoms, dtype=torch.long),
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
         sid=[str(i) for i in range(len(natoms))],
     )
 
