@@ -152,9 +152,10 @@ def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None) -> di
     if not model.exists():
         model = work / "mace.model"
     test_file, predicted = work / "test.xyz", work / "test_predicted.xyz"
-    write_extxyz(test_dir, test_file, limit)
+    _, stress = write_extxyz(test_dir, test_file, limit)
     subprocess.run([str(bin_dir / "mace_eval_configs"), f"--configs={test_file}", f"--model={model}",
-                    f"--output={predicted}", "--device=cpu", "--default_dtype=float64", "--batch_size=20"],
+                    f"--output={predicted}", "--device=cpu", "--default_dtype=float64", "--batch_size=20",
+                    *(["--compute_stress"] if stress else [])],
                    check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     structures = random_subset(read_labelled_structures(test_dir), limit)
     predictions = []
