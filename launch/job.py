@@ -3,6 +3,10 @@
 submitit pickles a `TrainingJob` at submission and calls it once per task. Every task exports
 the torch.distributed environment from SLURM's (MASTER_ADDR is the first host of the job's
 node list), then runs the trainer, which joins the process group from that environment.
+A job for the local executor carries its own rendezvous instead: loopback and a port that was
+free at submission, because submitit's choice (this machine's host name and a port drawn from
+the job id) can name a port already in use, and then rank 0 fails while the other ranks wait
+for it until the process-group timeout.
 
 On a time-out or preemption SLURM sends USR2 (submitit's signal) to every task; on rank 0
 submitit calls `checkpoint()`, which asks the running trainer to save a checkpoint and returns
@@ -20,6 +24,7 @@ real outcome.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -33,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
-    def __init__(self, config: str, overrides: list[str]) -> None:
+    def __init__(self, config: str, overrides: list[str], local_master_port: int | None = None) -> None:
         self.config = config
         self.overrides = list(overrides)  # training overrides, including run_dir=<absolute path>
+        self.local_master_port = local_master_port  # set for the local executor only
         self._stopping = False
 
     def __call__(self) -> None:
@@ -44,6 +50,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # overwrite=True: SLURM copies the submitting shell's environment into the job, and a
         # stale RANK or MASTER_ADDR from there must not win over this job's own.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if self.local_master_port is not None:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.local_master_port))
         try:
             status = esen_train_main(["fit", self.config, *self.overrides])
         except UncompletedJobError:

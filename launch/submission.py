@@ -7,7 +7,9 @@ the checkpoints and metrics of the run they belong to.
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +93,23 @@ def build_executor(plan: LaunchPlan) -> submitit.AutoExecutor:
     return executor
 
 
+def free_local_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on this machine now (held open together, so no repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def submit(plan: LaunchPlan) -> list[submitit.Job]:
     """Submit every run; a sweep becomes one job array on SLURM."""
     executor = build_executor(plan)
-    jobs = [TrainingJob(plan.config_file, run.overrides) for run in plan.runs]
+    if plan.profile.executor == "local":
+        ports = free_local_ports(len(plan.runs))
+        jobs = [TrainingJob(plan.config_file, run.overrides, port) for run, port in zip(plan.runs, ports)]
+    else:
+        jobs = [TrainingJob(plan.config_file, run.overrides) for run in plan.runs]
     if len(jobs) == 1:
         return [executor.submit(jobs[0])]
     return executor.submit_array(jobs)

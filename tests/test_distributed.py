@@ -78,9 +78,9 @@ def test_slurm_batch_script_is_a_world_of_one(clean_env):
     assert world_from_environment() == (0, 0, 1)
 
 
-def test_master_port_depends_on_the_job():
-    ports = {slurm_master_port(str(job)) for job in range(100, 110)}
-    assert len(ports) == 10 and all(20000 <= port < 40000 for port in ports)
+def test_master_port_depends_on_the_job_and_avoids_ephemeral_ports():
+    ports = {slurm_master_port(str(job)) for job in [*range(100, 110), 12_345_678, 31_999]}
+    assert len(ports) == 12 and all(20000 <= port < 32768 for port in ports)
 
 
 @pytest.mark.slurm

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -287,10 +288,19 @@ def task_starts(run_dir: Path, job_id: str) -> int:
 
 
 @pytest.mark.slow
-def test_local_executor_runs_the_same_training(reference_run, tmp_path, capsys):
+def test_local_executor_runs_the_same_training(reference_run, tmp_path, capsys, monkeypatch):
+    # The same thread count as the torchrun reference, so the float32 sums agree to 1e-6.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # A MASTER_PORT left in the environment that something already listens on: submitit would
+    # reuse it, rank 0 would fail to listen and rank 1 would wait for it for 30 minutes.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
     run_dir = tmp_path / "run"
-    status = main([TINY, "cluster=local", "tasks_per_node=2", *TRAINING, f"direct.max_steps={MAX_STEPS}",
-                   f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=disabled", f"run_dir={run_dir}", "--wait"])
+    with busy:
+        status = main([TINY, "cluster=local", "tasks_per_node=2", *TRAINING, f"direct.max_steps={MAX_STEPS}",
+                       f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=disabled", f"run_dir={run_dir}", "--wait"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert re.search(r"^job \d+: completed$", out, re.M)

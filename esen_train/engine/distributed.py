@@ -25,9 +25,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# SLURM job ids map onto this port range; a job's tasks all derive the same port.
+# SLURM job ids map onto this port range; a job's tasks all derive the same port. It ends below
+# Linux's ephemeral range (32768 and up), so an outgoing connection cannot be holding the port.
 _SLURM_PORT_BASE = 20000
-_SLURM_PORT_SPAN = 20000
+_SLURM_PORT_SPAN = 12000
 
 
 @dataclass(frozen=True)
