@@ -106,6 +106,21 @@ def test_lost_weights_between_stages_are_caught(two_stage_run, tmp_path):
         fit(config)
 
 
+def test_fine_tuning_from_another_runs_checkpoint_on_other_data(two_stage_run, tmp_path):
+    """`init_from` names a checkpoint trained on other data: its recorded validation error does
+    not apply to this run's validation set, so the stage starts and logs what it measures."""
+    best = two_stage_run / "checkpoints" / "direct" / "best"
+    run = tmp_path / "run"
+    overrides = FAST + [f"run_dir={run}", "stages=[conservative]", f"conservative.init_from={best}",
+                        "data.emt_seed=7", "conservative.max_steps=2"]
+    fit(load_train_config(TINY, overrides))
+    start = next(row for row in read_metrics(run) if row["stage"] == "conservative" and row["step"] == 0)
+    assert start["loaded_from"] == str(best)
+    recorded = read_model_file(best)["metrics"]["energy_mae_mev_per_atom"]
+    assert not math.isclose(start["energy_mae_mev_per_atom"], recorded, rel_tol=1e-4)
+    assert (run / "checkpoints" / "conservative" / "last").exists()
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = ESEN.forward
