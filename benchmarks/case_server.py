@@ -146,6 +146,16 @@ def parameters_by_module(model: torch.nn.Module, depth: int = 2) -> dict[str, in
     return counts
 
 
+def set_mmap_threshold(size: int) -> None:
+    """glibc serves every allocation of `size` bytes or more with its own mmap and unmaps it
+    when freed. The resident set then follows the live tensors instead of glibc's heap, which
+    keeps freed blocks (up to 32 MB each by default) for reuse; every large allocation pays
+    page faults, so steps are slower."""
+    M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size) != 1:
+        raise RuntimeError(f"mallopt(M_MMAP_THRESHOLD, {size}) failed")
+
+
 def release_free_memory() -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -212,6 +222,8 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
     with open("/proc/self/oom_score_adj", "w") as oom_score:
         oom_score.write("1000")
     case = command["case"]
+    if case.get("malloc_mmap_threshold"):
+        set_mmap_threshold(case["malloc_mmap_threshold"])
     torch.set_num_threads(case["threads"])
     torch.manual_seed(case["seed"])
     arrays = load_arrays(command["batch"])

@@ -41,6 +41,12 @@ edge from the smaller system, which runs first), and the case processes voluntee
 the first the kernel kills when memory runs out (oom_score_adj 1000). A killed case is
 tried once more; a case that fails on one side is reported with its error and the run
 goes on; with --output the JSON so far is written after every case.
+Peak RSS includes what glibc keeps of freed memory for reuse: its heap holds freed blocks
+up to 32 MB, and how much of it stays resident depends on the order and sizes of the
+allocations, not only on how much is alive at once. `--malloc-mmap-threshold 1048576`
+makes both sides' children mmap every block of 1 MiB or more and unmap it when freed, so
+their peak RSS follows the live tensors; their steps are then slower (page faults), so
+compare only memory in such a run.
 """
 from __future__ import annotations
 
@@ -438,6 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--aspirin-molecules", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="glibc mmaps allocations of this size or more and unmaps them when freed, so peak "
+                             "RSS follows live tensors rather than glibc's heap (slower: compare memory only)")
     parser.add_argument("--fairchem-flops", action="store_true",
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -512,7 +521,8 @@ def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[
             for mode in args.modes:
                 case = {"system": system, "task": task, "mode": mode, "model": SMALL,
                         "stress": mode == "conservative" and info["periodic"],
-                        "threads": args.threads, "seed": args.seed}
+                        "threads": args.threads, "seed": args.seed,
+                        "malloc_mmap_threshold": args.malloc_mmap_threshold}
                 print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
                 item = {"case": case, "load_average_1min": round(os.getloadavg()[0], 2)}
                 item |= measure_with_retry(servers, case, info, args, memory)
