@@ -121,6 +121,23 @@ def test_fine_tuning_from_another_runs_checkpoint_on_other_data(two_stage_run, t
     assert (run / "checkpoints" / "conservative" / "last").exists()
 
 
+def test_init_from_another_run_on_the_same_data_is_checked(two_stage_run, tmp_path):
+    """The conservative stage alone, from a checkpoint whose run validated on the same data:
+    lost weights are caught as in the hand-over inside one run."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(two_stage_run, source, symlinks=True)
+    best = (source / "checkpoints" / "direct" / "best").resolve() / "model.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in payload["ema"].items()}
+    torch.save(payload, best)
+    overrides = FAST + [f"run_dir={tmp_path / 'run'}", "stages=[conservative]",
+                        f"conservative.init_from={source / 'checkpoints' / 'direct' / 'best'}"]
+    with pytest.raises(StageMismatch, match="weights were lost"):
+        fit(load_train_config(TINY, overrides))
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = ESEN.forward

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from esen_train.engine import distributed, preemption
 from esen_train.engine.checkpoint import CheckpointManager
@@ -99,6 +100,18 @@ class StageTrainer:
             return direct_best
         return None
 
+    def _checkpoint_validated_on_our_data(self) -> bool:
+        """Whether the run that wrote init_from (RUN/checkpoints/<stage>/<step>) names the same
+        validation data as this run: the same dataset directories, or the same built-in EMT set."""
+        run_config = self.init_checkpoint.resolve().parents[2] / "config.yaml"
+        if not run_config.is_file():
+            return False
+        theirs, ours = OmegaConf.load(run_config).get("data", {}), self.config.data
+        if ours.val:
+            return list(theirs.get("val", [])) == list(ours.val)
+        return (not theirs.get("val") and not theirs.get("train") and not ours.train
+                and (theirs.get("emt_structures"), theirs.get("emt_seed")) == (ours.emt_structures, ours.emt_seed))
+
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
         self.build()
@@ -179,16 +192,16 @@ class StageTrainer:
         return errors.result()
 
     def _check_loaded_weights(self) -> None:
-        """Step 0 of a stage that starts from a checkpoint: log its validation energy error.
+        """Step 0 of a stage that starts from a checkpoint: same weights, same energy error.
 
-        The hand-over inside one run (the conservative stage from this run's direct best) must
-        reproduce the error the checkpoint recorded on the same validation set. A checkpoint
-        named by `init_from` is not held to that: fine-tuning usually brings other data, and
-        another esen-train version may round float32 differently."""
+        The check needs the validation set the checkpoint's error was recorded on: always so
+        for the hand-over inside one run; for a checkpoint named by `init_from`, only if its
+        run validated on the same data (fine-tuning usually brings other data). Otherwise the
+        error is logged and not compared."""
         expected = read_model_file(self.init_checkpoint / MODEL_FILE)["metrics"].get("energy_mae_mev_per_atom")
         measured = self.validate(forces="none")["energy_mae_mev_per_atom"]
         self._log("val", {"energy_mae_mev_per_atom": measured, "loaded_from": str(self.init_checkpoint)})
-        if self.settings.init_from:
+        if self.settings.init_from and not self._checkpoint_validated_on_our_data():
             return
         if expected is not None and not math.isclose(measured, expected, rel_tol=1e-4, abs_tol=1e-6):
             raise StageMismatch(
