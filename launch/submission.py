@@ -105,11 +105,9 @@ def free_local_ports(count: int) -> list[int]:
 def submit(plan: LaunchPlan) -> list[submitit.Job]:
     """Submit every run; a sweep becomes one job array on SLURM."""
     executor = build_executor(plan)
-    if plan.profile.executor == "local":
-        ports = free_local_ports(len(plan.runs))
-        jobs = [TrainingJob(plan.config_file, run.overrides, port) for run, port in zip(plan.runs, ports)]
-    else:
-        jobs = [TrainingJob(plan.config_file, run.overrides) for run in plan.runs]
+    # On SLURM the tasks agree on a port from the job id; see launch/job.py.
+    ports = free_local_ports(len(plan.runs)) if plan.profile.executor == "local" else [None] * len(plan.runs)
+    jobs = [TrainingJob(plan.config_file, run.overrides, port) for run, port in zip(plan.runs, ports)]
     if len(jobs) == 1:
         return [executor.submit(jobs[0])]
     return executor.submit_array(jobs)
