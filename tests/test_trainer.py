@@ -2,6 +2,7 @@
 checkpoints, wandb offline files, the stage hand-over check, non-finite steps."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,13 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 def read_model_file(checkpoint_dir):
     return read_model_pt(checkpoint_dir / "model.pt")
+
+
+def halve_ema_weights(model_pt: Path) -> None:
+    """Corrupt a checkpoint the way a lost hand-over would: its weights no longer give its metrics."""
+    payload = torch.load(model_pt, weights_only=True)
+    payload["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in payload["ema"].items()}
+    torch.save(payload, model_pt)
 
 
 FAST = [
@@ -92,15 +100,11 @@ def test_wandb_offline_run_is_written_and_read_back(two_stage_run):
 def test_lost_weights_between_stages_are_caught(two_stage_run, tmp_path):
     """If the direct best checkpoint's recorded energy error does not match what its
     weights give, the conservative stage refuses to start."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(two_stage_run / "data", run / "data")
     shutil.copytree(two_stage_run / "checkpoints" / "direct", run / "checkpoints" / "direct", symlinks=True)
     best = (run / "checkpoints" / "direct" / "best").resolve() / "model.pt"
-    payload = torch.load(best, weights_only=True)
-    payload["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in payload["ema"].items()}
-    torch.save(payload, best)
+    halve_ema_weights(best)
     config = load_train_config(TINY, FAST + [f"run_dir={run}", "stages=[conservative]"])
     with pytest.raises(StageMismatch, match="weights were lost"):
         fit(config)
@@ -124,14 +128,10 @@ def test_fine_tuning_from_another_runs_checkpoint_on_other_data(two_stage_run, t
 def test_init_from_another_run_on_the_same_data_is_checked(two_stage_run, tmp_path):
     """The conservative stage alone, from a checkpoint whose run validated on the same data:
     lost weights are caught as in the hand-over inside one run."""
-    import shutil
-
     source = tmp_path / "source"
     shutil.copytree(two_stage_run, source, symlinks=True)
     best = (source / "checkpoints" / "direct" / "best").resolve() / "model.pt"
-    payload = torch.load(best, weights_only=True)
-    payload["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in payload["ema"].items()}
-    torch.save(payload, best)
+    halve_ema_weights(best)
     overrides = FAST + [f"run_dir={tmp_path / 'run'}", "stages=[conservative]",
                         f"conservative.init_from={source / 'checkpoints' / 'direct' / 'best'}"]
     with pytest.raises(StageMismatch, match="weights were lost"):
