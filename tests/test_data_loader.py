@@ -7,6 +7,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.emt import EMT
+from torch_geometric.data import Batch, Data
 
 from esen_train.data.dataset import LMDBDataset
 from esen_train.data.loader import build_dataloader
@@ -105,6 +106,20 @@ def test_item_has_the_batch_table_fields(dataset):
             assert not item.stress.any() and not item.cell.any()
         edges = {(j, i, tuple(s)) for j, i, s in zip(*item.edge_index.tolist(), item.cell_offsets.long().tolist())}
         assert edges == _expected_graph_edges(record, CUTOFF) and len(edges) == item.edge_index.shape[1]
+
+
+def test_item_is_the_graph_data_would_build(dataset):
+    """Items fill torch_geometric's storage directly (for speed): they must be the same
+    graphs as Data(**fields) and collate the same way."""
+    items = [dataset[index] for index in (0, 34)]
+    rebuilt = [Data(**{key: value for key, value in item.items()}) for item in items]
+    for item, reference in zip(items, rebuilt):
+        assert item.keys() == reference.keys() and item.num_nodes == reference.num_nodes
+        assert item.num_edges == reference.num_edges
+    batch, reference_batch = Batch.from_data_list(items), Batch.from_data_list(rebuilt)
+    assert batch.keys() == reference_batch.keys() and batch.num_graphs == 2
+    for key in reference_batch.keys():
+        assert torch.equal(batch[key], reference_batch[key]), key
 
 
 def test_float64_reader_keeps_full_precision(dataset_dirs):

@@ -78,6 +78,28 @@ def test_neighbor_list_equals_ase(make, cutoff):
     assert _our_pairs(atoms, cutoff) == expected
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_neighbor_list_equals_ase_on_random_cells(seed):
+    """Skewed cells, any mix of periodic axes, atoms outside the cell, cutoffs from a
+    fraction of the cell to several times it (many images of each atom)."""
+    rng = np.random.default_rng(seed)
+    cell = np.diag(rng.uniform(2.0, 9.0, size=3)) + rng.uniform(-1.5, 1.5, size=(3, 3))
+    pbc = rng.random(3) < 0.7
+    num_atoms = int(rng.integers(1, 40))
+    positions = rng.uniform(-0.3, 1.3, size=(num_atoms, 3)) @ cell
+    atoms = Atoms(numbers=[29] * num_atoms, positions=positions, cell=cell, pbc=pbc)
+    cutoff = float(rng.uniform(1.0, 9.0))
+    assert _our_pairs(atoms, cutoff) == _ase_pairs(atoms, cutoff)
+
+
+def test_clustered_atoms_in_a_large_cell():
+    """Far more pairs than the cell's mean density suggests: the list is sized again, not cut."""
+    rng = np.random.default_rng(3)
+    atoms = Atoms("Cu60", positions=rng.random((60, 3)) * 2.0, cell=np.eye(3) * 30.0, pbc=True)
+    pairs = _our_pairs(atoms, 4.0)
+    assert len(pairs) == 60 * 59 and pairs == _ase_pairs(atoms, 4.0)
+
+
 def test_edge_vectors_follow_the_documented_convention():
     atoms = _rattled_cu_108()
     edge_index, offsets = build_neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
@@ -91,8 +113,10 @@ def test_edge_vectors_follow_the_documented_convention():
     assert forward == backward
 
 
-def test_isolated_atom_has_no_edges():
+def test_isolated_atom_and_empty_cell_have_no_edges():
     edge_index, offsets = build_neighbor_list(np.zeros((1, 3)), np.zeros((3, 3)), [False] * 3, 6.0)
+    assert edge_index.shape == (2, 0) and offsets.shape == (0, 3)
+    edge_index, offsets = build_neighbor_list(np.zeros((0, 3)), 5.0 * np.eye(3), [True, True, False], 6.0)
     assert edge_index.shape == (2, 0) and offsets.shape == (0, 3)
 
 
@@ -101,6 +125,8 @@ def test_periodic_direction_without_lattice_vector_is_rejected():
         build_neighbor_list(np.zeros((2, 3)), np.diag([3.0, 3.0, 0.0]), [True, True, True], 5.0)
     with pytest.raises(ValueError, match="shape"):
         build_neighbor_list(np.zeros((2, 2)), np.eye(3), [True] * 3, 5.0)
+    with pytest.raises(ValueError, match="finite"):
+        build_neighbor_list(np.array([[0.0, 0.0, 0.0], [np.nan, 0.0, 0.0]]), np.eye(3), [True] * 3, 5.0)
     flat_cell = [[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 3.0, 0.0]]  # three vectors in one plane
     with pytest.raises(ValueError, match="neighbour list"):
         build_neighbor_list(np.zeros((2, 3)), flat_cell, [True] * 3, 5.0)
