@@ -64,11 +64,11 @@ def _check_inputs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cuto
         raise ValueError(f"pbc must have shape [3], got {pbc.shape}")
     if not cutoff > 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
-    # A sum is finite only if every term is: one pass instead of an elementwise test.
+    # One reduction instead of an elementwise test: a NaN or inf anywhere makes the sum
+    # non-finite (so would overflow, which needs coordinates near 1e308).
     if not np.isfinite(positions.sum() + cell.sum()):
         raise ValueError("positions and cell must be finite")
     zero_periodic = pbc & ~cell.any(axis=1)
     if zero_periodic.any():
         axis = int(np.flatnonzero(zero_periodic)[0])
         raise ValueError(f"pbc[{axis}] is True but lattice vector {axis} of the cell is zero")
-
