@@ -88,10 +88,10 @@ class LMDBDataset(Dataset):
 
 def record_to_graph(record: StructureRecord, cutoff: float, dtype: torch.dtype) -> Data:
     """One structure as a graph with the fields of ARCHITECTURE.md's batch table."""
-    edge_index, cell_offsets = build_neighbor_list(record.positions, record.cell, record.pbc, cutoff)
+    real = _NUMPY_FLOATS[dtype]
+    edge_index, cell_offsets = build_neighbor_list(record.positions, record.cell, record.pbc, cutoff, real)
     has_stress = record.stress is not None
     stress = record.stress if has_stress else np.zeros((3, 3))
-    real = _NUMPY_FLOATS[dtype]
     # Arrays are converted in numpy, then wrapped without a copy: several times cheaper
     # per call than torch's own conversions, which matters at thousands of items a second.
     arrays = {
@@ -101,7 +101,7 @@ def record_to_graph(record: StructureRecord, cutoff: float, dtype: torch.dtype) 
         "pbc": record.pbc.reshape(1, 3),
         "natoms": np.array([record.num_atoms], dtype=np.int64),
         "edge_index": edge_index,
-        "cell_offsets": cell_offsets.astype(real),
+        "cell_offsets": cell_offsets,
         # Total energies stay float64: -17,600 eV (aspirin) in float32 is only good to ~1 meV.
         "energy": np.array([record.energy], dtype=np.float64),
         "forces": record.forces.astype(real, copy=False),

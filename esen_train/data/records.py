@@ -25,6 +25,8 @@ and the fixed layout makes decoding cheap (no per-record parsing of a text heade
 """
 from __future__ import annotations
 
+import functools
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -136,26 +138,18 @@ def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
     if zlib.crc32(memoryview(data)[8:]) != crc:
         raise RecordError(f"{where}: checksum mismatch, the record is corrupted")
     try:
-        dtypes = dtypes.decode()
         source_file = data[_HEADER.size : _HEADER.size + source_length].decode()
+        layout = _array_layout(dtypes, bool(flags & _STRESS))
     except UnicodeDecodeError as error:
         raise RecordError(f"{where}: malformed header ({error})") from None
+    except RecordError as error:
+        raise RecordError(f"{where}: {error}") from None
     position = _HEADER.size + source_length + (-source_length % _ALIGN)
-    layout = [
-        ("positions", dtypes[0:3], (natoms, 3)),
-        ("atomic_numbers", dtypes[3:6], (natoms,)),
-        ("cell", dtypes[6:9], (3, 3)),
-        ("pbc", "|b1", (3,)),
-        ("forces", dtypes[9:12], (natoms, 3)),
-    ]
-    if flags & _STRESS:
-        layout.append(("stress", dtypes[12:15], (3, 3)))
     arrays = {}
-    for name, dtype, shape in layout:
-        allowed = _INTS if name == "atomic_numbers" else ("|b1",) if name == "pbc" else _FLOATS
-        if dtype not in allowed:
-            raise RecordError(f"{where}: field {name!r} has unexpected dtype {dtype!r}")
-        size = int(dtype[2]) * shape[0] * (shape[1] if len(shape) == 2 else 1)
+    for name, dtype, per_atom, shape, elements in layout:
+        if per_atom:
+            shape, elements = (natoms, *shape), natoms * elements
+        size = dtype.itemsize * elements
         if position + size > len(data):
             raise RecordError(f"{where}: field {name!r} runs past the end of the record")
         arrays[name] = np.ndarray(shape, dtype, buffer=data, offset=position)
@@ -171,3 +165,26 @@ def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
         stress=arrays.pop("stress", None),
         **arrays,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _array_layout(dtypes: bytes, has_stress: bool) -> tuple:
+    """The arrays of a record in order: (field, dtype, per atom?, shape per atom or whole,
+    elements in that shape). Checked once per distinct header, not once per record: a
+    dataset has one or a few, and rebuilding them cost a third of the decode time."""
+    text = dtypes.decode()
+    fields = [
+        ("positions", text[0:3], True, (3,), _FLOATS),
+        ("atomic_numbers", text[3:6], True, (), _INTS),
+        ("cell", text[6:9], False, (3, 3), _FLOATS),
+        ("pbc", "|b1", False, (3,), ("|b1",)),
+        ("forces", text[9:12], True, (3,), _FLOATS),
+    ]
+    if has_stress:
+        fields.append(("stress", text[12:15], False, (3, 3), _FLOATS))
+    layout = []
+    for name, dtype, per_atom, shape, allowed in fields:
+        if dtype not in allowed:
+            raise RecordError(f"field {name!r} has unexpected dtype {dtype!r}")
+        layout.append((name, np.dtype(dtype), per_atom, shape, math.prod(shape)))
+    return tuple(layout)
