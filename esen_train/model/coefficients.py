@@ -8,8 +8,8 @@ angle t turns each pair (Y_l^{+m}, Y_l^{-m}) by m*t, the same way for every l.
 In an edge-aligned frame (edge along y) only orders |m| <= mmax are kept, and they are
 grouped by order, each group one dense block of the SO(2) convolution. Edge-frame
 features are a list indexed by m ("orders"):
-    orders[0]: [E, lmax + 1, channels]                      (l = 0..lmax, m = 0)
-    orders[m]: (plus, minus), each [E, lmax + 1 - m, channels]  (orders +m and -m; l = m..lmax)
+    orders[0]: [E, lmax + 1, channels]            (l = 0..lmax, m = 0)
+    orders[m]: [E, 2 * (lmax + 1 - m), channels]  (order +m for l = m..lmax, then -m likewise)
 """
 from __future__ import annotations
 

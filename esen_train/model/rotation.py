@@ -98,17 +98,15 @@ class EdgeRotation:
         self.to_edge = wigner.index_select(1, rows)  # [E, edge_coefficients, n]
         self.to_node = (self.to_edge * envelope.view(-1, 1, 1)).transpose(1, 2).contiguous()
 
-    def rotate_to_edges(self, x: torch.Tensor) -> list:
+    def rotate_to_edges(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [E, n, C] (node coefficients gathered per edge) -> orders (views, no copies)."""
-        rotated = torch.bmm(self.to_edge, x).split(self.order_sizes, dim=1)
-        return [rotated[0]] + [part.chunk(2, dim=1) for part in rotated[1:]]
+        return list(torch.bmm(self.to_edge, x).split(self.order_sizes, dim=1))
 
-    def rotate_to_nodes(self, orders: list) -> torch.Tensor:
+    def rotate_to_nodes(self, orders: list[torch.Tensor]) -> torch.Tensor:
         """orders (all of them, or just orders[0]) -> [E, n, C] in the global frame, times the envelope."""
         if len(orders) == 1:
             return torch.bmm(self.to_node[:, :, : self.order_sizes[0]], orders[0])
-        flat = [orders[0]] + [half for plus_minus in orders[1:] for half in plus_minus]
-        return torch.bmm(self.to_node, torch.cat(flat, dim=1))
+        return torch.bmm(self.to_node, torch.cat(orders, dim=1))
 
 
 def _fibonacci_sphere(count: int) -> torch.Tensor:

@@ -4,9 +4,9 @@ In a frame whose y axis is the edge, a rotation-equivariant linear map of spheri
 coefficients only mixes coefficients of the same order |m| (across degrees l and
 channels), and acts on each pair (+m, -m) like multiplication by a complex number:
     out_{+m} = W_r x_{+m} - W_i x_{-m},   out_{-m} = W_i x_{+m} + W_r x_{-m}.
-So one layer is a few dense matmuls per order m over all edges at once: m = 0 is a plain
+So one layer is one dense matmul per order m over all edges at once: m = 0 is a plain
 linear layer (with bias), and m > 0 is a complex matrix W_r + i W_i acting on
-x_{+m} + i x_{-m} (see `complex_linear`).
+x_{+m} + i x_{-m}, written as one real matrix (see `complex_linear`).
 
 `gated=True` adds eSEN's gate nonlinearity to the output: the m = 0 layer also emits one
 gate per degree l >= 1 and channel (invariant, so any function of it is equivariant);
@@ -46,7 +46,7 @@ class SO2Convolution(nn.Module):
         # The radial weights of each order: one per input coefficient and channel.
         self.radial_sizes = [count * in_channels for count in degrees]
 
-    def forward(self, orders: list, radial: list[torch.Tensor] | None = None) -> list:
+    def forward(self, orders: list[torch.Tensor], radial: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """orders with in_channels [, radial: per order m, [E, radial_sizes[m]]] -> orders with out_channels."""
         num_edges, channels = orders[0].shape[0], self.out_channels
         radial = radial if radial is not None else [None] * len(orders)
@@ -69,24 +69,27 @@ class SO2Convolution(nn.Module):
             out0 = F.linear(x0, weight, bias).view(num_edges, -1, channels)
         outputs = [out0]
 
-        for m, ((plus, minus), radial_m, weight) in enumerate(zip(orders[1:], radial[1:], self.m_weights), 1):
-            plus, minus = plus.reshape(num_edges, -1), minus.reshape(num_edges, -1)
-            if radial_m is not None:
-                plus, minus = plus * radial_m, minus * radial_m
-            plus, minus = complex_linear(plus, minus, *weight.chunk(2, dim=0))
-            plus, minus = plus.view(num_edges, -1, channels), minus.view(num_edges, -1, channels)
+        for m, (x, radial_m, weight) in enumerate(zip(orders[1:], radial[1:], self.m_weights), 1):
+            if radial_m is not None:  # the same weights for +m and -m
+                x = (x.reshape(num_edges, 2, -1) * radial_m.unsqueeze(1)).view(num_edges, -1)
+            else:
+                x = x.reshape(num_edges, -1)
+            out = complex_linear(x, *weight.chunk(2, dim=0)).view(num_edges, 2, -1, channels)
             if self.gated:  # orders[m] holds degrees m..lmax: gates m-1..lmax-1
-                plus, minus = plus * gates[:, m - 1:], minus * gates[:, m - 1:]
-            outputs.append((plus, minus))
+                out = out * gates[:, m - 1:].unsqueeze(1)
+            outputs.append(out.view(num_edges, -1, channels))
         return outputs
 
 
-def complex_linear(x_plus: torch.Tensor, x_minus: torch.Tensor, w_real: torch.Tensor,
-                   w_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_r + i W_i)(x_+ + i x_-) = (W_r x_+ - W_i x_-) + i (W_i x_+ + W_r x_-).
+def complex_linear(x: torch.Tensor, w_real: torch.Tensor, w_imag: torch.Tensor) -> torch.Tensor:
+    """(W_r + i W_i)(x_+ + i x_-) = (W_r x_+ - W_i x_-) + i (W_i x_+ + W_r x_-), for x = [x_+, x_-]
+    along the last axis, returning [out_+, out_-] the same way.
 
-    Four real matmuls. Gauss's three-matmul form saves a quarter of these FLOPs, but it
-    keeps x_+ + x_- alive for the backward pass, and in conservative training (double
-    backward) that cost more peak memory than fairchem's eSEN (benchmarks/model_vs_fairchem.py)."""
-    return (F.linear(x_plus, w_real) - F.linear(x_minus, w_imag),
-            F.linear(x_plus, w_imag) + F.linear(x_minus, w_real))
+    One matmul by the real matrix [[W_r, -W_i], [W_i, W_r]]: the same FLOPs as four matmuls
+    by W_r and W_i, but one output of twice the size instead of four halves. In conservative
+    training (a double backward) the four halves were mid-size blocks that glibc keeps in its
+    heap and fragments: peak RSS was 1.12x fairchem's eSEN on Cu (benchmarks/README.md).
+    Gauss's three-matmul form saves a quarter of the FLOPs but keeps x_+ + x_- alive for the
+    backward pass, which cost more memory still."""
+    real_form = torch.cat([torch.cat([w_real, -w_imag], dim=1), torch.cat([w_imag, w_real], dim=1)], dim=0)
+    return F.linear(x, real_form)
