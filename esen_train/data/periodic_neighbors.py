@@ -107,19 +107,15 @@ def _expected_edges(num_atoms: int, volume: float, pbc: np.ndarray, cutoff: floa
 # is not finite.
 @numba.njit(cache=True)
 def _pair_search(positions, cell, pbc, cutoff, pairs, shifts):
-    if not (np.isfinite(positions).all() and np.isfinite(cell).all()):
+    if not _all_finite(positions, cell):
         return -1
     num_atoms = positions.shape[0]
     inverse = _inverse_3x3(cell)
-    fractional = np.empty((num_atoms, 3))  # positions @ inverse, as loops: no BLAS to compile
-    for atom in range(num_atoms):
-        for axis in range(3):
-            fractional[atom, axis] = positions[atom, 0] * inverse[0, axis] \
-                + positions[atom, 1] * inverse[1, axis] + positions[atom, 2] * inverse[2, axis]
-    # |fractional component a| < cutoff / (plane spacing a) = cutoff * |column a of the inverse|.
+    fractional = _fractional(positions, inverse)
+    # A vector shorter than the cutoff has |fractional component a| < cutoff / (plane spacing a).
     reach = np.empty(3)
     for axis in range(3):
-        reach[axis] = cutoff * math.sqrt(inverse[0, axis] ** 2 + inverse[1, axis] ** 2 + inverse[2, axis] ** 2)
+        reach[axis] = cutoff / _plane_spacing(inverse, axis)
     capacity, count = shifts.shape[0], 0
     cutoff_squared = cutoff * cutoff
     for i in range(num_atoms):
@@ -147,9 +143,7 @@ def _pair_search(positions, cell, pbc, cutoff, pairs, shifts):
                             shifts[count, 0], shifts[count, 1], shifts[count, 2] = s0, s1, s2
                             shifts[count + 1, 0], shifts[count + 1, 1], shifts[count + 1, 2] = -s0, -s1, -s2
                         count += 2
-    if count <= capacity:
-        for edge in range(count):  # forward: each entry moves down, never onto one not yet read
-            pairs[count + edge] = pairs[capacity + edge]
+    _move_centres_down(pairs, count, capacity)
     return count
 
 
@@ -167,7 +161,7 @@ def _shift_range(difference, reach, periodic):
 
 @numba.njit(cache=True)
 def _cell_search(positions, cell, pbc, cutoff, pairs, shifts):
-    if not (np.isfinite(positions).all() and np.isfinite(cell).all()):
+    if not _all_finite(positions, cell):
         return -1
     whole, num_bins, reach, start, order, binned = _bin_atoms(positions, cell, pbc, cutoff)
     capacity, count = shifts.shape[0], 0
@@ -215,9 +209,7 @@ def _cell_search(positions, cell, pbc, cutoff, pairs, shifts):
                                             shift = s + whole[i, axis] - whole[j, axis]
                                             shifts[count, axis], shifts[count + 1, axis] = shift, -shift
                                     count += 2  # past capacity: still counted, to size the next try
-    if count <= capacity:
-        for edge in range(count):  # forward: each entry moves down, never onto one not yet read
-            pairs[count + edge] = pairs[capacity + edge]
+    _move_centres_down(pairs, count, capacity)
     return count
 
 
@@ -231,11 +223,7 @@ def _bin_atoms(positions, cell, pbc, cutoff):
     Cartesian position."""
     num_atoms = positions.shape[0]
     inverse = _inverse_3x3(cell)
-    fractional = np.zeros((num_atoms, 3))  # positions @ inverse, as loops: no BLAS to compile
-    for atom in range(num_atoms):
-        for axis in range(3):
-            for k in range(3):
-                fractional[atom, axis] += positions[atom, k] * inverse[k, axis]
+    fractional = _fractional(positions, inverse)
     whole = np.zeros((num_atoms, 3), dtype=np.int64)  # cells removed by wrapping
     low, extent = np.zeros(3), np.ones(3)
     num_bins, reach = np.ones(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
@@ -248,7 +236,7 @@ def _bin_atoms(positions, cell, pbc, cutoff):
             low[axis] = fractional[:, axis].min()
             extent[axis] = max(fractional[:, axis].max() - low[axis], 1e-12)
         # Spacing of the lattice planes normal to this axis, times the fraction occupied.
-        width = extent[axis] / math.sqrt(inverse[0, axis] ** 2 + inverse[1, axis] ** 2 + inverse[2, axis] ** 2)
+        width = extent[axis] * _plane_spacing(inverse, axis)
         num_bins[axis] = max(1, int(width * _BINS_PER_CUTOFF / cutoff))
         reach[axis] = math.ceil(cutoff / (width / num_bins[axis]))
         if not pbc[axis]:  # a non-periodic axis never needs more than its own bins
@@ -279,6 +267,36 @@ def _bin_atoms(positions, cell, pbc, cutoff):
             for k in range(3):
                 binned[slot, axis] += fractional[atom, k] * cell[k, axis]
     return whole, num_bins, reach, start, order, binned
+
+
+@numba.njit(cache=True)
+def _all_finite(positions, cell):
+    return np.isfinite(positions).all() and np.isfinite(cell).all()
+
+
+@numba.njit(cache=True)
+def _fractional(positions, inverse):
+    """positions @ inverse, as loops: no BLAS to compile."""
+    fractional = np.empty((positions.shape[0], 3))
+    for atom in range(positions.shape[0]):
+        for axis in range(3):
+            fractional[atom, axis] = positions[atom, 0] * inverse[0, axis] \
+                + positions[atom, 1] * inverse[1, axis] + positions[atom, 2] * inverse[2, axis]
+    return fractional
+
+
+@numba.njit(cache=True)
+def _plane_spacing(inverse, axis):
+    """Distance between the lattice planes spanned by the two cell vectors other than `axis`."""
+    return 1.0 / math.sqrt(inverse[0, axis] ** 2 + inverse[1, axis] ** 2 + inverse[2, axis] ** 2)
+
+
+@numba.njit(cache=True)
+def _move_centres_down(pairs, count, capacity):
+    """Centres from pairs[capacity:] to pairs[count:], once the search fitted (see above)."""
+    if count <= capacity:
+        for edge in range(count):  # forward: each entry moves down, never onto one not yet read
+            pairs[count + edge] = pairs[capacity + edge]
 
 
 @numba.njit(cache=True)
