@@ -5,7 +5,7 @@
 
 DATASET is one of rmd17-aspirin, rmd17-ethanol, mlearn-si, mlearn-li, acac (configs/DATASET.yaml).
 Steps, all through the user-facing commands:
-1. data: `esen-data convert` the files of /work/shared/data into data/real/DATASET_all and
+1. data: `esen-data convert` the files of ../shared/data into data/real/DATASET_all and
    DATASET_test, and `esen-data split` the training file into DATASET_train / DATASET_val
    (rMD17: 50 of the 1000 training structures for validation; mlearn: 10%; AcAc has no
    published test file here, so 80/10/10 of train_300K). Existing directories are reused.
@@ -41,15 +41,17 @@ import ase.io
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ESEN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # its sibling scripts, also when loaded by a test
+from shared_data import SHARED_DATA  # noqa: E402
+
 DATA_DIR = REPO_ROOT / "data" / "real"
 DIRECT_SHARE = 0.6  # of the budget's step time; the rest goes to the conservative stage
 
 # rMD17 split 01, N_train = 1000, test MAE: energy meV per molecule, forces meV/Å. From the
 # rMD17 table of the MACE paper (Batatia et al., arXiv:2206.07697, NeurIPS 2022), as listed in
-# /work/shared/data/README.md (read from a copy of the table; Allegro, BOTNet and NequIP are
+# ../shared/data/README.md (read from a copy of the table; Allegro, BOTNet and NequIP are
 # the numbers the MACE paper quotes).
-RMD17_SOURCE = "Batatia et al., MACE, arXiv:2206.07697, rMD17 table (N_train=1000), via /work/shared/data/README.md"
+RMD17_SOURCE = "Batatia et al., MACE, arXiv:2206.07697, rMD17 table (N_train=1000), via ../shared/data/README.md"
 RMD17_PUBLISHED = {
     "aspirin": {"MACE": (2.2, 6.6), "Allegro": (2.3, 7.3), "BOTNet": (2.3, 8.5), "NequIP": (2.3, 8.2)},
     "ethanol": {"MACE": (0.4, 2.1), "Allegro": (0.4, 2.1), "BOTNet": (0.4, 3.2), "NequIP": (0.4, 2.8)},
@@ -66,7 +68,7 @@ MLEARN_PUBLISHED = {  # model -> (energy meV/atom, forces meV/Å)
     "li": {"GAP": (0.49, 10.0), "MTP": (0.49, 10.0)},
 }
 ACAC_SOURCE = ("not comparable: MACE paper (arXiv:2206.07697) Table 3 gives RMSE on the 300 K and 600 K test "
-               "files, which are not in /work/shared/data (this test set is 10% of train_300K): 300 K E/F "
+               "files, which are not in ../shared/data (this test set is 10% of train_300K): 300 K E/F "
                "MACE 0.9 meV / 5.1 meV/Å, NequIP 0.81 / 5.90, BOTNet 0.89 / 6.3; 600 K MACE 4.6 / 22.4")
 
 
@@ -124,7 +126,7 @@ def prepare_data(dataset: Dataset) -> dict[str, Path]:
     """The train/val/test dataset directories, converted and split once."""
     source = SHARED_DATA / dataset.train_file
     if not source.exists():
-        raise FileNotFoundError(f"{source} is absent: the real DFT data of /work/shared/data is needed")
+        raise FileNotFoundError(f"{source} is absent: the real DFT data of ../shared/data is needed")
     parts = ("train", "val", "test")
     if all((dataset.split_dir(part) / "manifest.json").exists() for part in parts):
         return {part: dataset.split_dir(part) for part in parts}
@@ -250,7 +252,6 @@ def write_test_subset(test_dir: Path, limit: int, path: Path) -> Path:
 
     from esen_train.evaluation.errors import read_labelled_structures
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from mace_side import random_subset
 
     frames = []

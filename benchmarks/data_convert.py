@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esen_train.data.convert import convert  # noqa: E402
+from shared_data import SHARED_DATA  # noqa: E402
 from esen_train.data.emt import write_emt_extxyz  # noqa: E402
 from esen_train.data.manifest import DatasetDirectory  # noqa: E402
 from esen_train.data.records import decode_record  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DECODE_TARGET = 20_000
 
 

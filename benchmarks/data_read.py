@@ -36,12 +36,12 @@ from ase.calculators.emt import EMT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esen_train.data.convert import convert  # noqa: E402
+from shared_data import ASPIRIN  # noqa: E402
 from esen_train.data.dataset import LMDBDataset  # noqa: E402
 from esen_train.data.loader import build_dataloader  # noqa: E402
 from esen_train.data.records import StructureRecord  # noqa: E402
 from esen_train.data.writer import DatasetWriter  # noqa: E402
 
-ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
 CUTOFF = 6.0
 SMALL_MOLECULES = ("H2O", "CH4", "NH3", "C2H6", "CH3OH", "C2H4", "HCN", "CO2")
 

@@ -3,7 +3,7 @@
     python benchmarks/mace_side.py DATASET --budget-minutes M --train DIR --val DIR --test DIR --out DIR
 
 benchmarks/accuracy.py --mace calls this with its own dataset directories, so both models see
-the same structures. mace-torch lives in its own virtualenv, /work/main/.venvs/mace (ignored by
+the same structures. mace-torch lives in its own virtualenv, .venvs/mace in the checkout (ignored by
 git), made on first use: `python -m venv`, then `pip install torch==2.13.0` first (the CPU wheel
 on this disk; an unpinned torch pulls a multi-GB CUDA build), then `pip install mace-torch`.
 

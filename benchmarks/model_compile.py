@@ -30,10 +30,10 @@ from torch_geometric.data import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esen_train.data.dataset import record_to_graph  # noqa: E402
+from shared_data import ASPIRIN  # noqa: E402
 from esen_train.data.records import StructureRecord  # noqa: E402
 from esen_train.model import ESEN, compile_model, load_model_config  # noqa: E402
 
-ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
 
 
 def systems() -> dict[str, list[Atoms]]:

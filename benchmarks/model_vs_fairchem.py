@@ -69,9 +69,9 @@ from ase import Atoms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+from shared_data import ASPIRIN  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
-ASPIRIN = REPO.parent / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
 DEFAULT_VENV = REPO / ".venvs" / "fairchem"
 TORCH_PIN = "torch==2.13.0"
 FAIRCHEM_PIN = "fairchem-core==2.24.0"

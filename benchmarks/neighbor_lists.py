@@ -37,9 +37,9 @@ from ase.neighborlist import primitive_neighbor_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+from shared_data import ASPIRIN  # noqa: E402
 from esen_train.data.periodic_neighbors import cell_neighbor_list, pair_neighbor_list  # noqa: E402
 
-ASPIRIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17" / "aspirin_train.xyz"
 
 
 STREAM = 32  # structures per timed stream

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_fit_parser(commands) -> None:
     fit = commands.add_parser("fit", help="train the stages of a config")
-    fit.add_argument("config", help="YAML file in configs/ (e.g. configs/tiny.yaml)")
+    fit.add_argument("config", help="a YAML path (configs/tiny.yaml) or a shipped config by name (tiny)")
     fit.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. direct.max_steps=100")
     fit.add_argument("--nproc", type=int, default=1, help="start N local processes (torch.distributed.run)")
     fit.set_defaults(run=_run_fit)

@@ -20,11 +20,12 @@ import ase.build
 import ase.io
 from ase.calculators.emt import EMT
 
+from esen_train import CONFIG_DIR
 from esen_train.data import cli as data_cli
 from esen_train.data.emt import write_emt_extxyz
 from esen_train.evaluation.md import run_nve
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIG = CONFIG_DIR / "quickstart.yaml"
 MD_TIMESTEP_FS, MD_TEMPERATURE_K = 2.0, 300.0
 
 

@@ -24,10 +24,10 @@ import submitit
 import torch
 
 from esen_train.engine import preemption
-from launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
-from launch.job import TrainingJob
-from launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
-from launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit
+from esen_train.launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
+from esen_train.launch.job import TrainingJob
+from esen_train.launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
+from esen_train.launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit
 from tests.slurm_cluster import job_state, jobs_named, require_slurm_cluster
 
 REPO = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_sacct_sees_finished_and_failed_jobs(cluster, tmp_path):
 
 
 def all_reduce_ranks() -> dict:
-    """Runs in each task of a two-node job: join a gloo group the way launch/job.py does."""
+    """Runs in each task of a two-node job: join a gloo group the way esen_train/launch/job.py does."""
     import torch
     import torch.distributed as dist
 

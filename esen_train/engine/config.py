@@ -14,6 +14,7 @@ from typing import Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from esen_train import shipped_config
 from esen_train.model.config import ModelConfig, load_model_config
 
 
@@ -99,8 +100,9 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read CONFIG and `key=value` overrides into a validated `TrainConfig`."""
-    path = Path(path)
+    """Read CONFIG (a YAML path, or the name of a shipped config such as `tiny`) and
+    `key=value` overrides into a validated `TrainConfig`."""
+    path = shipped_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     schema = OmegaConf.structured(TrainConfig)

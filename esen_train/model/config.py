@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESET_DIR = REPO_ROOT / "configs" / "model"
+from esen_train import CONFIG_DIR
+
+PRESET_DIR = CONFIG_DIR / "model"
 
 FEED_FORWARDS = ("spectral", "grid")
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from esen_train import shipped_config
 from esen_train.engine.config import ConfigError, load_train_config
 from esen_train.engine.tracking import resolve_wandb_mode
-from launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
-from launch.slurm_info import SlurmUnreachable, query_cluster
-from launch.submission import LaunchPlan, Run, sbatch_script, submit
+from esen_train.launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
+from esen_train.launch.slurm_info import SlurmUnreachable, query_cluster
+from esen_train.launch.submission import LaunchPlan, Run, sbatch_script, submit
 
 WANDB_ID_FILE = "wandb_run_id"  # kept in the run directory by esen_train.engine.tracking
 
@@ -56,7 +57,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="esen-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("config", help="training config, e.g. configs/tiny.yaml")
+    parser.add_argument("config", help="training config: a YAML path, or a shipped config by name (tiny, quickstart)")
     parser.add_argument("overrides", nargs="*", help="cluster=NAME, launch keys and training overrides (key=value)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="vary a training key (repeat for a grid)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
@@ -71,7 +72,7 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     if cluster is None:
         raise ProfileError("choose a cluster profile with cluster=NAME (configs/cluster/NAME.yaml), e.g. cluster=local")
     profile = load_profile(cluster, launch_keys)
-    config_path = Path(config).resolve()
+    config_path = shipped_config(config).resolve()
     base = load_train_config(config_path, training_overrides)
     base_run_dir = Path(base.run_dir).resolve()
     if profile.nodes * profile.tasks_per_node > 1 and base.strategy.name == "single":

@@ -19,8 +19,8 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from esen_train.engine.config import TrainConfig
-from launch.job import TrainingJob
-from launch.profile import ClusterProfile
+from esen_train.launch.job import TrainingJob
+from esen_train.launch.profile import ClusterProfile
 
 
 @dataclass
@@ -105,7 +105,7 @@ def free_local_ports(count: int) -> list[int]:
 def submit(plan: LaunchPlan) -> list[submitit.Job]:
     """Submit every run; a sweep becomes one job array on SLURM."""
     executor = build_executor(plan)
-    # On SLURM the tasks agree on a port from the job id; see launch/job.py.
+    # On SLURM the tasks agree on a port from the job id; see job.py.
     ports = free_local_ports(len(plan.runs)) if plan.profile.executor == "local" else [None] * len(plan.runs)
     jobs = [TrainingJob(plan.config_file, run.overrides, port) for run, port in zip(plan.runs, ports)]
     if len(jobs) == 1:

@@ -17,9 +17,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.slurm_info import ClusterInfo, NodeInfo
+from esen_train import CONFIG_DIR
+from esen_train.launch.slurm_info import ClusterInfo, NodeInfo
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "cluster"
+PROFILE_DIR = CONFIG_DIR / "cluster"
 EXECUTORS = ("slurm", "local")
 
 
