@@ -90,12 +90,7 @@ class SphereGrid(nn.Module):
         super().__init__()
         latitude = resolution or 2 * (lmax + 1)
         longitude = resolution or 2 * (lmax + 1) + 1
-        size = (lmax + 1) ** 2
-        to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral", dtype=torch.float64)
-        from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral", dtype=torch.float64)
-        to_matrix = to_grid(torch.eye(size, dtype=torch.float64)).reshape(size, -1).T  # [points, size]
-        points = latitude * longitude
-        from_matrix = from_grid(torch.eye(points, dtype=torch.float64).view(points, latitude, longitude))
+        to_matrix, from_matrix = _grid_matrices(lmax, latitude, longitude)
         self.register_buffer("to_matrix", to_matrix, persistent=False)  # [points, size]
         self.register_buffer("from_matrix", from_matrix, persistent=False)  # [points, size]
 
@@ -104,6 +99,23 @@ class SphereGrid(nn.Module):
 
     def from_grid(self, values: torch.Tensor) -> torch.Tensor:
         return torch.einsum("pk,npc->nkc", self.from_matrix.to(values.dtype), values)
+
+
+def _grid_matrices(lmax: int, latitude: int, longitude: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e3nn's maps coefficients -> grid values and back, both [points, (lmax+1)^2], computed in
+    float64 (e3nn computes its quadrature weights in the default dtype, whatever `dtype` says:
+    float32 would leave the round trip grid -> coefficients good to 1e-7 only)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        size, points = (lmax + 1) ** 2, latitude * longitude
+        to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral")
+        from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral")
+        to_matrix = to_grid(torch.eye(size)).reshape(size, -1).T
+        from_matrix = from_grid(torch.eye(points).view(points, latitude, longitude))
+        return to_matrix, from_matrix
+    finally:
+        torch.set_default_dtype(default)
 
 
 class GridFeedForward(nn.Module):
