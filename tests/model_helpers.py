@@ -81,6 +81,18 @@ def rattled_slab() -> Atoms:
     return atoms
 
 
+def crossing_cluster(x: float) -> Atoms:
+    """Three atoms; the third moves along x and crosses the first atom's cutoff sphere at
+    x = crossing_x(cutoff), while it stays within the second atom's (for cutoffs of 4-6 Å),
+    so only one edge pair switches."""
+    return Atoms("CON", positions=[[0.0, 0.0, 0.0], [2.5, 0.8, 0.0], [x, 0.3, 0.2]])
+
+
+def crossing_x(cutoff: float) -> float:
+    """x where the moving atom of `crossing_cluster` is exactly `cutoff` away from the first."""
+    return float(np.sqrt(cutoff**2 - 0.3**2 - 0.2**2))
+
+
 def mixed_batch(cutoff: float) -> Batch:
     return to_batch([rattled_alloy(), rattled_molecule(), rattled_slab()], cutoff)
 

@@ -1,4 +1,6 @@
-"""Smoothness at the cutoff: the envelope, and an atom crossing another's cutoff sphere.
+"""Smoothness at the cutoff of the tiny model: an atom moving through another's cutoff sphere
+(tests/model/test_conformance.py checks continuity for several configs, and
+tests/model/test_radial.py the envelope itself).
 
 The graph is rebuilt by the neighbour list at every point of the path, as in MD, so the
 crossing edge really appears and disappears; energy and forces must not notice.
@@ -7,77 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from ase import Atoms
 
-from esen_train.model.radial import PolynomialEnvelope
-from tests.model_helpers import tiny_model, to_batch
+from tests.model_helpers import crossing_cluster, crossing_x, tiny_model, to_batch
 
 CUTOFF = 5.0
 
 
-def test_envelope_value_and_two_derivatives_vanish_at_the_cutoff():
-    envelope = PolynomialEnvelope(CUTOFF, exponent=5)
-    distance = torch.tensor([0.0, CUTOFF * (1 - 1e-7), CUTOFF, CUTOFF * 1.2], dtype=torch.float64, requires_grad=True)
-    value = envelope(distance)
-    (first,) = torch.autograd.grad(value.sum(), distance, create_graph=True)
-    (second,) = torch.autograd.grad(first.sum(), distance)
-    assert value[0] == 1.0 and first[0] == 0.0
-    assert abs(value[1]) < 1e-18 and abs(first[1]) < 1e-12 and abs(second[1]) < 1e-5
-    assert value[2] == 0.0 and first[2] == 0.0 and second[2] == 0.0
-    assert value[3] == 0.0 and first[3] == 0.0
-
-
-def cluster(x: float) -> Atoms:
-    """Three atoms; the third moves along x and crosses the first atom's cutoff at x = CUTOFF
-    while it stays within the second atom's cutoff, so only one edge pair switches."""
-    return Atoms("CON", positions=[[0.0, 0.0, 0.0], [2.5, 0.8, 0.0], [x, 0.3, 0.2]])
-
-
 def distance_to_first(x: float) -> float:
-    return float(np.linalg.norm(cluster(x).positions[2] - cluster(x).positions[0]))
-
-
-def crossing_x() -> float:
-    """x where atom 2 is exactly CUTOFF away from atom 0."""
-    return float(np.sqrt(CUTOFF**2 - 0.3**2 - 0.2**2))
-
-
-def test_energy_and_forces_are_continuous_when_an_atom_crosses_the_cutoff():
-    model = tiny_model()
-    x_cross = crossing_x()
-
-    def outputs(x: float):
-        batch = to_batch([cluster(x)], CUTOFF)
-        out = model(batch)
-        return batch.num_edges, float(out["energy"][0]), out["forces"]
-
-    edges = {}
-    # Approach the crossing from both sides: the jump must shrink with the gap (it is the
-    # smooth change over the gap), where a discontinuity would leave a constant jump.
-    energy_jumps, force_jumps = [], []
-    for gap in (1e-2, 1e-3, 1e-4):
-        edges_in, energy_in, forces_in = outputs(x_cross - gap)
-        edges_out, energy_out, forces_out = outputs(x_cross + gap)
-        edges[gap] = (edges_in, edges_out)
-        energy_jumps.append(abs(energy_in - energy_out))
-        force_jumps.append(float((forces_in - forces_out).abs().max()))
-    assert all(inside == outside + 2 for inside, outside in edges.values())  # the pair j<->i switches
-    for larger, smaller in zip(energy_jumps, energy_jumps[1:]):
-        assert smaller < larger / 5
-    for larger, smaller in zip(force_jumps, force_jumps[1:]):
-        assert smaller < larger / 5
+    positions = crossing_cluster(x).positions
+    return float(np.linalg.norm(positions[2] - positions[0]))
 
 
 def test_energy_along_a_path_through_the_cutoff_has_no_step():
     """Energies on a fine path across the crossing: every step's change matches the force
     (the energy's slope) to the path's resolution, so no step hides at the crossing."""
     model = tiny_model()
-    x_cross = crossing_x()
+    x_cross = crossing_x(CUTOFF)
     step = 2e-3
     xs = x_cross + step * (np.arange(21) - 10.5)  # the crossing lies between two points
     energies, slopes = [], []
     for x in xs:
-        out = model(to_batch([cluster(x)], CUTOFF))
+        out = model(to_batch([crossing_cluster(x)], CUTOFF))
         energies.append(float(out["energy"][0]))
         slopes.append(-float(out["forces"][2, 0]))  # dE/dx of the moving atom
     energies, slopes = np.array(energies), np.array(slopes)
@@ -90,7 +42,7 @@ def test_energy_along_a_path_through_the_cutoff_has_no_step():
 def test_an_edge_at_the_cutoff_contributes_nothing():
     """Adding the pair at exactly r = cutoff to the graph changes neither energy nor forces."""
     model = tiny_model()
-    batch = to_batch([cluster(crossing_x())], CUTOFF)
+    batch = to_batch([crossing_cluster(crossing_x(CUTOFF))], CUTOFF)
     out = model(batch)
     pair = torch.tensor([[2, 0], [0, 2]])
     present = {tuple(edge) for edge in batch.edge_index.T.tolist()}
