@@ -72,7 +72,7 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     if cluster is None:
         raise ProfileError("choose a cluster profile with cluster=NAME (configs/cluster/NAME.yaml), e.g. cluster=local")
     profile = load_profile(cluster, launch_keys)
-    config_path = shipped_config(config).resolve()
+    config_path = shipped_config(config).absolute()  # as given: configs/ is a link
     base = load_train_config(config_path, training_overrides)
     base_run_dir = Path(base.run_dir).resolve()
     if profile.nodes * profile.tasks_per_node > 1 and base.strategy.name == "single":
