@@ -73,7 +73,8 @@ class RunStatus:
         }
 
     def __enter__(self) -> RunStatus:
-        self._write()
+        if self.enabled:
+            self._write()
         return self
 
     def __exit__(self, exc_type, error, traceback) -> None:

@@ -254,8 +254,8 @@ class StageTrainer:
 
     def _note_preemption(self) -> None:
         """Called from submitit's signal handler on rank 0, after `_save_on_preemption`."""
-        self.console.write(f"{self.stage} preempted at step {self.progress.step}: SLURM requeues the job")
         self.status.preempted()
+        self.console.write(f"{self.stage} preempted at step {self.progress.step}: SLURM requeues the job")
 
     def _log(self, split: str, metrics: dict) -> None:
         """A metrics row (split train, val or end) to metrics.jsonl and wandb, the console and status.json."""
