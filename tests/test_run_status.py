@@ -3,9 +3,9 @@
 running or were killed; `--quiet`; early stopping and the reason each stage ended."""
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,8 +91,6 @@ def test_early_stopping_ends_the_stage_and_says_why(early_stopped_run, capsys):
 
 @pytest.mark.slow
 def test_a_stage_that_stopped_early_stays_stopped_when_started_again(early_stopped_run, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(early_stopped_run[0], run_dir, symlinks=True)
     fit(load_train_config(TINY, [*EARLY_STOPPING, f"run_dir={run_dir}"]))

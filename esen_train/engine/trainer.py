@@ -2,8 +2,10 @@
 
 The loop is: set the learning rate, run `grad_accum_steps` micro-batches forward and
 backward, clip and step (a non-finite gradient skips the step on every rank), update the
-EMA, then log, validate and checkpoint on their schedules. Everything a resumed run needs
-(optimizer, EMA, sampler position, RNG, step, best metric) goes into each checkpoint.
+EMA, then log, validate and checkpoint on their schedules, until `max_steps` or early
+stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
+sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
+goes to the console (esen_train.progress) and RUN/status.json (engine/status.py).
 """
 from __future__ import annotations
 

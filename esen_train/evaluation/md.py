@@ -31,8 +31,9 @@ def run_nve(
 ) -> dict:
     """Run `steps` velocity-Verlet steps from Maxwell-Boltzmann velocities drawn with `seed`.
 
-    `atoms` is not modified; `progress` counts the steps, with the total energy's change so far. Returns the drift summary of `energy_drift` plus the run's settings
+    `atoms` is not modified. Returns the drift summary of `energy_drift` plus the run's settings
     and the per-step series `time_ps`, `potential_energy_ev`, `kinetic_energy_ev` (step 0 included).
+    `progress` counts the steps, with the total energy's change so far.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
