@@ -52,7 +52,7 @@ class RunStatus:
         self.enabled = enabled
         if not enabled:
             return
-        previous = _read_json(self.path) if self.path.is_file() else {}
+        previous = _previous_status(self.path)
         stages = previous.get("stages", {})
         self.status = {
             "state": "running",
@@ -84,8 +84,8 @@ class RunStatus:
             self.fail(error)
 
     def start_stage(self, stage: str, step: int) -> None:
+        self._set_stage(stage, state="running", end_reason=None, step=step)
         self._update(stage=stage)
-        self._update_stage(stage, state="running", end_reason=None, step=step)
 
     def record(self, row: dict, timing: dict) -> None:
         """A metrics row of the trainer (`train`, `val` or `end`) and the stage's elapsed and
@@ -96,27 +96,28 @@ class RunStatus:
             fields[split] = {key: _finite_or_none(value) for key, value in row.items() if key not in ("stage", "split")}
         elif split == "end":
             fields.update(state="ended", end_reason=row["reason"], time_left_s=0.0)
-        self._update_stage(stage, **fields)
+        self._set_stage(stage, **fields)
+        self._update()
 
     def checkpoint(self, stage: str, directory: Path, step: int, best_metrics: dict | None) -> None:
         """A checkpoint of `step` was written to `directory`; `best_metrics` are its validation
         metrics when it is the stage's new best, else None."""
         if not self.enabled:
             return
-        fields = {"last_checkpoint": str(directory)}
         if best_metrics is not None:
-            metric = self.status["stages"][stage]["best_metric"]
+            metric = self._stages[stage]["best_metric"]
             if metric not in best_metrics:
                 metric = "energy_mae_mev_per_atom"
-            fields["best"] = {"metric": metric, "value": best_metric_value(best_metrics, metric), "step": step,
-                              "checkpoint": str(directory)}
+            best = {"metric": metric, "value": best_metric_value(best_metrics, metric), "step": step,
+                    "checkpoint": str(directory)}
+            self._set_stage(stage, best=best)
+        self._set_stage(stage, last_checkpoint=str(directory))
         self._update(last_checkpoint=str(directory))
-        self._update_stage(stage, **fields)
 
     def preempted(self) -> None:
         """SLURM is stopping the job to requeue it (called from the signal handler)."""
         if self.enabled:
-            self._update_stage(self.status["stage"], state="ended", end_reason="preempted")
+            self._set_stage(self.status["stage"], state="ended", end_reason="preempted")
             self._update(state="preempted")
 
     def fail(self, error: BaseException) -> None:
@@ -125,15 +126,19 @@ class RunStatus:
         if not self.enabled or self.status["state"] == "preempted":
             return
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self._update_stage(self.status["stage"], state="ended", end_reason="failed")
+        self._set_stage(self.status["stage"], state="ended", end_reason="failed")
         self._update(state="failed", error=message)
 
-    def _update_stage(self, stage: str, **fields) -> None:
+    @property
+    def _stages(self) -> dict:
+        return self.status["stages"]
+
+    def _set_stage(self, stage: str, **fields) -> None:
         if self.enabled:
-            self.status["stages"][stage].update(fields)
-            self._update()
+            self._stages[stage].update(fields)
 
     def _update(self, **fields) -> None:
+        """Set run-level fields and write the file."""
         if self.enabled:
             self.status.update(fields, updated_at=_now())
             self._write()
@@ -142,9 +147,13 @@ class RunStatus:
         """Temporary file (a unique name: the preemption handler may write in the middle of
         another write), then rename."""
         descriptor, temporary = tempfile.mkstemp(prefix=f".{STATUS_FILE}.", dir=self.path.parent)
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(self.status, stream, indent=2)
-        os.replace(temporary, self.path)
+        try:
+            with os.fdopen(descriptor, "w") as stream:
+                json.dump(self.status, stream, indent=2)
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
 
 
 def read_status(run_dir: str | Path) -> dict:
@@ -215,6 +224,15 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     return True
+
+
+def _previous_status(path: Path) -> dict:
+    """What an earlier start of this run wrote; nothing if there is none or it cannot be read
+    (the file only describes the run, so training must not stop over it)."""
+    try:
+        return _read_json(path) if path.is_file() else {}
+    except StatusError:
+        return {}
 
 
 def _read_json(path: Path) -> dict:
