@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid structures")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--format", help="ase.io format of the inputs, when their names do not say")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     p = commands.add_parser("inspect", help="describe a dataset")
     p.add_argument("directory", metavar="DIR")

@@ -16,12 +16,11 @@ from contextlib import ExitStack
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from esen_train.data.manifest import Manifest
 from esen_train.data.sources import InputChunk, atoms_to_record, plan_chunks, read_chunk
 from esen_train.data.validate import InvalidStructure, check_record
 from esen_train.data.writer import DatasetWriter, EncodedChunk, check_output_free
+from esen_train.progress import ConsoleProgress
 
 CHUNK_SIZE = 1000  # structures per unit of work
 STRUCTURES_PER_SHARD = 100_000  # default shard size when --shards is not given
@@ -49,7 +48,7 @@ def _start_workers(workers: int) -> ProcessPoolExecutor:
     fork (rather than spawn) lets workers start in milliseconds with this process's
     imports instead of re-importing numpy, ASE and torch (vesin imports it) for seconds
     each. fork copies only the calling thread, so the workers must start before this
-    process starts threads of its own (tqdm's monitor): the warm-up task makes the pool
+    process starts threads of its own (the progress bar's monitor): the warm-up task makes the pool
     launch all its processes here.
     """
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -119,10 +118,8 @@ def convert(
     with ExitStack() as stack:
         pool = stack.enter_context(_start_workers(workers)) if workers > 1 else None
         writer = stack.enter_context(DatasetWriter(out_dir, num_shards, provenance, overwrite))
-        bar = stack.enter_context(
-            tqdm(total=known_total or None, unit=" structures", disable=not progress)
-        )
+        console = stack.enter_context(ConsoleProgress("convert", known_total or None, "structures", enabled=progress))
         for result in _converted_chunks(chunks, pool, workers, skip_invalid):
             writer.write_chunk(result)
-            bar.update(len(result.records) + len(result.skipped))
+            console.update(len(result.records) + len(result.skipped))
         return writer.finish()

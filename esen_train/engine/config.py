@@ -55,7 +55,8 @@ class StageConfig:
     val_every: int = 50
     checkpoint_every: int = 50
     keep_last: int = 2  # step_<n> checkpoints kept besides `last` and `best`
-    best_metric: str = "force_mae_mev_per_A"
+    best_metric: str = "force_mae_mev_per_A"  # the validation metric (lower is better) that picks `best`
+    patience: int = 0  # stop the stage after this many validations in a row without a new best; 0: never
     max_nonfinite_in_row: int = 5
     # Weights to start from: a checkpoint or run directory. Empty: a fresh model for the
     # direct stage; for the conservative stage, this run's direct `best` checkpoint.
@@ -80,13 +81,14 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress lines on rank 0's stdout; `esen-train fit --quiet` sets false
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = ""  # empty: runs/<config name>-<timestamp>
     seed: int = 0
-    model: ModelConfig = MISSING
+    model: ModelConfig = MISSING  # a preset name in configs/model/ (tiny, esen-sm, esen-30m) or every field
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     stages: list[str] = field(default_factory=lambda: ["direct", "conservative"])
@@ -156,6 +158,8 @@ def _check_values(config: TrainConfig, path: Path) -> None:
             )
         if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
             raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
+        if settings.patience < 0:
+            raise ConfigError(f"{path}: {stage}.patience must be 0 (no early stopping) or positive, got {settings.patience}")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
         raise ConfigError(f"{path}: logging.wandb.mode must be online, offline or disabled")
     if not config.data.train and config.data.emt_structures <= 0:

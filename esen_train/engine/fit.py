@@ -14,6 +14,7 @@ from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
 from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
 from esen_train.engine.config import TrainConfig, save_config
+from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
 from esen_train.evaluation.plots import plot_learning_curves
@@ -26,20 +27,23 @@ def fit(config: TrainConfig) -> Path:
     try:
         if distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
-            _ensure_emt_data(config, run_dir)
-            save_config(config, run_dir / "config.yaml")
-        distributed.barrier()
-        train_dirs, val_dirs = _data_dirs(config, run_dir)
-        logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
-        try:
-            for stage in config.stages:
-                data = _stage_data(config, stage, train_dirs, val_dirs, dist)
-                StageTrainer(stage, config, data, run_dir, logger, dist).run()
-        finally:
-            logger.close()
-        if distributed.is_main():
-            plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
-            _write_summary(run_dir, config)
+        # RUN/status.json: running, then finished, or failed with the error (esen-train status).
+        with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
+            if distributed.is_main():
+                _ensure_emt_data(config, run_dir)
+                save_config(config, run_dir / "config.yaml")
+            distributed.barrier()
+            train_dirs, val_dirs = _data_dirs(config, run_dir)
+            logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
+            try:
+                for stage in config.stages:
+                    data = _stage_data(config, stage, train_dirs, val_dirs, dist)
+                    StageTrainer(stage, config, data, run_dir, logger, dist, status).run()
+            finally:
+                logger.close()
+            if distributed.is_main():
+                plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+                _write_summary(run_dir, config)
     finally:
         distributed.cleanup()
     return run_dir

@@ -1,13 +1,14 @@
 """The `esen-train eval` and `esen-train md` subcommands (esen_train/cli.py adds them).
 
-    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR]
+    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR] [--quiet]
     esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
-                  [--forces conservative|direct] [--json] [--out DIR]
+                  [--forces conservative|direct] [--json] [--out DIR] [--quiet]
 
 CHECKPOINT is a checkpoint directory or a run directory (its last stage's best checkpoint).
 Without --forces a checkpoint is used the way its stage trained it: direct forces for a
 direct-stage checkpoint, conservative otherwise. Both commands print a table, or one JSON
-object with --json, and write their plots (PNG) to --out. Errors in the input end the command
+object with --json, and write their plots (PNG) to --out. Progress goes to stderr (a bar on a
+terminal, a line per tenth in a file; --quiet: none). Errors in the input end the command
 with a one-line message and exit code 2.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from esen_train.evaluation.checkpoint import CheckpointError, load_model
 from esen_train.evaluation.errors import compute_errors, format_error_table, parity_panels, predict, read_labelled_structures
 from esen_train.evaluation.md import run_nve
 from esen_train.evaluation.plots import plot_energy_vs_time, plot_parity
+from esen_train.progress import ConsoleProgress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # What a bad input raises: reported as one line and exit code 2 instead of a traceback.
@@ -67,13 +69,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str) ->
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
                         help=f"model precision (default {default_dtype})")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     try:
         calculator = _calculator(args)
         structures = read_labelled_structures(args.data)
-        predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms)
+        with ConsoleProgress("eval", len(structures), "structures", enabled=not args.quiet) as progress:
+            predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms, progress=progress)
         metrics = compute_errors(structures, predictions)
     except INPUT_ERRORS as error:
         return _fail("eval", error)
@@ -95,7 +99,9 @@ def run_md(args: argparse.Namespace) -> int:
     try:
         calculator = _calculator(args)
         atoms = _read_structure(args.structure)
-        result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed)
+        with ConsoleProgress("md", args.steps, "steps", enabled=not args.quiet) as progress:
+            result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed,
+                             progress=progress)
     except INPUT_ERRORS as error:
         return _fail("md", error)
     out = Path(args.out)

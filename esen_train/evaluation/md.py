@@ -14,6 +14,8 @@ from ase.calculators.calculator import Calculator
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from esen_train.progress import ConsoleProgress
+
 MEV_PER_EV = 1000.0
 FS_PER_PS = 1000.0
 
@@ -25,11 +27,13 @@ def run_nve(
     timestep_fs: float,
     temperature_K: float,
     seed: int = 0,
+    progress: ConsoleProgress | None = None,
 ) -> dict:
     """Run `steps` velocity-Verlet steps from Maxwell-Boltzmann velocities drawn with `seed`.
 
     `atoms` is not modified. Returns the drift summary of `energy_drift` plus the run's settings
     and the per-step series `time_ps`, `potential_energy_ev`, `kinetic_energy_ev` (step 0 included).
+    `progress` counts the steps, with the total energy's change so far.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -42,10 +46,13 @@ def run_nve(
     _draw_velocities(atoms, temperature_K, seed)
 
     potential, kinetic = [], []
+    progress = progress or ConsoleProgress("md", steps, "steps", enabled=False)
 
     def record() -> None:
         potential.append(atoms.get_potential_energy())
         kinetic.append(atoms.get_kinetic_energy())
+        change = (potential[-1] + kinetic[-1] - potential[0] - kinetic[0]) * MEV_PER_EV / len(atoms)
+        progress.update_to(len(potential) - 1, f"total energy change {change:+.4f} meV/atom")
 
     dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     dynamics.attach(record, interval=1)  # ASE calls observers once before the first step too

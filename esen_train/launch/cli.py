@@ -155,6 +155,7 @@ def _print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:
     for job, run in zip(jobs, plan.runs):
         print(f"job {job.job_id}: {profile.nodes} node(s) x {profile.tasks_per_node} task(s) ({profile.executor})")
         print(f"  run directory: {run.run_dir}")
+        print(f"  status:        esen-train status {run.run_dir}")
         print(f"  logs:          {job.paths.stdout} and .err (one pair per task: _<task>_log)")
         print(f"  wandb run:     {_describe_wandb_run(run)}")
     if profile.executor == "slurm":
