@@ -193,7 +193,7 @@ class ESEN(nn.Module):
 
     def neighbour_weight(self, edge_vectors: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
         """[atoms] 1 - exp(-sum of the envelopes of the atom's edges): 0 for an atom without
-        neighbours, 0.95 for three at full strength (1 - 1e-4 for a metal's dozen or more),
+        neighbours, 0.95 for three at full strength, within 3e-4 of 1 in fcc metals (bulk or surface),
         smooth in the positions (the envelope is, and vanishes at the cutoff with two
         derivatives)."""
         envelopes = self.backbone.envelope(edge_vectors.norm(dim=1))
