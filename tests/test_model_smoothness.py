@@ -152,12 +152,13 @@ def test_direct_heads_and_stress_fade_out_with_the_last_neighbour():
     """A dimer in a periodic box through the cutoff: the conservative stress, the direct force
     and the direct stress shrink steadily to exactly zero, with no jump at the crossing."""
     model = tiny_model(direct_forces=True)
-    inside = SCAN < CUTOFF
+    distances = SCAN[30:70]  # the 40 points nearest the cutoff: the gap shrinks 40-fold inside
+    inside = distances < CUTOFF
     for forces in ("conservative", "direct"):
-        scan = dimer_scan(model, SCAN, periodic=True, forces=forces)
+        scan = dimer_scan(model, distances, periodic=True, forces=forces)
         assert np.abs(np.diff(scan["energy"])).max() < 1e-6
         for name in ("force", "stress"):
             values = np.abs(scan[name])
             assert (values[~inside] == 0).all(), (forces, name)
             assert (np.diff(values[inside]) < 0).all(), (forces, name)
-            assert values[inside][-1] < 1e-3 * values[inside][0], (forces, name)  # (0.5e-3 / 0.05)^2 or less
+            assert values[inside][-1] < 1e-2 * values[inside][0], (forces, name)  # (1/40)^2 or less
