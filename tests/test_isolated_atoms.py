@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import ase.io
 import numpy as np
@@ -25,6 +26,7 @@ from esen_train.data.dataset import LMDBDataset
 from esen_train.data.manifest import Manifest
 from esen_train.data.sampler import AtomBalancedBatchSampler
 from esen_train.engine.config import load_train_config
+from esen_train.engine.losses import ErrorAccumulator
 from esen_train.engine.fit import fit
 from esen_train.engine.tracking import read_metrics
 from esen_train.evaluation.calculator import ESENCalculator
@@ -146,6 +148,26 @@ def test_md_of_a_dimer_beyond_the_cutoff_conserves_energy_exactly(dataset_dir, t
         assert report["num_atoms"] == 2
         assert report["max_deviation_mev_per_atom"] == 0.0 and report["drift_mev_per_atom_per_ps"] == 0.0
         assert report["final_temperature_K"] > 0
+
+
+def test_validation_cosine_leaves_out_atoms_without_force():
+    """Zero forces have no direction: validation's force cosine counts the other atoms only
+    (as `eval` does), and is absent when no atom has a force; the MAE counts every atom."""
+    batch = SimpleNamespace(natoms=torch.tensor([2, 1]), energy=torch.zeros(2, dtype=torch.float64),
+                            forces=torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]),
+                            has_stress=torch.tensor([False, False]), stress=torch.zeros(2, 3, 3))
+    out = {"energy": torch.zeros(2, dtype=torch.float64), "forces": batch.forces.clone()}
+    out["forces"][1] *= 2
+    errors = ErrorAccumulator()
+    errors.add(out, batch)
+    result = errors.result()
+    assert result["force_cosine"] == pytest.approx(1.0)  # not 2/3: the atom without force is left out
+    assert result["force_mae_mev_per_A"] == pytest.approx(1000 * 2 / 9)
+    lonely = ErrorAccumulator()
+    lonely.add({"energy": out["energy"][1:], "forces": torch.zeros(1, 3)},
+               SimpleNamespace(natoms=batch.natoms[1:], energy=batch.energy[1:], forces=torch.zeros(1, 3),
+                               has_stress=batch.has_stress[1:], stress=batch.stress[1:]))
+    assert "force_cosine" not in lonely.result() and lonely.result()["force_mae_mev_per_A"] == 0.0
 
 
 def test_a_structure_of_0_atoms_is_refused_by_name(tmp_path, capsys):
