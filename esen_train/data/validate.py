@@ -38,8 +38,10 @@ def check_record(record) -> None:
 
     numbers = np.asarray(record.atomic_numbers)
     natoms = len(numbers)
-    if numbers.ndim != 1 or natoms == 0:
-        fail("atomic_numbers", f"expected a non-empty 1-D array, got shape {numbers.shape}")
+    if numbers.ndim != 1:
+        fail("atomic_numbers", f"expected a 1-D array, got shape {numbers.shape}")
+    if natoms == 0:
+        fail("atomic_numbers", "the structure has 0 atoms (a structure needs at least one)")
     outside = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
     if len(outside):
         atom = outside[0]

@@ -80,7 +80,9 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         train_loader=build_dataloader(train_set, settings.max_atoms, shuffle=True, **loader_args),
         val_loader=build_dataloader(val_set, settings.max_atoms, shuffle=False, **loader_args),
         element_references=references,
-        energy_scale=stats.force_rms,
+        # eV per network unit: the force RMS (eV/Å over 1 Å). Isolated atoms alone have no
+        # force to set it by; 1 eV then.
+        energy_scale=stats.force_rms if stats.force_rms > 0 else 1.0,
         has_stress=train_set.has_stress,
     )
 

@@ -7,7 +7,9 @@
 Each structure is turned into the batch format of ARCHITECTURE.md (positions, atomic
 numbers, cell, pbc and the full neighbour list within the model's cutoff) and passed through
 the model. `calculate_batch` does many structures in one forward pass. Stress is reported for
-structures periodic in all three directions only, as ASE expects.
+structures periodic in all three directions only, as ASE expects. An atom without neighbours
+within the cutoff has the energy the model gives its element alone and zero force; a
+structure of 0 atoms is refused (ValueError naming its position in the batch).
 """
 from __future__ import annotations
 
@@ -101,6 +103,9 @@ class ESENCalculator(Calculator):
         stress of every structure, from one forward pass over all of them, as ASE result dicts."""
         if not atoms_list:
             return []
+        for index, atoms in enumerate(atoms_list):
+            if len(atoms) == 0:
+                raise ValueError(f"structure {index} of {len(atoms_list)} has 0 atoms: a structure needs at least one")
         batch = Batch.from_data_list([self.atoms_to_data(atoms) for atoms in atoms_list]).to(self.device)
         want_stress = stress and any(atoms.pbc.all() for atoms in atoms_list)
         output = self._forward(batch, want_stress)

@@ -137,9 +137,12 @@ def _read_structure(path: str) -> Atoms:
     if not Path(path).is_file():
         raise FileNotFoundError(f"structure file not found: {path}")
     try:
-        return ase.io.read(path, index=0)
+        atoms = ase.io.read(path, index=0)
     except Exception as error:  # ASE raises many types for unreadable input
         raise ValueError(f"{path}: not readable by ase.io.read ({type(error).__name__}: {error})") from None
+    if len(atoms) == 0:
+        raise ValueError(f"{path}: structure 0 has 0 atoms (a structure needs at least one)")
+    return atoms
 
 
 def _describe(args: argparse.Namespace, calculator: ESENCalculator) -> dict:

@@ -71,6 +71,8 @@ def _from_record(record: StructureRecord, source: str) -> LabelledStructure:
 
 
 def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
+    if len(atoms) == 0:
+        raise ValueError(f"{source}: the structure has 0 atoms (a structure needs at least one)")
     results = atoms.calc.results if atoms.calc is not None else {}
     for name in ("energy", "forces"):
         if name not in results:

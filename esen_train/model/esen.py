@@ -17,6 +17,15 @@ Direct outputs come from the direct heads (`config.direct_forces`), which live u
 `direct_heads.` prefix of the state dict: `ESEN.backbone_state_dict(state)` drops them, so
 a direct-pretrained checkpoint loads with strict=True into a model without them.
 
+Atoms without neighbours. An atom with no neighbour within the cutoff receives no message:
+its features are those of its element alone (every l > 0 coefficient is zero), its energy is
+its reference plus the network's value for that isolated element, and its conservative force
+and stress are zero. The direct force (l = 1) is zero too, and each atom's share of the direct
+stress is weighted by `neighbour_weight` (zero without neighbours), so a structure with no
+edges gets zero stress from both heads. Every edge fades out with the envelope, so the
+energy, the forces and both stresses go continuously to these values as the last neighbour
+leaves the cutoff.
+
 Energy = energy_scale * sum over atoms of the energy head + sum of the per-element
 reference energies, returned in float64 whatever the model's dtype. Scale and references
 are float64 buffers set from the training set's statistics (`set_energy_scale`,
@@ -157,7 +166,7 @@ class ESEN(nn.Module):
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[inputs["batch"]])
             cell = cell + torch.bmm(cell, symmetric)
-        energy, _ = self._energy(pos, cell, inputs)
+        energy, _, _ = self._energy(pos, cell, inputs)
         leaves = [pos, strain] if stress else [pos]
         grads = torch.autograd.grad(energy.sum(), leaves, create_graph=create_graph, allow_unused=True,
                                     materialize_grads=True)
@@ -170,19 +179,28 @@ class ESEN(nn.Module):
         return out
 
     def direct_outputs(self, inputs: dict, with_heads: bool, stress: bool) -> dict[str, torch.Tensor]:
-        energy, x = self._energy(inputs["pos"], inputs["cell"], inputs)
+        energy, x, edge_vectors = self._energy(inputs["pos"], inputs["cell"], inputs)
         out = {"energy": energy}
         if with_heads:
             scale = self.energy_scale.to(x.dtype)
             out["forces"] = scale * self.direct_heads.forces(x)
             if stress:
                 volume = torch.linalg.det(inputs["cell"]).abs()
-                raw = scale * self.direct_heads.stress(x, inputs["batch"], inputs["natoms"])
+                weight = self.neighbour_weight(edge_vectors, inputs["edge_index"][1], x.shape[0])
+                raw = scale * self.direct_heads.stress(x, weight, inputs["batch"], inputs["natoms"])
                 out["stress"] = torch.where((volume > 0).view(-1, 1, 1), raw, 0.0)
         return out
 
-    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Total energies [B] (eV) and the final node features."""
+    def neighbour_weight(self, edge_vectors: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """[atoms] 1 - exp(-sum of the envelopes of the atom's edges): 0 for an atom without
+        neighbours, 0.95 for three at full strength, within 3e-4 of 1 in fcc metals (bulk or surface),
+        smooth in the positions (the envelope is, and vanishes at the cutoff with two
+        derivatives)."""
+        envelopes = self.backbone.envelope(edge_vectors.norm(dim=1))
+        return -torch.expm1(-envelopes.new_zeros(num_atoms).index_add(0, target, envelopes))
+
+    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total energies [B] (eV), the final node features and the edge vectors."""
         source, target = inputs["edge_index"]
         shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
         edge_vectors = pos[source] - pos[target] + shifts
@@ -192,7 +210,7 @@ class ESEN(nn.Module):
         # The references are summed and the total returned in float64: a total energy of
         # -17,600 eV (aspirin) in float32 is only good to about 1 meV.
         references = sum_per_structure(self.reference_energies[inputs["element"] + 1], inputs["batch"], num_structures)
-        return network.double() + references, x
+        return network.double() + references, x, edge_vectors
 
     def _inputs(self, batch) -> dict[str, torch.Tensor]:
         """The batch fields the model reads (ARCHITECTURE.md), checked."""

@@ -66,7 +66,7 @@ class GateActivation(nn.Module):
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, (lmax+1)^2, C], gates [N, lmax * C]."""
         # Row 0: sigmoid(x_l=0), so that x * it is SiLU(x); row l: sigmoid(gate of degree l).
-        factors = torch.cat([torch.sigmoid(x[:, :1]), torch.sigmoid(gates).view(x.shape[0], self.lmax, -1)], dim=1)
+        factors = torch.cat([torch.sigmoid(x[:, :1]), torch.sigmoid(gates).view(x.shape[0], self.lmax, x.shape[2])], dim=1)
         return x * factors[:, self.degree]
 
 

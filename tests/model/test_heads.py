@@ -10,6 +10,7 @@ from tests.model_helpers import DTYPE, random_rotation, rotate_features, wigner_
 LMAX, CHANNELS, HIDDEN = 2, 4, 8
 BATCH = torch.tensor([0, 0, 0, 1, 1])  # two structures: three atoms and two
 NATOMS = torch.tensor([3, 2])
+BULK = torch.ones(5, dtype=torch.float64)  # every atom has neighbours (ESEN.neighbour_weight 1)
 
 
 def features(seed: int = 0) -> torch.Tensor:
@@ -49,12 +50,12 @@ def test_direct_force_is_a_vector_that_rotates_with_the_structure():
 def test_direct_stress_is_symmetric_and_rotates_as_a_rank_two_tensor():
     head = seeded(DirectStressHead(CHANNELS, HIDDEN))
     x = features()
-    stress = head(x, BATCH, NATOMS)
+    stress = head(x, BULK, BATCH, NATOMS)
     assert stress.shape == (2, 3, 3)
     assert torch.equal(stress, stress.transpose(1, 2))
     for seed in range(3):
         rotation = random_rotation(seed)
-        rotated = head(rotate_features(x, wigner_d(LMAX, rotation)), BATCH, NATOMS)
+        rotated = head(rotate_features(x, wigner_d(LMAX, rotation)), BULK, BATCH, NATOMS)
         assert (rotated - rotation @ stress @ rotation.T).abs().max() < 1e-14 * stress.abs().max()
 
 
@@ -63,12 +64,12 @@ def test_direct_stress_isotropic_part_from_scalars_traceless_part_from_degree_tw
     x = features()
     scalars_only = x.clone()
     scalars_only[:, 1:] = 0
-    isotropic = head(scalars_only, BATCH, NATOMS)
+    isotropic = head(scalars_only, BULK, BATCH, NATOMS)
     trace = torch.diagonal(isotropic, dim1=1, dim2=2).sum(-1)
     assert (isotropic - trace.view(-1, 1, 1) / 3 * torch.eye(3, dtype=DTYPE)).abs().max() < 1e-15
     assert trace.abs().min() > 1e-3
     # The degree-two part adds a traceless matrix and leaves the trace alone.
-    full = head(x, BATCH, NATOMS)
+    full = head(x, BULK, BATCH, NATOMS)
     assert (torch.diagonal(full, dim1=1, dim2=2).sum(-1) - trace).abs().max() < 1e-14
     assert (full - isotropic).abs().max() > 1e-3
 
@@ -78,10 +79,10 @@ def test_direct_stress_is_an_average_over_each_structures_atoms():
     every atom (a supercell) leaves it unchanged, and structures do not mix."""
     head = seeded(DirectStressHead(CHANNELS, HIDDEN))
     x = features()
-    stress = head(x, BATCH, NATOMS)
-    doubled = head(torch.cat([x, x]), torch.cat([BATCH, BATCH]), 2 * NATOMS)
+    stress = head(x, BULK, BATCH, NATOMS)
+    doubled = head(torch.cat([x, x]), torch.cat([BULK, BULK]), torch.cat([BATCH, BATCH]), 2 * NATOMS)
     assert (doubled - stress).abs().max() < 1e-14
-    alone = head(x[3:], torch.zeros(2, dtype=torch.long), NATOMS[1:])
+    alone = head(x[3:], BULK[3:], torch.zeros(2, dtype=torch.long), NATOMS[1:])
     assert (alone[0] - stress[1]).abs().max() < 1e-14
 
 
