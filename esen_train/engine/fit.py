@@ -78,6 +78,7 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         element_references=references,
         energy_scale=stats.force_rms,
         has_stress=train_set.has_stress,
+        elements=sorted({z for manifest in train_set.manifests for z in manifest.elements}),
     )
 
 
