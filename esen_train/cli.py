@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
 from esen_train.evaluation.commands import add_eval_parser, add_md_parser
 
 
@@ -44,14 +44,16 @@ def _add_fit_parser(commands) -> None:
 def _run_fit(args) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            check_against_data(config)  # once here, rather than once per process
+            check_resume(config)
+            return _launch_local_processes(args, config.run_dir)
+        from esen_train.engine.fit import fit
+
+        run_dir = fit(config)
     except ConfigError as error:
         print(f"esen-train fit: {error}", file=sys.stderr)
         return 2
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_local_processes(args, config.run_dir)
-    from esen_train.engine.fit import fit
-
-    run_dir = fit(config)
     print(f"run directory: {run_dir}")
     return 0
 
