@@ -27,11 +27,11 @@ from ase import Atoms
 
 from esen_train.data.manifest import DatasetError
 from esen_train.data.shards import ShardError
+from esen_train.data.validate import UnphysicalGeometry
 from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator, UntrainedElements
 from esen_train.evaluation.checkpoint import CheckpointError, load_model
 from esen_train.evaluation.errors import compute_errors, format_error_table, parity_panels, predict, read_labelled_structures
-from esen_train.data.validate import UnphysicalGeometry
-from esen_train.evaluation.md import MAX_ENERGY_CHANGE_EV_PER_ATOM, UnstableDynamics, default_max_temperature, run_nve
+from esen_train.evaluation.md import MAX_ENERGY_CHANGE_EV_PER_ATOM, UnstableDynamics, run_nve
 from esen_train.evaluation.plots import plot_energy_vs_time, plot_parity
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -109,9 +109,8 @@ def run_md(args: argparse.Namespace) -> int:
         calculator = _calculator(args)
         atoms = _read_structure(args.structure)
         _check_structure(calculator, atoms, args.structure)
-        max_temperature = args.max_temperature or default_max_temperature(args.temperature)
         result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed,
-                         max_temperature_K=max_temperature, max_energy_change_ev_per_atom=args.max_energy_change)
+                         max_temperature_K=args.max_temperature, max_energy_change_ev_per_atom=args.max_energy_change)
         stopped = None
     except UnstableDynamics as error:
         result, stopped = error.result, str(error)
