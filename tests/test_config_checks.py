@@ -100,6 +100,20 @@ def test_max_atoms_below_the_largest_structure_is_refused(tmp_path, capsys):
     assert f"conservative.max_atoms=32 is below the largest structure of the data ({MAX_ATOMS} atoms, in the built-in EMT data)" in error
 
 
+def test_esen_launch_checks_the_data_before_submitting(tmp_path, capsys):
+    from esen_train.launch.cli import main as launch
+
+    data = tmp_path / "emt"
+    generate_emt_dataset(data, num=30, seed=0)
+    largest = int(load_natoms(data).max())
+    run_dir = tmp_path / "run"
+    status = launch([str(TINY), "cluster=local", f"run_dir={run_dir}", f"data.train=[{data}]",
+                     f"direct.max_atoms={largest - 1}", "--dry-run"])
+    assert status == 2
+    assert f"direct.max_atoms={largest - 1} is below the largest structure" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_missing_data_and_a_stress_metric_without_stress_are_refused(tmp_path, capsys):
     error = refused(tmp_path, capsys, f"data.train=[{tmp_path / 'nowhere'}]")
     assert f"data.train: {tmp_path / 'nowhere'}: dataset directory does not exist" in error
