@@ -17,7 +17,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
 from esen_train.engine.config_keys import config_keys_help
 from esen_train.engine.status import StatusError, format_status, read_status
 from esen_train.evaluation.commands import add_eval_parser, add_md_parser
@@ -91,14 +91,16 @@ def _run_fit(args) -> int:
         args.overrides = [*args.overrides, "logging.progress=false"]
     try:
         config = load_train_config(args.config, args.overrides)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            check_against_data(config)  # once here, rather than once per process
+            check_resume(config)
+            return _launch_local_processes(args, config.run_dir)
+        from esen_train.engine.fit import fit
+
+        run_dir = fit(config)
     except ConfigError as error:
         print(f"esen-train fit: {error}", file=sys.stderr)
         return 2
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_local_processes(args, config.run_dir)
-    from esen_train.engine.fit import fit
-
-    run_dir = fit(config)
     print(f"run directory: {run_dir}")
     return 0
 

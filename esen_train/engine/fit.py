@@ -13,7 +13,7 @@ from esen_train.data.loader import build_dataloader
 from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
 from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
-from esen_train.engine.config import TrainConfig, save_config
+from esen_train.engine.config import TrainConfig, check_against_data, check_resume, check_values, save_config
 from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
@@ -21,7 +21,13 @@ from esen_train.evaluation.plots import plot_learning_curves
 
 
 def fit(config: TrainConfig) -> Path:
-    """Train every stage in `config.stages`; returns the run directory."""
+    """Train every stage in `config.stages`; returns the run directory.
+
+    Raises ConfigError, before anything is created, for a value out of its range, one that
+    does not fit the data, or a run directory of a run on other data (`check_resume`)."""
+    check_values(config)
+    check_against_data(config)
+    check_resume(config)
     dist = distributed.init_distributed()
     run_dir = Path(config.run_dir).resolve()
     try:
@@ -31,7 +37,7 @@ def fit(config: TrainConfig) -> Path:
         with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
             if distributed.is_main():
                 _ensure_emt_data(config, run_dir)
-                save_config(config, run_dir / "config.yaml")
+                save_config(config, run_dir)
             distributed.barrier()
             train_dirs, val_dirs = _data_dirs(config, run_dir)
             logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
@@ -84,6 +90,7 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         # force to set it by; 1 eV then.
         energy_scale=stats.force_rms if stats.force_rms > 0 else 1.0,
         has_stress=train_set.has_stress,
+        elements=sorted({z for manifest in train_set.manifests for z in manifest.elements}),
     )
 
 

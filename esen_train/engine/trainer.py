@@ -45,6 +45,7 @@ class StageData:
     element_references: torch.Tensor
     energy_scale: float
     has_stress: bool
+    elements: list[int]  # atomic numbers of the training data, recorded in every checkpoint
 
 
 @dataclass
@@ -66,7 +67,7 @@ class StageTrainer:
         self.model_config = replace(config.model, direct_forces=not self.conservative)
         self.forces_mode = "conservative" if self.conservative else "direct"
         self.weights = LossWeights(self.settings.energy_weight, self.settings.force_weight, self.settings.stress_weight)
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints" / stage, self.settings.keep_last)
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints" / stage, self.settings.keep_last, data.elements)
         self.progress = Progress()
         self._in_step = False
         self.status = status  # esen_train.engine.status.RunStatus

@@ -26,7 +26,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from esen_train import shipped_config
-from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
 from esen_train.engine.tracking import resolve_wandb_mode
 from esen_train.launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import SlurmUnreachable, query_cluster
@@ -81,8 +81,12 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     for index, point in enumerate(expand_sweep(sweeps)):
         run_dir = base_run_dir / sweep_dir_name(index, point) if sweeps else base_run_dir
         run_overrides = [o for o in training_overrides if not o.startswith("run_dir=")] + point + [f"run_dir={run_dir}"]
-        # Every sweep point must be a valid config before anything is submitted.
-        runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=load_train_config(config_path, run_overrides)))
+        # Every sweep point must be a valid config, for its data and its run directory, before
+        # anything is submitted.
+        run_config = load_train_config(config_path, run_overrides)
+        check_against_data(run_config)
+        check_resume(run_config)
+        runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=run_config))
     return LaunchPlan(
         cluster=cluster,
         config_file=str(config_path),
