@@ -134,14 +134,24 @@ def test_a_run_in_progress_then_killed_and_quiet(tmp_path, capsys):
     assert not re.search(r"^direct ", log.read_text(), re.M)  # --quiet: no progress lines
 
 
-def test_a_bad_data_path_fails_the_run_with_the_message(tmp_path, capsys):
-    run_dir, missing = tmp_path / "run", tmp_path / "no-such-dataset"
+def test_an_error_during_training_fails_the_run_with_the_message(tmp_path, monkeypatch, capsys):
+    """A bad config or data path is refused before the run directory exists (tests/test_config_checks.py);
+    what goes wrong later (a shard that cannot be read, a crash) marks the run failed."""
+    run_dir = tmp_path / "run"
+    train_step = StageTrainer._train_step
+
+    def unreadable_after_step_2(self):
+        if self.progress.step == 2:
+            raise DatasetError("shard_00000.lmdb record 7: checksum mismatch")
+        train_step(self)
+
+    monkeypatch.setattr(StageTrainer, "_train_step", unreadable_after_step_2)
     with pytest.raises(DatasetError):
-        fit(load_train_config(TINY, [*SHORT, f"data.train=[{missing}]", f"run_dir={run_dir}"]))
+        fit(load_train_config(TINY, [*SHORT, f"run_dir={run_dir}"]))
     status = read_status(run_dir)
-    assert status["state"] == "failed" and status["error"].startswith("DatasetError: ") and str(missing) in status["error"]
+    assert status["state"] == "failed" and status["error"] == "DatasetError: shard_00000.lmdb record 7: checksum mismatch"
     assert status["stages"]["direct"]["end_reason"] == "failed"
-    assert re.search(rf"^state +failed: DatasetError: .*{re.escape(str(missing))}", status_text(run_dir, capsys), re.M)
+    assert re.search(r"^state +failed: DatasetError: shard_00000\.lmdb record 7", status_text(run_dir, capsys), re.M)
 
 
 def test_preemption_is_recorded_and_the_requeued_run_finishes(tmp_path, monkeypatch, capsys):
