@@ -3,9 +3,11 @@
 The first part needs no cluster. Then real training: `cluster=local` (submitit's local
 executor) and, in the tests marked `slurm`, the cluster that launch/local_slurm.sh started
 (CI starts it; they skip without SLURM_CONF): a bad profile is refused before submission, a
-two-node DDP job gives the same metrics as `esen-train fit --nproc 2` on this machine, and a
-job requeued by `scontrol requeue` or by reaching its time limit resumes its run directory
-and ends like an uninterrupted run.
+two-node DDP job gives the same metrics as `esen-train fit --nproc 2` on this machine, a job
+requeued by `scontrol requeue` or by reaching its time limit resumes its run directory and
+ends like an uninterrupted run, and a job stopped by a signal (SIGTERM of a requeue, USR2 of
+a preemption, also during validation) saves the step it was at on both ranks: the requeued
+run continues at the next step and ends with an uninterrupted run's weights.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import pytest
 import submitit
 import torch
 
-from esen_train.engine import preemption
 from esen_train.engine.status import read_status
 from esen_train.launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
 from esen_train.launch.job import TrainingJob
@@ -204,15 +205,9 @@ def test_missing_cluster_is_refused(capsys):
     assert "choose a cluster profile with cluster=NAME" in capsys.readouterr().err
 
 
-def test_checkpoint_asks_the_trainer_and_requeues_the_same_run():
-    saved = []
+def test_checkpoint_requeues_the_same_run():
     job = TrainingJob(TINY, ["stages=[direct]", "run_dir=/runs/a"])
-    preemption.register_checkpoint_callback(lambda: saved.append("saved"))
-    try:
-        resubmission = job.checkpoint()
-    finally:
-        preemption.clear()
-    assert saved == ["saved"]
+    resubmission = job.checkpoint()
     assert resubmission.function is job
     assert (resubmission.function.config, resubmission.function.overrides) == (TINY, ["stages=[direct]", "run_dir=/runs/a"])
 
@@ -225,6 +220,9 @@ TRAINING = [
     "direct.log_every=2", "direct.checkpoint_every=2",
 ]
 MAX_STEPS = 12
+# The same training with checkpoints only at validation (every MAX_STEPS // 2 steps): a job
+# stopped between them can only resume where it stopped if the stop saved a checkpoint.
+ONLY_STOP_CHECKPOINTS = [o for o in TRAINING if not o.startswith("direct.checkpoint_every=")] + ["direct.checkpoint_every=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +260,48 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
 
 def last_step(run_dir: Path) -> int:
     return torch.load(run_dir / "checkpoints" / "direct" / "last" / "model.pt", weights_only=True)["step"]
+
+
+def assert_same_final_weights(run_dir: Path, reference: Path) -> None:
+    ours, theirs = (torch.load(run / "checkpoints" / "direct" / "last" / "model.pt", weights_only=True)
+                    for run in (run_dir, reference))
+    assert ours["step"] == theirs["step"]
+    for kind in ("model", "ema"):
+        assert ours[kind].keys() == theirs[kind].keys()
+        for name, value in theirs[kind].items():
+            torch.testing.assert_close(ours[kind][name], value, rtol=1e-6, atol=1e-7, msg=f"{kind}.{name}")
+
+
+def logged_train_steps(run_dir: Path) -> list[int]:
+    """Steps of the train rows in metrics.jsonl so far (a line being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["split"] == "train":
+            steps.append(row["step"])
+    return steps
+
+
+def stops_and_resumes(run_dir: Path, job_id: str) -> tuple[list[tuple[int, str]], list[int]]:
+    """(step, signal) of each stop rank 0 logged, and the step each later start resumed at."""
+    log = (run_dir / "submitit" / f"{job_id}_0_log.out").read_text()
+    stops = re.findall(r"^direct preempted after step (\d+) \((SIG\w+)\)", log, re.M)
+    resumes = re.findall(r"resumed from .*step_(\d+) at step (\d+)", log)
+    assert all(int(directory) == int(step) for directory, step in resumes)
+    return [(int(step), name) for step, name in stops], [int(step) for _, step in resumes]
+
+
+def send_when_trained(job_id: str, run_dir: Path, step: int, command: list[str]) -> float:
+    """Run `command` (a signal or requeue for the job) as soon as step `step` is logged;
+    returns when it was sent."""
+    wait_for(lambda: max(logged_train_steps(run_dir), default=0) >= step, 300, f"training step {step}")
+    sent = time.time()
+    subprocess.run(command, check=True, timeout=30)
+    return sent
 
 
 def launched_job_id(out: str) -> str:
@@ -361,25 +401,79 @@ def test_two_node_ddp_job_matches_a_local_two_process_run(cluster, reference_run
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_scontrol_requeue_resumes_the_run(cluster, reference_run, tmp_path, capsys):
+def test_scontrol_requeue_loses_no_step(cluster, reference_run, tmp_path, capsys):
+    """The requeue's SIGTERM reaches both ranks; they save the step they are at (there is no
+    periodic checkpoint to fall back on) within SLURM's KillWait, and the requeued job goes on."""
     run_dir = tmp_path / "run"
-    status = main([TINY, "cluster=local-slurm", *TRAINING, f"direct.max_steps={MAX_STEPS}",
+    status = main([TINY, "cluster=local-slurm", *ONLY_STOP_CHECKPOINTS, f"direct.max_steps={MAX_STEPS}",
                    f"direct.val_every={MAX_STEPS // 2}", "logging.wandb.mode=offline", f"run_dir={run_dir}"])
     assert status == 0
     job_id = launched_job_id(capsys.readouterr().out)
-    wait_for(lambda: (run_dir / "checkpoints" / "direct" / "step_00000002").exists(), 300, "the first checkpoint")
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    send_when_trained(job_id, run_dir, 2, ["scontrol", "requeue", job_id])
 
     job = submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1])
-    job.results()  # raises if the killed run's error were taken for the job's outcome
+    job.results()  # raises if the stopped run's exit were taken for the job's outcome
     assert task_starts(run_dir, job_id) == 2
-    resumed = re.findall(r"resumed from .*step_(\d+) at step (\d+)", (run_dir / "submitit" / f"{job_id}_0_log.out").read_text())
-    assert len(resumed) == 1 and 2 <= int(resumed[0][1]) < MAX_STEPS
+    stops, resumes = stops_and_resumes(run_dir, job_id)
+    assert len(stops) == 1 and stops[0][1] == "SIGTERM" and 2 <= stops[0][0] < MAX_STEPS
+    assert resumes == [stops[0][0]]  # the requeued run starts at the step after the last one done
     assert last_step(run_dir) == MAX_STEPS
     assert_same_training(run_dir, reference_run)  # the requeued run ends exactly like an uninterrupted one
+    assert_same_final_weights(run_dir, reference_run)
     wandb_id = (run_dir / "wandb_run_id").read_text().strip()
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(wandb_id) for p in offline_runs)  # one wandb run, resumed
+
+
+# USR2 during a validation long enough (400 structures) for the signal to land in it;
+# checkpoints only at validation and stops.
+USR2_STEPS = 8
+USR2_TRAINING = [
+    "stages=[direct]", "direct.max_atoms=64", "direct.warmup_steps=2", "direct.log_every=1",
+    f"direct.max_steps={USR2_STEPS}", f"direct.val_every={USR2_STEPS // 2}", "direct.checkpoint_every=1000",
+    "logging.wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def usr2_reference(tmp_path_factory) -> tuple[list[str], Path]:
+    """The data and overrides of the USR2 test, and the same training by torchrun on this machine."""
+    from esen_train.data.emt import generate_emt_dataset
+
+    data = tmp_path_factory.mktemp("usr2-data")
+    generate_emt_dataset(data / "train", num=40, seed=0)
+    generate_emt_dataset(data / "val", num=400, seed=1)
+    overrides = [*USR2_TRAINING, f"data.train=[{data / 'train'}]", f"data.val=[{data / 'val'}]"]
+    run_dir = data / "reference"
+    command = [sys.executable, "-m", "esen_train.cli", "fit", TINY, *overrides, f"run_dir={run_dir}", "--nproc", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return overrides, run_dir
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr2_during_validation_saves_raw_weights_and_loses_no_step(cluster, usr2_reference, tmp_path, capsys):
+    """`scancel --signal=USR2`, as SLURM's preemption and time-limit warnings, while the EMA
+    weights are swapped in for validation: both ranks finish the validation, save the step
+    with the raw weights, and the job requeues itself and goes on from the next step."""
+    overrides, reference = usr2_reference
+    run_dir = tmp_path / "run"
+    assert main([TINY, "cluster=local-slurm", *overrides, f"run_dir={run_dir}"]) == 0
+    job_id = launched_job_id(capsys.readouterr().out)
+    # The train row of the validation step is written just before the validation starts, and
+    # the step's checkpoint just after it ends.
+    sent = send_when_trained(job_id, run_dir, USR2_STEPS // 2, ["scancel", "--signal=USR2", job_id])
+
+    submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1]).results()
+    assert task_starts(run_dir, job_id) == 2
+    stops, resumes = stops_and_resumes(run_dir, job_id)
+    assert stops == [(USR2_STEPS // 2, "SIGUSR2")] and resumes == [USR2_STEPS // 2]
+    assert sent < (run_dir / "checkpoints" / "direct" / f"step_{USR2_STEPS // 2:08d}" / "model.pt").stat().st_mtime
+    assert last_step(run_dir) == USR2_STEPS
+    assert_same_training(run_dir, reference)
+    assert_same_final_weights(run_dir, reference)
+    assert job_state(job_id) == "COMPLETED"
 
 
 @pytest.mark.slurm
@@ -413,8 +507,9 @@ def test_job_reaching_its_time_limit_is_requeued_and_finishes(cluster, reference
     submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1]).results()
     log = (run_dir / "submitit" / f"{job_id}_0_log.out").read_text()
     assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
-    assert re.search(r"^direct preempted at step \d+: SLURM requeues the job$", log, re.M)
     assert read_status(run_dir)["state"] == "finished"
     assert task_starts(run_dir, job_id) == 2
+    stops, resumes = stops_and_resumes(run_dir, job_id)  # the warning saved the step reached
+    assert [name for _, name in stops] == ["SIGUSR2"] and resumes == [stops[0][0]]
     assert last_step(run_dir) == max_steps
     assert job_state(job_id) == "COMPLETED"

@@ -1,18 +1,38 @@
-"""Kill a real training process with SIGKILL mid-run, start the same command again, and
-end with the same weights as a run that was never interrupted."""
+"""Nothing lost: a run killed, crashed, stopped by a signal or left with damaged files
+continues where it stopped and ends with the weights of a run that was never interrupted.
+
+- A real training process killed with SIGKILL mid-run, started again.
+- A crash after the step-8 checkpoint, then: the `last` link lost (a copy tool that drops
+  symlinks), checkpoints damaged in the ways files get damaged (truncated, overwritten with
+  garbage, an unparsable JSON file), a torn last line in metrics.jsonl.
+- A real SIGUSR2 during validation, and during a training step, in one process: the trainer
+  stops at the next step boundary with that step saved (the raw weights, not the EMA weights
+  that validation swaps in). Several processes under SLURM: tests/test_launch.py.
+- A damaged training state raises an error naming the file.
+"""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from esen_train.engine import preemption
+from esen_train.engine.checkpoint import CheckpointManager, damage_in
+from esen_train.engine.config import load_train_config
+from esen_train.engine.ema import ExponentialMovingAverage
+from esen_train.engine.fit import fit
 from esen_train.engine.tracking import read_metrics
-from esen_train.evaluation.checkpoint import read_model_file
+from esen_train.engine.trainer import StageTrainer
+from esen_train.evaluation.checkpoint import CheckpointError, read_model_file
+from esen_train.model.config import load_model_config
+from tests.strategy_harness import Scenario, build, single_process_dist
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 12
@@ -20,6 +40,8 @@ OVERRIDES = [
     "data.emt_structures=40", "stages=[direct]", f"direct.max_steps={STEPS}", "direct.max_atoms=64",
     "direct.checkpoint_every=2", "direct.val_every=4", "direct.log_every=1", "logging.wandb.mode=disabled",
 ]
+# In-process runs keep every checkpoint, to compare any step with the reference's.
+KEEP_ALL = OVERRIDES + ["direct.keep_last=100"]
 
 
 def fit_command(run_dir: Path, nproc: int) -> list[str]:
@@ -56,10 +78,22 @@ def run_killed_then_resumed(run_dir: Path, nproc: int) -> int:
     return resumed_from
 
 
-def final_weights(run_dir: Path) -> dict:
-    payload = read_model_file(run_dir / "checkpoints" / "direct" / "last" / "model.pt")
-    assert payload["step"] == STEPS
+def weights_at(run_dir: Path, checkpoint: str = "last", step: int = STEPS) -> dict:
+    payload = read_model_file(run_dir / "checkpoints" / "direct" / checkpoint / "model.pt")
+    assert payload["step"] == step
     return {**{f"model.{k}": v for k, v in payload["model"].items()}, **{f"ema.{k}": v for k, v in payload["ema"].items()}}
+
+
+def assert_bitwise_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def assert_each_step_logged_once(run_dir: Path) -> None:
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows if row["split"] == "train"] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in rows if row["split"] == "val"] == list(range(4, STEPS + 1, 4))
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -67,13 +101,212 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, nproc):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     run_uninterrupted(reference, nproc)
     resumed_from = run_killed_then_resumed(interrupted, nproc)
-    expected, actual = final_weights(reference), final_weights(interrupted)
+    expected, actual = weights_at(reference), weights_at(interrupted)
     assert expected.keys() == actual.keys()
     for name in expected:
         if nproc == 1:
             assert torch.equal(expected[name], actual[name]), f"{name} differs after resume from step {resumed_from}"
         else:
             torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
-    # Steps repeated after the resume are logged once, not twice.
-    steps = [row["step"] for row in read_metrics(interrupted) if row["split"] == "train"]
-    assert steps == list(range(1, STEPS + 1))
+    assert_each_step_logged_once(interrupted)
+
+
+# ----- in one process: crashes, lost links, damaged files, signals ---------------------------
+
+
+def fit_here(run_dir: Path) -> None:
+    fit(load_train_config(TINY, KEEP_ALL + [f"run_dir={run_dir}"]))
+
+
+class Crash(Exception):
+    """Stands in for a process dying between two steps."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    fit_here(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory) -> Path:
+    """A run that died while training step 9: its newest checkpoint is step 8."""
+    run_dir = tmp_path_factory.mktemp("crashed")
+    original = StageTrainer._train_step
+
+    def crash_at_step_9(self):
+        if self.progress.step == 8:
+            raise Crash
+        original(self)
+
+    StageTrainer._train_step = crash_at_step_9
+    try:
+        with pytest.raises(Crash):
+            fit_here(run_dir)
+    finally:
+        StageTrainer._train_step = original
+    return run_dir
+
+
+@pytest.fixture
+def crashed_copy(crashed_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(crashed_run, copy, symlinks=True)
+    return copy
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / "direct" / f"step_{step:08d}"
+
+
+def test_lost_last_link_resumes_from_the_newest_checkpoint(crashed_copy, reference, capsys):
+    (crashed_copy / "checkpoints" / "direct" / "last").unlink()
+    fit_here(crashed_copy)
+    assert f"resumed from {checkpoint_dir(crashed_copy, 8)} at step 8" in capsys.readouterr().out
+    assert_bitwise_equal(weights_at(crashed_copy), weights_at(reference))
+    assert_each_step_logged_once(crashed_copy)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def break_json(path: Path) -> None:
+    path.write_text(path.read_text()[:-3])
+
+
+def test_damaged_checkpoints_are_passed_over_with_a_warning_naming_the_file(crashed_copy, reference):
+    damaged = {
+        8: ("train_state/state.pt", truncate),
+        6: ("train_state/extra_rank0.pt", garbage),
+        4: ("train_state/strategy.json", break_json),
+    }
+    for step, (name, damage) in damaged.items():
+        damage(checkpoint_dir(crashed_copy, step) / name)
+    with pytest.warns(UserWarning) as warned:
+        fit_here(crashed_copy)
+    messages = [str(w.message) for w in warned if "is damaged" in str(w.message)]
+    assert len(messages) == 3
+    for message, (step, (name, _)) in zip(messages, damaged.items()):
+        assert str(checkpoint_dir(crashed_copy, step) / name) in message
+    # Resumed from step 2; each damaged checkpoint is kept aside, and an intact one of that
+    # step written anew.
+    for step, (name, _) in damaged.items():
+        [aside] = checkpoint_dir(crashed_copy, step).parent.glob(f"step_{step:08d}.damaged-*")
+        assert (aside / name).read_bytes() != (checkpoint_dir(crashed_copy, step) / name).read_bytes()
+        assert damage_in(checkpoint_dir(crashed_copy, step)) is None
+    assert_bitwise_equal(weights_at(crashed_copy), weights_at(reference))
+    assert_each_step_logged_once(crashed_copy)
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(crashed_copy, reference):
+    metrics = crashed_copy / "metrics.jsonl"
+    with metrics.open("a") as stream:
+        stream.write('{"stage": "direct", "split": "train", "step": 9, "lo')
+    with pytest.warns(UserWarning, match=f"{metrics}: dropped the torn last line"):
+        fit_here(crashed_copy)
+    assert_each_step_logged_once(crashed_copy)
+    assert_bitwise_equal(weights_at(crashed_copy), weights_at(reference))
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_file_and_line(crashed_copy):
+    metrics = crashed_copy / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:2] + ["not json\n"] + lines[2:]))
+    with pytest.raises(ValueError, match=f"{metrics}: line 3 is not JSON"):
+        read_metrics(crashed_copy)
+
+
+def test_a_checkpoint_is_never_written_over(crashed_copy):
+    """A save into a step directory that exists is refused before anything is written."""
+    stage_dir = crashed_copy / "checkpoints" / "direct"
+    manager = CheckpointManager(stage_dir, keep_last=2, elements=[29])
+    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
+    before = (checkpoint_dir(crashed_copy, 8) / "model.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="step_00000008 already exists: a checkpoint is never written over"):
+        manager.save(strategy, None, load_model_config("tiny"), "direct", 8, {}, extra={}, is_best=False)
+    assert (checkpoint_dir(crashed_copy, 8) / "model.pt").read_bytes() == before
+
+
+# ----- signals in one process ----------------------------------------------------------------
+
+
+@contextmanager
+def stop_on_sigusr2():
+    """What launch/job.py does in a SLURM task: USR2 only asks the trainer to stop."""
+    preemption.reset()
+    replaced = preemption.catch_signals([signal.SIGUSR2])
+    try:
+        yield
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+        preemption.reset()
+
+
+def test_signal_during_validation_saves_the_raw_weights(tmp_path, reference, monkeypatch, capsys):
+    swapped_in = ExponentialMovingAverage.swapped_in
+
+    @contextmanager
+    def swapped_in_then_signalled(self):
+        with swapped_in(self):  # the EMA weights are in the parameters now
+            os.kill(os.getpid(), signal.SIGUSR2)
+            yield
+
+    monkeypatch.setattr(ExponentialMovingAverage, "swapped_in", swapped_in_then_signalled)
+    run_dir = tmp_path / "run"
+    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"stopped after step 4 \(SIGUSR2\)"):
+        fit_here(run_dir)
+    assert_bitwise_equal(weights_at(run_dir, "step_00000004", step=4), weights_at(reference, "step_00000004", step=4))
+    monkeypatch.undo()
+    fit_here(run_dir)
+    assert f"resumed from {checkpoint_dir(run_dir, 4)} at step 4" in capsys.readouterr().out
+    assert_bitwise_equal(weights_at(run_dir), weights_at(reference))
+    assert_each_step_logged_once(run_dir)
+
+
+def test_signal_during_a_training_step_saves_that_step(tmp_path, reference, monkeypatch, capsys):
+    train_step = StageTrainer._train_step
+
+    def signalled_in_step_5(self):
+        if self.progress.step == 4:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        train_step(self)
+
+    monkeypatch.setattr(StageTrainer, "_train_step", signalled_in_step_5)
+    run_dir = tmp_path / "run"
+    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"stopped after step 5 \(SIGUSR2\)"):
+        fit_here(run_dir)
+    assert not checkpoint_dir(run_dir, 6).exists()
+    monkeypatch.undo()
+    fit_here(run_dir)
+    assert f"resumed from {checkpoint_dir(run_dir, 5)} at step 5" in capsys.readouterr().out
+    assert_bitwise_equal(weights_at(run_dir), weights_at(reference))
+    assert_each_step_logged_once(run_dir)
+
+
+# ----- errors name the file ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("state.pt", truncate, "state.pt: not a readable torch file"),
+        ("state.pt", Path.unlink, "state.pt is missing"),
+        ("extra_rank0.pt", garbage, "extra_rank0.pt: not a readable torch file"),
+        ("strategy.json", break_json, "strategy.json: not a valid strategy record"),
+    ],
+)
+def test_damaged_training_state_errors_name_the_file(tmp_path, name, damage, message):
+    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
+    directory = tmp_path / "train_state"
+    strategy.save(directory, extra={"step": 1})
+    damage(directory / name)
+    with pytest.raises(CheckpointError, match=message) as error:
+        strategy.load(directory)
+    assert str(directory / name) in str(error.value)

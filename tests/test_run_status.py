@@ -157,22 +157,24 @@ def test_an_error_during_training_fails_the_run_with_the_message(tmp_path, monke
 
 
 def test_preemption_is_recorded_and_the_requeued_run_finishes(tmp_path, monkeypatch, capsys):
-    """What SLURM's warning does on rank 0: submitit calls the checkpoint hook between two steps
-    (esen_train.launch.job), then ends the process."""
+    """What SLURM's warning does in a task (esen_train.launch.job): the signal asks for a stop
+    during step 3; the trainer saves step 3 and stops."""
     overrides = [*SHORT, "direct.max_steps=6", "direct.val_every=6", "direct.checkpoint_every=100", "direct.log_every=1",
                  f"run_dir={tmp_path}"]
     train_step = StageTrainer._train_step
 
-    def preempted_after_step_3(self):
+    def preempted_in_step_3(self):
+        if self.progress.step == 2:
+            preemption.request_stop("SIGUSR2")  # what the signal handler does
         train_step(self)
-        if self.progress.step == 3:
-            preemption.checkpoint_now()
-            raise SystemExit(-1)
 
-    monkeypatch.setattr(StageTrainer, "_train_step", preempted_after_step_3)
-    with pytest.raises(SystemExit):
-        fit(load_train_config(TINY, overrides))
-    assert "direct preempted at step 3: SLURM requeues the job" in capsys.readouterr().out
+    monkeypatch.setattr(StageTrainer, "_train_step", preempted_in_step_3)
+    try:
+        with pytest.raises(preemption.Preempted):
+            fit(load_train_config(TINY, overrides))
+    finally:
+        preemption.reset()
+    assert "direct preempted after step 3 (SIGUSR2)" in capsys.readouterr().out
     status = read_status(tmp_path)
     assert status["state"] == "preempted" and status["error"] is None
     assert status["stages"]["direct"]["end_reason"] == "preempted"

@@ -1,8 +1,10 @@
 """Writing a dataset directory so that it appears only when complete.
 
 `DatasetWriter` builds everything in a hidden temporary directory beside the output
-(`.NAME.partial-<random suffix>`, same file system) and renames it into place in `finish()`; on an
-error the temporary directory is removed, so a failed run leaves nothing behind.
+(`.NAME.partial-<host>-<pid>-<random suffix>`, same file system) and renames it into place in
+`finish()`; on an error the temporary directory is removed, so a failed run leaves nothing
+behind. A process killed outright cannot remove it: the next writer in the same directory
+removes such leftovers (`remove_stale_partials`).
 Structure i goes to shard i mod num_shards, which balances the shards without knowing
 in advance how many structures will come. Between `seal` and `finish` the written records
 can be read back (conversion looks for energy outliers there) and, with `without`,
@@ -11,9 +13,12 @@ rewritten leaving some out.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
+import warnings
 from array import array
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -34,6 +39,10 @@ from esen_train.data.shards import ShardReader, ShardWriter
 from esen_train.data.stats import StatsAccumulator
 
 OPTIONAL_PROPERTIES = ("stress", "charge", "spin")
+# A temporary output in which nothing changed for this long is a dead process's leftover, also
+# where its process cannot be looked up (written from another host).
+STALE_PARTIAL_AGE_S = 24 * 3600
+_PARTIAL_NAME = re.compile(r"\..+\.partial-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
 
 
 def shard_name(number: int) -> str:
@@ -77,6 +86,40 @@ def check_output_free(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the temporary outputs (`.NAME.partial-*`) in `parent` that no running writer
+    owns: their process on this host is gone, or nothing in them changed for
+    STALE_PARTIAL_AGE_S. Returns what was removed."""
+    removed = []
+    for path in sorted(parent.glob(".*.partial-*")):
+        try:
+            stale = path.is_dir() and _is_stale(path)
+        except FileNotFoundError:  # its writer finished or removed it meanwhile
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_stale(partial: Path) -> bool:
+    match = _PARTIAL_NAME.fullmatch(partial.name)
+    if match and match["host"] == socket.gethostname() and not _process_alive(int(match["pid"])):
+        return True
+    last_change = max([partial.stat().st_mtime, *(path.stat().st_mtime for path in partial.iterdir())])
+    return time.time() - last_change > STALE_PARTIAL_AGE_S
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class DatasetWriter:
     """Use as a context manager: `with DatasetWriter(...) as w: w.write(r); w.finish()`."""
 
@@ -87,8 +130,12 @@ class DatasetWriter:
         self.overwrite = overwrite
         check_output_free(self.out_dir, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_stale_partials(self.out_dir.parent):
+            warnings.warn(f"removed {leftover}: the unfinished output of a writer that is gone", stacklevel=2)
         self.tmp_dir = Path(
-            tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.partial-")
+            tempfile.mkdtemp(
+                dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-"
+            )
         )
         with_default_permissions(self.tmp_dir)
         self.provenance = provenance

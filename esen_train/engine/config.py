@@ -82,6 +82,8 @@ class WandbConfig:
     entity: str = ""
     name: str = ""
     tags: list[str] = field(default_factory=list)
+    # How long an online run may take to reach the server before logging goes offline.
+    init_timeout_s: float = 20.0
 
 
 @dataclass
@@ -174,6 +176,8 @@ def check_values(config: TrainConfig, where: str | Path = "config") -> None:
         raise ConfigError(f"{where}: data.num_workers, data.emt_structures and data.emt_seed must be >= 0")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
         raise ConfigError(f"{where}: logging.wandb.mode must be online, offline or disabled")
+    if not math.isfinite(config.logging.wandb.init_timeout_s) or config.logging.wandb.init_timeout_s <= 0:
+        raise ConfigError(f"{where}: logging.wandb.init_timeout_s must be > 0, got {config.logging.wandb.init_timeout_s}")
     if not config.data.train and config.data.emt_structures <= 0:
         raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from esen_train.engine import distributed
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.optim import OptimSettings, build_adamw
-from esen_train.engine.strategy import Strategy
+from esen_train.engine.strategy import Strategy, read_torch_file
 
 STATE_FILE = "state.pt"
 
@@ -55,7 +55,7 @@ class DataParallelStrategy(Strategy):
             torch.save(state, directory / STATE_FILE)
 
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
-        state = torch.load(directory / STATE_FILE, map_location=self.dist.device, weights_only=True)
+        state = read_torch_file(directory / STATE_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:

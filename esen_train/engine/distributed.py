@@ -138,3 +138,10 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values on every rank, in place; returns the tensor."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor

@@ -115,7 +115,7 @@ class RunStatus:
         self._update(last_checkpoint=str(directory))
 
     def preempted(self) -> None:
-        """SLURM is stopping the job to requeue it (called from the signal handler)."""
+        """SLURM is stopping the job (to requeue it): the ranks stopped at a step boundary."""
         if self.enabled:
             self._set_stage(self.status["stage"], state="ended", end_reason="preempted")
             self._update(state="preempted")
@@ -144,8 +144,7 @@ class RunStatus:
             self._write()
 
     def _write(self) -> None:
-        """Temporary file (a unique name: the preemption handler may write in the middle of
-        another write), then rename."""
+        """Temporary file (a unique name), then rename."""
         descriptor, temporary = tempfile.mkstemp(prefix=f".{STATUS_FILE}.", dir=self.path.parent)
         try:
             with os.fdopen(descriptor, "w") as stream:

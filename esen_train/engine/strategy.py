@@ -42,6 +42,7 @@ from esen_train.engine.config import StageConfig, StrategyConfig
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.optim import OptimSettings
+from esen_train.evaluation.checkpoint import CheckpointError
 
 STRATEGY_FILE = "strategy.json"
 
@@ -149,20 +150,35 @@ class Strategy(ABC):
 
     def load(self, directory: str | Path) -> dict:
         """Restore model, optimizer and EMA from `directory`; returns this rank's extra dict
-        (rank 0's when the checkpoint was written by fewer ranks). Collective."""
+        (rank 0's when the checkpoint was written by fewer ranks). Collective. A file that
+        cannot be read raises CheckpointError naming it."""
         directory = Path(directory)
         written = self._read_strategy_file(directory)
-        self._load_state(directory, saved_world_size=written["world_size"])
-        own = directory / f"extra_rank{self.dist.rank}.pt"
-        return torch.load(own if own.is_file() else directory / "extra_rank0.pt", map_location="cpu", weights_only=True)
+        extra_file = directory / f"extra_rank{self.dist.rank}.pt"
+        if not extra_file.is_file():
+            extra_file = directory / "extra_rank0.pt"
+        extra = read_torch_file(extra_file, map_location="cpu")
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"{extra_file}: expected the trainer's dict, found {type(extra).__name__}")
+        try:
+            self._load_state(directory, saved_world_size=written["world_size"])
+        except CheckpointError:
+            raise
+        except Exception as error:  # a state that does not fit this model or optimizer
+            raise CheckpointError(f"{directory}: the training state cannot be loaded ({type(error).__name__}: {error})") from error
+        return extra
 
     def _read_strategy_file(self, directory: Path) -> dict:
         path = directory / STRATEGY_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a training-state directory: {STRATEGY_FILE} is missing")
-        written = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            written = {"strategy": str(record["strategy"]), "world_size": int(record["world_size"])}
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: not a valid strategy record ({type(error).__name__}: {error})") from None
         if _format_of(written["strategy"]) != _format_of(self.name):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: this training state was written by strategy {written['strategy']!r}, whose format "
                 f"strategy {self.name!r} cannot read; resume with strategy.name={written['strategy']}, or start "
                 f"from the checkpoint's model.pt instead"
@@ -176,6 +192,17 @@ class Strategy(ABC):
     @abstractmethod
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
         """Read what `_save_state` wrote, possibly by another number of ranks. Collective."""
+
+
+def read_torch_file(path: Path, map_location) -> object:
+    """torch.load with weights_only=True; a missing or unreadable file raises CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"{path}: not a readable torch file ({type(error).__name__}: {reason})") from None
 
 
 def _format_of(strategy_name: str) -> str:

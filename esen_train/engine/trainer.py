@@ -5,7 +5,9 @@ backward, clip and step (a non-finite gradient skips the step on every rank), up
 EMA, then log, validate and checkpoint on their schedules, until `max_steps` or early
 stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
 sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
-goes to the console (esen_train.progress) and RUN/status.json (engine/status.py).
+goes to the console (esen_train.progress) and RUN/status.json (engine/status.py). At each
+step boundary the ranks agree on whether the job was told to stop (engine/preemption.py):
+then they save that step and raise `Preempted`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from esen_train.engine import distributed, early_stopping, preemption
-from esen_train.engine.checkpoint import CheckpointManager
+from esen_train.engine.checkpoint import STATE_DIR, CheckpointManager
 from esen_train.engine.config import StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, batch_counts, training_loss
@@ -69,7 +71,6 @@ class StageTrainer:
         self.weights = LossWeights(self.settings.energy_weight, self.settings.force_weight, self.settings.stress_weight)
         self.checkpoints = CheckpointManager(run_dir / "checkpoints" / stage, self.settings.keep_last, data.elements)
         self.progress = Progress()
-        self._in_step = False
         self.status = status  # esen_train.engine.status.RunStatus
         self.console = StageConsole(stage, self.settings.max_steps, self.settings.log_every, self.settings.best_metric,
                                     self.settings.patience, enabled=config.logging.progress and distributed.is_main())
@@ -124,16 +125,12 @@ class StageTrainer:
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
         self.build()
-        if self.checkpoints.has_last():
-            self._resume()
-        elif self.init_checkpoint is not None:
-            self._check_loaded_weights()
+        self._resume_or_start()
         self.console.start(self.progress.step)
         self.status.start_stage(self.stage, self.progress.step)
-        preemption.register_checkpoint_callback(self._save_on_preemption)
-        preemption.register_checkpoint_callback(self._note_preemption)
         try:
             while not (end := early_stopping.end_reason(self.progress, self.settings.max_steps, self.settings.patience)):
+                self._stop_if_asked()
                 self._train_step()
                 step = self.progress.step
                 if step % self.settings.val_every == 0 or step == self.settings.max_steps:
@@ -144,17 +141,41 @@ class StageTrainer:
                 elif step % self.settings.checkpoint_every == 0:
                     self._checkpoint({})
         finally:
-            preemption.clear()
             self.console.close()
         self._log("end", {"reason": end, "best_metric": self.settings.best_metric,
                           "best_value": self.progress.best_value, "best_step": self.progress.best_step})
         return self.checkpoints.best
 
+    def _resume_or_start(self) -> None:
+        """Continue from this stage's newest intact checkpoint, or start the stage (checking
+        weights loaded from another checkpoint). Rows logged after the step training
+        continues from are dropped: those steps run again."""
+        resume_from = self.checkpoints.find_resume_point(self.dist.device)
+        if resume_from is not None:
+            self._resume(resume_from)
+        if distributed.is_main():
+            self.logger.forget_after(self.stage, self.progress.step if resume_from is not None else -1)
+        if resume_from is None and self.init_checkpoint is not None:
+            self._check_loaded_weights()
+
+    def _stop_if_asked(self) -> None:
+        """At a step boundary: if any rank was told to stop, all save this step (unless it is
+        saved already) and stop."""
+        if not preemption.stop_agreed(self.dist.device):
+            return
+        if self.progress.step > 0 and self.checkpoints.saved_step != self.progress.step:
+            self._checkpoint({})
+        reason = preemption.stop_requested() or "another rank's signal"
+        message = (f"{self.stage} preempted after step {self.progress.step} ({reason}); a requeued job resumes at "
+                   f"step {self.progress.step + 1} from {self.checkpoints.stage_dir}")
+        self.status.preempted()
+        self.console.write(message)
+        raise preemption.Preempted(message)
+
     def _train_step(self) -> None:
         settings, strategy = self.settings, self.strategy
         strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps, settings.min_lr_ratio))
         started, atoms, shares = time.perf_counter(), 0, {}
-        self._in_step = True
         for micro in range(settings.grad_accum_steps):
             batch = self.data.train_loader.next_batch().to(self.dist.device)
             counts = distributed.all_reduce_sum(batch_counts(batch))
@@ -167,7 +188,6 @@ class StageTrainer:
             for name, value in micro_shares.items():
                 shares[name] = shares.get(name, 0.0) + value.double() / settings.grad_accum_steps
         result = strategy.step(settings.clip_grad_norm)
-        self._in_step = False
         self._count_nonfinite(result.skipped)
         if not result.skipped:
             self.ema.update()
@@ -240,25 +260,13 @@ class StageTrainer:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def _resume(self) -> None:
-        extra = self.checkpoints.load_state(self.strategy)
+    def _resume(self, checkpoint: Path) -> None:
+        extra = self.strategy.load(checkpoint / STATE_DIR)
         self.progress = Progress(**extra["progress"])
         self.data.train_loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["torch_rng"])
         if distributed.is_main():
-            self.logger.forget_after(self.stage, self.progress.step)
-            print(f"[{self.stage}] resumed from {self.checkpoints.last.resolve()} at step {self.progress.step}", flush=True)
-
-    def _save_on_preemption(self) -> None:
-        """Called from submitit's signal handler on rank 0: save only when that is safe
-        without collectives (one process) and not half-way through an optimizer step."""
-        if self.dist.world_size == 1 and not self._in_step and self.progress.step > 0:
-            self._checkpoint({})
-
-    def _note_preemption(self) -> None:
-        """Called from submitit's signal handler on rank 0, after `_save_on_preemption`."""
-        self.status.preempted()
-        self.console.write(f"{self.stage} preempted at step {self.progress.step}: SLURM requeues the job")
+            print(f"[{self.stage}] resumed from {checkpoint} at step {self.progress.step}", flush=True)
 
     def _log(self, split: str, metrics: dict) -> None:
         """A metrics row (split train, val or end) to metrics.jsonl and wandb, the console and status.json."""

@@ -8,18 +8,20 @@ free at submission, because submitit's choice (this machine's host name and a po
 the job id) can name a port already in use, and then rank 0 fails while the other ranks wait
 for it until the process-group timeout.
 
-On a time-out or preemption SLURM sends USR2 (submitit's signal) to every task; on rank 0
-submitit calls `checkpoint()`, which asks the running trainer to save a checkpoint and returns
-this same job for submitit to requeue. The requeued job runs the same config with the same
-run_dir, so the trainer resumes from `checkpoints/<stage>/last` and the same wandb run
-(RUN/wandb_run_id).
+On a time-out or preemption SLURM sends USR2 (submitit's signal) to every task; a requeue
+(`scontrol requeue`) or cancel sends SIGTERM. Both only ask the trainer to stop
+(engine/preemption.py): at the next step boundary the ranks agree, save that step together
+and stop. Only then does each task run the handler submitit installed for the signal: for
+USR2, on rank 0, it calls `checkpoint()`, which returns this same job, and requeues the job;
+a SIGTERM'd job is requeued (or cancelled) by SLURM itself. The requeued job runs the same
+config with the same run_dir, so the trainer resumes at the step after the saved one, and
+logs to the same wandb run (RUN/wandb_run_id).
 
 A run that SLURM is stopping must not leave a result behind: submitit writes every task's
 exception to a result file, and a client waiting on the job (`esen-launch --wait`) would take
 it for the job's outcome although the requeued job is about to run. So once USR2 or SIGTERM
-has arrived (requeue, time-out, cancel), an error in the trainer (a dead peer, a killed wandb
-process) ends the task without a result; the requeued run, or SLURM's accounting, tells the
-real outcome.
+has arrived, the task ends without a result, also when the trainer fails (a dead peer, a
+killed wandb process); the requeued run, or SLURM's accounting, tells the real outcome.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import signal
 import sys
 
 import submitit
-from submitit.core.utils import UncompletedJobError
 
 from esen_train.cli import main as esen_train_main
 from esen_train.engine import preemption
@@ -42,11 +43,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.config = config
         self.overrides = list(overrides)  # training overrides, including run_dir=<absolute path>
         self.local_master_port = local_master_port  # set for the local executor only
-        self._stopping = False
 
     def __call__(self) -> None:
-        self._stopping = False
-        self._watch_stop_signals()
+        preemption.reset()
+        # USR2: submitit's time-out/preemption signal (sbatch --signal=USR2@signal_delay_s).
+        submitit_handlers = preemption.catch_signals((signal.SIGUSR2, signal.SIGTERM))
         # overwrite=True: SLURM copies the submitting shell's environment into the job, and a
         # stale RANK or MASTER_ADDR from there must not win over this job's own.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -54,10 +55,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.local_master_port))
         try:
             status = esen_train_main(["fit", self.config, *self.overrides])
-        except UncompletedJobError:
-            raise  # submitit's own verdict (e.g. timed out too many times): it must reach the client
+        except preemption.Preempted:  # the trainer saved the step it was at and said so
+            _run_submitit_handler(submitit_handlers)
+            sys.exit(1)  # no result: the requeued job, or SLURM's accounting, tells the outcome
         except Exception:
-            if not self._stopping:
+            if not preemption.stop_requested():
                 raise
             log.exception("training stopped by SLURM; leaving no result for this run")
             sys.exit(1)
@@ -65,19 +67,18 @@ class TrainingJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"esen-train fit {self.config} {' '.join(self.overrides)} exited with status {status}")
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        asked = preemption.checkpoint_now()
-        log.warning("time-out or preemption: %s; requeueing", "asked the trainer to checkpoint" if asked else "training had not started")
+        """What submitit requeues: this same job (the trainer has saved its checkpoint)."""
         return submitit.helpers.DelayedSubmission(self)
 
-    def _watch_stop_signals(self) -> None:
-        """Note USR2 and SIGTERM, then let submitit's handlers (checkpoint, requeue, log) run."""
-        # USR2: submitit's time-out/preemption signal (sbatch --signal=USR2@signal_delay_s).
-        for signum in (signal.SIGUSR2, signal.SIGTERM):
-            previous = signal.getsignal(signum)
 
-            def note_and_forward(number, frame, previous=previous):
-                self._stopping = True
-                if callable(previous):
-                    previous(number, frame)
-
-            signal.signal(signum, note_and_forward)
+def _run_submitit_handler(handlers: dict) -> None:
+    """Run the handler that submitit installed for the signal that stopped training, as if the
+    signal arrived now. For USR2 on rank 0 it calls `checkpoint()`, requeues the job and exits
+    (or raises UncompletedJobError when the job timed out too often: that result must reach
+    the client); on other ranks, and for SIGTERM, it only logs. A task that got no signal
+    itself (another rank's stopped training) has none to run."""
+    received = preemption.stop_requested()
+    signum = signal.Signals[received] if received in signal.Signals.__members__ else None
+    handler = handlers.get(signum)
+    if callable(handler):
+        handler(signum, None)
