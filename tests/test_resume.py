@@ -260,7 +260,7 @@ def test_signal_during_validation_saves_the_raw_weights(tmp_path, reference, mon
 
     monkeypatch.setattr(ExponentialMovingAverage, "swapped_in", swapped_in_then_signalled)
     run_dir = tmp_path / "run"
-    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"stopped after step 4 \(SIGUSR2\)"):
+    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"preempted after step 4 \(SIGUSR2\)"):
         fit_here(run_dir)
     assert_bitwise_equal(weights_at(run_dir, "step_00000004", step=4), weights_at(reference, "step_00000004", step=4))
     monkeypatch.undo()
@@ -280,7 +280,7 @@ def test_signal_during_a_training_step_saves_that_step(tmp_path, reference, monk
 
     monkeypatch.setattr(StageTrainer, "_train_step", signalled_in_step_5)
     run_dir = tmp_path / "run"
-    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"stopped after step 5 \(SIGUSR2\)"):
+    with stop_on_sigusr2(), pytest.raises(preemption.Preempted, match=r"preempted after step 5 \(SIGUSR2\)"):
         fit_here(run_dir)
     assert not checkpoint_dir(run_dir, 6).exists()
     monkeypatch.undo()
