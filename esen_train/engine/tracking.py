@@ -107,8 +107,8 @@ class RunLogger:
 
 def _init_online_or_offline(arguments: dict, timeout_s: float, wandb_dir: Path):
     """An online run, or an offline one when wandb cannot start it (the server cannot be
-    reached within `timeout_s`, or answers with an error). The failed attempt's directory is removed, so RUN/wandb holds
-    one directory per start of the job."""
+    reached within `timeout_s`, or answers with an error). The failed attempt's directory is
+    removed, so RUN/wandb holds one directory per start of the job."""
     before = set(wandb_dir.glob("run-*")) if wandb_dir.is_dir() else set()
     try:
         return wandb.init(mode="online", settings=wandb.Settings(quiet=True, init_timeout=timeout_s), **arguments)
