@@ -1,9 +1,11 @@
-"""`esen-train`: fit, eval, md and quickstart.
+"""`esen-train`: fit, eval, md, quickstart, and conversion of fairchem's eSEN checkpoints.
 
     esen-train fit CONFIG [key=value ...] [--nproc N]
     esen-train eval CHECKPOINT --data DIR_OR_FILE [--json]
     esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
     esen-train quickstart [--out DIR]
+    esen-train import-fairchem FAIRCHEM_CHECKPOINT --out DIR
+    esen-train export-fairchem CHECKPOINT --out FILE
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 
 from esen_train.engine.config import ConfigError, load_train_config
 from esen_train.evaluation.commands import add_eval_parser, add_md_parser
+from esen_train.fairchem.commands import add_import_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(commands)
     add_md_parser(commands)
     _add_quickstart_parser(commands)
+    add_import_parser(commands)
     # Options may come before, between or after the key=value overrides: argparse leaves
     # overrides that follow an option unparsed, so they are collected here.
     args, rest = parser.parse_known_args(argv)

@@ -91,11 +91,18 @@ class SphereGrid(nn.Module):
         latitude = resolution or 2 * (lmax + 1)
         longitude = resolution or 2 * (lmax + 1) + 1
         size = (lmax + 1) ** 2
-        to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral", dtype=torch.float64)
-        from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral", dtype=torch.float64)
-        to_matrix = to_grid(torch.eye(size, dtype=torch.float64)).reshape(size, -1).T  # [points, size]
         points = latitude * longitude
-        from_matrix = from_grid(torch.eye(points, dtype=torch.float64).view(points, latitude, longitude))
+        # In float64 throughout: e3nn computes FromS2Grid's quadrature weights in the default
+        # dtype whatever `dtype` says, and float32 weights limit the grid to 1e-7.
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral")
+            from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral")
+            to_matrix = to_grid(torch.eye(size)).reshape(size, -1).T  # [points, size]
+            from_matrix = from_grid(torch.eye(points).view(points, latitude, longitude))
+        finally:
+            torch.set_default_dtype(default)
         self.register_buffer("to_matrix", to_matrix, persistent=False)  # [points, size]
         self.register_buffer("from_matrix", from_matrix, persistent=False)  # [points, size]
 
