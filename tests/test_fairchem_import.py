@@ -38,6 +38,14 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 DIRECT_STRESS_FLOAT64 = 1e-6
 
 
+def float32_tolerance(case: str, quantity: str) -> float:
+    """1e-5, or twice fairchem's own float32 rounding error on the quantity (its float32
+    result against its float64 one), where that is larger: a virial of rattled, nearly
+    cancelling pair terms loses more digits in float32 than 1e-5 (fairchem: up to 5.7e-5 here)."""
+    own = relative_errors(CASES[case]["float32"], CASES[case]["float64"])[quantity]
+    return max(TOLERANCE["float32"], 2 * own)
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("imported")
@@ -52,7 +60,7 @@ def test_imported_model_predicts_what_fairchem_predicts(imported, case, dtype):
     ours = as_reference([calculator.calculate_batch([atoms])[0] for atoms in case_structures(case)])
     errors = relative_errors(ours, CASES[case][dtype])
     for quantity, error in errors.items():
-        tolerance = TOLERANCE[dtype]
+        tolerance = TOLERANCE[dtype] if dtype == "float64" else float32_tolerance(case, quantity)
         if case == "escnmd_direct" and quantity == "stress" and dtype == "float64":
             tolerance = DIRECT_STRESS_FLOAT64
         assert error < tolerance, f"{case} {dtype} {quantity}: relative error {error:.3g}"
@@ -76,7 +84,7 @@ def test_the_checkpoint_records_what_was_imported(imported):
     summary = json.loads((imported["esen_v1_direct_no_envelope"] / "import.json").read_text())
     assert summary["format"] == "eSEN v1 (fairchem-core 1.x)" and summary["stage"] == "direct"
     assert summary["model_config"]["envelope"] is False and summary["model_config"]["feed_forward"] == "spectral"
-    assert summary["model_config"]["max_num_elements"] == 29  # fairchem's 30 rows include Z = 0
+    assert summary["model_config"]["max_num_elements"] == 79  # fairchem's 80 rows include Z = 0
     assert summary["normalisation"] == {"energy_mean": 0.0, "energy_scale": pytest.approx(1.4),
                                         "force_scale": pytest.approx(0.8), "stress_scale": 1.0}
     assert any("max_neighbors=300" in note for note in summary["notes"])

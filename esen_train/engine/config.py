@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ase.data import atomic_numbers
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import shipped_config
+from esen_train.evaluation.checkpoint import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 from esen_train.model.config import ModelConfig, load_model_config
 
 
@@ -57,9 +59,22 @@ class StageConfig:
     keep_last: int = 2  # step_<n> checkpoints kept besides `last` and `best`
     best_metric: str = "force_mae_mev_per_A"
     max_nonfinite_in_row: int = 5
-    # Weights to start from: a checkpoint or run directory. Empty: a fresh model for the
-    # direct stage; for the conservative stage, this run's direct `best` checkpoint.
+    # Weights to start from: a checkpoint or run directory (e.g. one `esen-train
+    # import-fairchem` wrote). Empty: a fresh model for the direct stage; for the
+    # conservative stage, this run's direct `best` checkpoint.
     init_from: str = ""
+    # Starting from a checkpoint, the per-element reference energies: "keep" the checkpoint's;
+    # "refit": the checkpoint's plus the per-element least-squares correction of what the
+    # loaded model misses on this stage's training data (one pass, energies only); "given":
+    # the checkpoint's, with the elements of `given_references` replaced.
+    references: str = "keep"
+    given_references: dict[str, float] = field(default_factory=dict)  # element symbol -> eV
+    # Fine-tuning: freeze the embeddings (element, edge-element, edge-degree, charge/spin)
+    # and the first `freeze_blocks` message-passing blocks; the backbone's learning rate is
+    # lr * backbone_lr_scale (the energy and direct heads train at lr).
+    freeze_embeddings: bool = False
+    freeze_blocks: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -97,6 +112,7 @@ class TrainConfig:
 
 STAGES = ("direct", "conservative")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+REFERENCE_CHOICES = ("keep", "refit", "given")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -122,13 +138,26 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 
 def _expand_model_preset(raw: DictConfig, where: str) -> None:
-    """`model: tiny` names a preset in configs/model/; replace it with its fields."""
+    """`model: tiny` names a preset in configs/model/, `model: DIR` a checkpoint (or run)
+    directory, e.g. an imported fairchem model: replace it with its fields."""
     preset = raw.get("model") if isinstance(raw, DictConfig) else None
-    if isinstance(preset, str):
-        try:
-            raw.model = OmegaConf.structured(load_model_config(preset))
-        except FileNotFoundError as error:
-            raise ConfigError(f"{where}: no model preset {preset!r} ({error})") from None
+    if not isinstance(preset, str):
+        return
+    if Path(preset).is_dir():
+        raw.model = OmegaConf.structured(_checkpoint_model_config(preset, where))
+        return
+    try:
+        raw.model = OmegaConf.structured(load_model_config(preset))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{where}: no model preset {preset!r} ({error})") from None
+
+
+def _checkpoint_model_config(path: str, where: str) -> ModelConfig:
+    try:
+        checkpoint = resolve_checkpoint(path)
+        return checkpoint_model_config(checkpoint / MODEL_FILE)
+    except CheckpointError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -156,10 +185,33 @@ def _check_values(config: TrainConfig, path: Path) -> None:
             )
         if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
             raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
+        _check_fine_tuning(config, stage, settings, path)
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
         raise ConfigError(f"{path}: logging.wandb.mode must be online, offline or disabled")
     if not config.data.train and config.data.emt_structures <= 0:
         raise ConfigError(f"{path}: give data.train (dataset directories) or data.emt_structures > 0")
+
+
+def _check_fine_tuning(config: TrainConfig, stage: str, settings: StageConfig, path: Path) -> None:
+    if settings.references not in REFERENCE_CHOICES:
+        raise ConfigError(f"{path}: {stage}.references must be one of {REFERENCE_CHOICES}, got {settings.references!r}")
+    starts_fresh = stage == "direct" and not settings.init_from
+    if settings.references != "keep" and starts_fresh:
+        raise ConfigError(f"{path}: {stage}.references={settings.references} needs {stage}.init_from (a fresh model's "
+                          "reference energies come from the training data)")
+    if settings.references == "given" and not settings.given_references:
+        raise ConfigError(f"{path}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
+    if settings.given_references and settings.references != "given":
+        raise ConfigError(f"{path}: {stage}.given_references is set but {stage}.references is {settings.references!r}, not 'given'")
+    for symbol in settings.given_references:
+        if atomic_numbers.get(symbol, config.model.max_num_elements + 1) > config.model.max_num_elements:
+            raise ConfigError(f"{path}: {stage}.given_references: {symbol!r} is not an element this model embeds "
+                              f"(Z 1..{config.model.max_num_elements})")
+    if not 0 <= settings.freeze_blocks <= config.model.num_layers:
+        raise ConfigError(f"{path}: {stage}.freeze_blocks must be in 0..{config.model.num_layers} (model.num_layers), "
+                          f"got {settings.freeze_blocks}")
+    if not settings.backbone_lr_scale > 0:
+        raise ConfigError(f"{path}: {stage}.backbone_lr_scale must be > 0, got {settings.backbone_lr_scale}")
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -78,6 +78,8 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         element_references=references,
         energy_scale=stats.force_rms,
         has_stress=train_set.has_stress,
+        reference_loader=(build_dataloader(train_set, settings.max_atoms, shuffle=False, **loader_args)
+                          if settings.references == "refit" else None),
     )
 
 
