@@ -16,7 +16,7 @@ import sys
 
 from esen_train.engine.config import ConfigError, load_train_config
 from esen_train.evaluation.commands import add_eval_parser, add_md_parser
-from esen_train.fairchem.commands import add_import_parser
+from esen_train.fairchem.commands import add_export_parser, add_import_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     add_md_parser(commands)
     _add_quickstart_parser(commands)
     add_import_parser(commands)
+    add_export_parser(commands)
     # Options may come before, between or after the key=value overrides: argparse leaves
     # overrides that follow an option unparsed, so they are collected here.
     args, rest = parser.parse_known_args(argv)

@@ -8,7 +8,7 @@ benchmarks/model_vs_fairchem.py creates:
     .venvs/fairchem/bin/pip install fairchem-core==2.24.0
 
     .venvs/fairchem/bin/python tools/fairchem_fixtures.py make --out tests/fixtures/fairchem
-    .venvs/fairchem/bin/python tools/fairchem_fixtures.py evaluate CHECKPOINT --structures S.json --out R.json
+    .venvs/fairchem/bin/python tools/fairchem_fixtures.py evaluate CHECKPOINT... --structures S.json --out R.json
 
 `make` builds fairchem's eSEN models with random weights for several settings, saves each
 in the checkpoint format fairchem itself writes, and records the energies, forces and
@@ -26,9 +26,10 @@ any structure is within 1e-4 of the y axis: fairchem clamps its rotation gradien
   elementrefs, torch_ema's state). Predictions are the model's outputs denormalised as 1.x's
   trainer does: value * rmsd + mean, plus the element references of the atoms.
 
-`evaluate` loads any 2.x checkpoint (e.g. one `esen-train export-fairchem` wrote) with
-fairchem's calculator and writes its predictions for the structures of a JSON file
-(tests/test_fairchem_export.py compares them with ours).
+`evaluate` loads 2.x checkpoints (e.g. ones `esen-train export-fairchem` wrote) with
+fairchem's calculator and writes their predictions for the structures of a JSON file,
+{checkpoint file name: [prediction per structure]} (tests/test_fairchem_export.py compares
+them with ours).
 """
 from __future__ import annotations
 
@@ -241,11 +242,11 @@ def make_escnmd(name: str, case: dict, seed: int, out: Path) -> Path:
 
 def fairchem_calculator(path: Path, dtype: torch.dtype, dataset: str | None = None):
     from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
-    from fairchem.core.units.mlip_unit import MLIPPredictUnit
+    from fairchem.core.units.mlip_unit import load_predict_unit
     from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
 
     settings = InferenceSettings(base_precision_dtype=dtype, activation_checkpointing=False, tf32=False)
-    unit = MLIPPredictUnit(str(path), device="cpu", inference_settings=settings)
+    unit = load_predict_unit(path, inference_settings=settings, device="cpu")
     return FAIRChemCalculator(unit, task_name=dataset)
 
 
@@ -449,8 +450,10 @@ def make(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     records = json.loads(args.structures.read_text())
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    calculator = fairchem_calculator(args.checkpoint, dtype, args.task)
-    predictions = [predict_with_calculator(calculator, record) for record in records]
+    predictions = {}
+    for checkpoint in args.checkpoints:
+        calculator = fairchem_calculator(checkpoint, dtype, args.task)
+        predictions[checkpoint.name] = [predict_with_calculator(calculator, record) for record in records]
     args.out.write_text(json.dumps(predictions) + "\n")
 
 
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     make_parser.add_argument("--v1-wheel", type=Path, help=f"a {V1_SOURCE} wheel already downloaded")
     make_parser.set_defaults(run=make)
     evaluate_parser = commands.add_parser("evaluate", help="fairchem's calculator on a 2.x checkpoint")
-    evaluate_parser.add_argument("checkpoint", type=Path)
+    evaluate_parser.add_argument("checkpoints", type=Path, nargs="+")
     evaluate_parser.add_argument("--structures", type=Path, required=True, help="JSON list of structure records")
     evaluate_parser.add_argument("--task", help="dataset name of the checkpoint's tasks (default: its only one)")
     evaluate_parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
