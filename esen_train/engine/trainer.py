@@ -88,6 +88,8 @@ class StageTrainer:
         model.to(self.dist.device)
         if self.init_checkpoint is not None and self.settings.references != "keep":
             self._set_references(model)
+        elif self.settings.init_from:
+            self._say("reference energies (keep): the checkpoint's")
         if self.settings.compile:
             compile_model(model)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)

@@ -82,21 +82,11 @@ def read_fairchem_file(path: str | Path) -> InferenceCheckpoint | dict:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f"the class {refused.group(1)}" if refused else f"an object this reader does not allow ({error})"
         raise FairchemFormatError(
-            f"{path}: holds {what}, which fairchem's eSEN checkpoints do not; refused (only "
-            f"{', '.join(_allowed_names())} and tensors are read, nothing else is unpickled)"
+            f"{path}: holds {what}, which fairchem's eSEN checkpoints do not; refused (nothing outside "
+            "esen_train.fairchem.files.ALLOWED_GLOBALS and tensors is unpickled)"
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise FairchemFormatError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
-
-
-def _allowed_names() -> list[str]:
-    names = []
-    for entry in ALLOWED_GLOBALS:
-        if isinstance(entry, tuple):
-            names.append(entry[1])
-        else:
-            names.append(f"{getattr(entry, '__module__', 'typing')}.{getattr(entry, '__qualname__', getattr(entry, '_name', entry))}")
-    return names
 
 
 def plain(value: Any, where: str) -> Any:

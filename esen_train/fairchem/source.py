@@ -123,7 +123,7 @@ def _from_v1(raw: dict, path: Path) -> FairchemModel:
         )
     settings = _with_defaults(backbone, V1_DEFAULTS, V1_IGNORED, path, "config.model.backbone")
     _refuse_unsupported(settings, path, "config.model.backbone")
-    roles = _heads(model["heads"], path, "config.model.heads", lambda module: V1_HEADS.get(module))
+    roles = _heads(model["heads"], path, "config.model.heads", lambda module: V1_HEADS.get(str(module)))
     stage = _stage(roles, settings, path, check_backbone=False)
     config = _model_config(settings, ff_key="mlp_type", envelope=bool(settings["use_envelope"]), charge_spin="none",
                            direct=stage == "direct")
@@ -199,8 +199,7 @@ def _from_escnmd(raw: InferenceCheckpoint, path: Path) -> FairchemModel:
         )
     settings = _with_defaults(backbone, ESCNMD_DEFAULTS, ESCNMD_IGNORED, path, "model_config.backbone")
     _refuse_unsupported(settings, path, "model_config.backbone")
-    roles = _heads(model["heads"], path, "model_config.heads", lambda module: ESCNMD_HEADS.get(str(module).rsplit(".", 1)[-1])
-                   if str(module).startswith("fairchem.core.models.uma.escn_md.") else None)
+    roles = _heads(model["heads"], path, "model_config.heads", _escnmd_head_role)
     stage = _stage(roles, settings, path, check_backbone=True)
     charge_spin = {"pos_emb": "sinusoidal", "rand_emb": "table"}[settings["chg_spin_emb_type"]]
     config = _model_config(settings, ff_key="ff_type", envelope=True, charge_spin=charge_spin, direct=stage == "direct")
@@ -212,6 +211,12 @@ def _from_escnmd(raw: InferenceCheckpoint, path: Path) -> FairchemModel:
     normalisation, references, datasets = _escnmd_tasks(tasks, roles, path)
     return FairchemModel(path, "eSCNMD (fairchem-core 2.x)", config, stage, _all_weights(config, roles), state, ema,
                          normalisation, references, settings, datasets=datasets, notes=_neighbour_cap_note(settings))
+
+
+def _escnmd_head_role(module: object) -> str | None:
+    """The role of a 2.x head class (a dotted path under fairchem's escn_md module)."""
+    prefix = "fairchem.core.models.uma.escn_md."
+    return ESCNMD_HEADS.get(str(module)[len(prefix):]) if str(module).startswith(prefix) else None
 
 
 def _escnmd_tasks(tasks: object, roles: dict, path: Path) -> tuple[Normalisation, torch.Tensor | None, list[str]]:
