@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+from e3nn import o3
 from torch_geometric.data import Batch, Data
 
 from esen_train.data.neighbors import build_neighbor_list
@@ -80,6 +81,18 @@ def rattled_slab() -> Atoms:
     return atoms
 
 
+def crossing_cluster(x: float) -> Atoms:
+    """Three atoms; the third moves along x and crosses the first atom's cutoff sphere at
+    x = crossing_x(cutoff), while it stays within the second atom's (for cutoffs of 4-6 Å),
+    so only one edge pair switches."""
+    return Atoms("CON", positions=[[0.0, 0.0, 0.0], [2.5, 0.8, 0.0], [x, 0.3, 0.2]])
+
+
+def crossing_x(cutoff: float) -> float:
+    """x where the moving atom of `crossing_cluster` is exactly `cutoff` away from the first."""
+    return float(np.sqrt(cutoff**2 - 0.3**2 - 0.2**2))
+
+
 def mixed_batch(cutoff: float) -> Batch:
     return to_batch([rattled_alloy(), rattled_molecule(), rattled_slab()], cutoff)
 
@@ -90,6 +103,26 @@ def random_rotation(seed: int) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=DTYPE))
     q = q * torch.sign(torch.diagonal(r))
     return q * torch.det(q)
+
+
+def wigner_d(lmax: int, rotation: torch.Tensor) -> torch.Tensor:
+    """e3nn's block-diagonal D(R) for degrees 0..lmax in node-feature order [(lmax+1)^2, (lmax+1)^2]:
+    the independent reference the model's own Wigner-D matrices are checked against.
+    e3nn builds its generators in the default dtype: float64 here, or D is only good to 1e-7."""
+    irreps = o3.Irreps([(1, (l, (-1) ** l)) for l in range(lmax + 1)])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    try:
+        return irreps.D_from_matrix(rotation.to(DTYPE))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def rotate_features(x: torch.Tensor, wigner: torch.Tensor) -> torch.Tensor:
+    """Node features [N, (lmax+1)^2, C] rotated by D ([n, n], or one [N, n, n] per node)."""
+    if wigner.dim() == 2:
+        return torch.einsum("ij,njc->nic", wigner, x)
+    return torch.einsum("nij,njc->nic", wigner, x)
 
 
 def transformed(batch: Batch, matrix: torch.Tensor) -> Batch:

@@ -6,7 +6,9 @@ The toy potential has what the strategies care about: an embedding (no weight de
 LayerNorm, `blocks` (FSDP's per-block units), an energy head, and either direct heads (a
 force head, and a stress head that goes unused, like ESEN's on data without stress) or
 conservative forces = -autograd.grad(E, pos, create_graph=True) inside forward. Scenarios
-with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni clusters instead.
+with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni clusters instead;
+with `isolated=True` every other structure has no neighbour within the cutoff, so on two
+ranks rank 1 trains on batches without a single edge.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from ase import Atoms
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from torch import nn
@@ -119,15 +122,19 @@ def collate(structures: list[dict]) -> dict:
     }
 
 
-def esen_structures(step: int, micro: int, dtype: torch.dtype, count: int = 4) -> list:
-    """The global batch of one micro-step for ESEN: rattled 4-atom Cu/Ni clusters, EMT labels."""
+def esen_structures(step: int, micro: int, dtype: torch.dtype, count: int = 4, isolated: bool = False) -> list:
+    """The global batch of one micro-step for ESEN: rattled 4-atom Cu/Ni clusters, EMT labels;
+    with `isolated`, the structures at odd positions are atoms without neighbours instead."""
     rng = np.random.default_rng(1000 * step + micro)
     structures = []
-    for _ in range(count):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.pbc = False
-        atoms.numbers[rng.random(len(atoms)) < 0.5] = 28
-        atoms.positions += rng.normal(scale=0.15, size=atoms.positions.shape)
+    for index in range(count):
+        if isolated and index % 2 == 1:
+            atoms = isolated_structure(rng)
+        else:
+            atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+            atoms.pbc = False
+            atoms.numbers[rng.random(len(atoms)) < 0.5] = 28
+            atoms.positions += rng.normal(scale=0.15, size=atoms.positions.shape)
         atoms.calc = EMT()
         data = to_data(atoms, tiny_config().cutoff)
         data.pos, data.cell, data.cell_offsets = data.pos.to(dtype), data.cell.to(dtype), data.cell_offsets.to(dtype)
@@ -137,10 +144,23 @@ def esen_structures(step: int, micro: int, dtype: torch.dtype, count: int = 4) -
     return structures
 
 
+def isolated_structure(rng: np.random.Generator) -> Atoms:
+    """No neighbour within the tiny model's 5 Å cutoff: one atom, a dimer 5.5 Å apart or one
+    atom in a periodic 20 Å box, drawn with `rng`."""
+    kind = rng.integers(3)
+    if kind == 0:
+        return Atoms([int(rng.choice([29, 28]))], positions=rng.normal(size=(1, 3)))
+    if kind == 1:
+        direction = rng.normal(size=3)
+        return Atoms("CuNi", positions=[[0.0, 0.0, 0.0], 5.5 * direction / np.linalg.norm(direction)])
+    return Atoms("Cu", positions=rng.uniform(0, 20, size=(1, 3)), cell=[20.0, 20.0, 20.0], pbc=True)
+
+
 def rank_batch(step: int, micro: int, dist: DistInfo, scenario: "Scenario"):
     """This rank's share of the global micro-batch (structures rank, rank + world, ...)."""
     if scenario.model == "esen":
-        return Batch.from_data_list(esen_structures(step, micro, scenario.dtype)[dist.rank :: dist.world_size])
+        structures = esen_structures(step, micro, scenario.dtype, isolated=scenario.isolated)
+        return Batch.from_data_list(structures[dist.rank :: dist.world_size])
     return collate(toy_structures(step, micro, scenario.dtype)[dist.rank :: dist.world_size])
 
 
@@ -158,6 +178,7 @@ class Scenario:
     strategy: str  # single | ddp | fsdp | deepspeed
     conservative: bool
     model: str = "toy"  # toy | esen
+    isolated: bool = False  # esen: every other structure without neighbours (all of rank 1's)
     grad_accum_steps: int = 1
     zero_stage: int = 2
     dtype: torch.dtype = torch.float64
@@ -175,7 +196,8 @@ class Scenario:
     @property
     def key(self) -> str:
         zero = f"-zero{self.zero_stage}" if self.strategy == "deepspeed" else ""
-        return f"{self.model}-{self.strategy}{zero}-{self.forces}-accum{self.grad_accum_steps}"
+        isolated = "-isolated" if self.isolated else ""
+        return f"{self.model}{isolated}-{self.strategy}{zero}-{self.forces}-accum{self.grad_accum_steps}"
 
 
 def build(scenario: Scenario, dist: DistInfo, seed: int) -> Strategy:
@@ -240,7 +262,8 @@ def run_scenario(scenario: Scenario, dist: DistInfo, checkpoint_dir: Path) -> di
     """Train, validate and save mid-way, continue; then a fresh model loads the checkpoint and
     repeats the last steps. Returns what the test compares (weights on rank 0 only)."""
     strategy = build(scenario, dist, seed=0)
-    result = {"losses": [], "skipped": [], "grad_norms": []}
+    result = {"losses": [], "skipped": [], "grad_norms": [],
+              "edges": [rank_batch(step, 0, dist, scenario)["edge_index"].shape[1] for step in range(scenario.steps)]}
     for step in range(scenario.steps):
         if step == scenario.save_after:
             result["val_loss"] = validation_loss(strategy, scenario, dist)

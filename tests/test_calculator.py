@@ -239,3 +239,44 @@ def test_an_unknown_config_field_gives_a_clear_error(tmp_path):
     torch.save(payload, tmp_path / "ckpt" / "model.pt")
     with pytest.raises(CheckpointError, match="num_wings"):
         load_model(tmp_path / "ckpt")
+
+
+def lonely_structures():
+    """No neighbour within the 5 Å cutoff: a dimer 5.5 Å apart, one atom, one atom in a
+    periodic 20 Å box."""
+    return [
+        Atoms("Cu2", positions=[[0.0, 0.0, 0.0], [5.5, 0.0, 0.0]]),
+        Atoms("Cu"),
+        Atoms("Cu", cell=[20.0, 20.0, 20.0], pbc=True),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("forces", ["conservative", "direct"])
+def test_atoms_without_neighbours_get_their_energy_alone(dtype, forces):
+    """The `tiny` preset, as a new user calls it: an energy (twice the single atom's for the
+    far dimer), zero forces and zero stress, one structure at a time and batched with a bonded
+    one."""
+    calculator = ESENCalculator.from_config("tiny", seed=0, forces=forces, dtype=dtype)
+    atom_energy = calculator.calculate_batch([Atoms("Cu")])[0]["energy"]
+    expected = [2 * atom_energy, atom_energy, atom_energy]
+    bonded = bulk("Cu", "fcc", a=3.6)
+    batched = calculator.calculate_batch(lonely_structures() + [bonded])
+    for atoms, energy, result in zip(lonely_structures(), expected, batched):
+        atoms.calc = calculator
+        assert atoms.get_potential_energy() == pytest.approx(energy, rel=1e-6)
+        assert result["energy"] == pytest.approx(energy, rel=1e-6)
+        assert not atoms.get_forces().any() and not result["forces"].any()
+        if atoms.pbc.all():
+            assert not atoms.get_stress().any() and not result["stress"].any()
+    assert np.abs(batched[-1]["stress"]).max() > 0  # the bonded cell does have a stress
+
+
+def test_a_structure_of_0_atoms_is_refused_by_name():
+    calculator = ESENCalculator.from_config("tiny", seed=0)
+    empty = Atoms()
+    empty.calc = calculator
+    with pytest.raises(ValueError, match="structure 0 of 1 has 0 atoms"):
+        empty.get_potential_energy()
+    with pytest.raises(ValueError, match="structure 1 of 3 has 0 atoms"):
+        calculator.calculate_batch([Atoms("Cu"), Atoms(), Atoms("Cu")])

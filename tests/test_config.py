@@ -1,10 +1,16 @@
-"""Config loading: defaults, overrides, and errors that name the bad key before anything starts."""
+"""Config loading: defaults, overrides, and errors that name the bad key before anything starts;
+`esen-train config` and the keys listed by `esen-train fit --help`."""
+import dataclasses
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from esen_train.cli import main
-from esen_train.engine.config import ConfigError, TrainConfig, load_train_config
+from esen_train.engine.config import (
+    ConfigError, DataConfig, LoggingConfig, StageConfig, StrategyConfig, TrainConfig, WandbConfig, load_train_config,
+)
+from esen_train.model.config import ModelConfig, load_model_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -53,6 +59,7 @@ def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
         ("stages=[direct,fancy]", "stages"),
         ("direct.precision=fp8", "direct.precision"),
         ("model=huge", "no model preset 'huge'"),
+        ("direct.patience=-1", "direct.patience"),
     ],
 )
 def test_bad_values_are_rejected(override, message):
@@ -77,3 +84,35 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     code = main(["fit", str(TINY), "--nproc", "2", "direct.max_stpes=3", f"run_dir={tmp_path / 'run'}"])
     assert code == 2
     assert "direct.max_stpes" in capsys.readouterr().err
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    assert main(["config", "tiny", "direct.lr=1e-3", "run_dir=runs/x"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    expected = OmegaConf.structured(load_train_config(TINY, ["direct.lr=1e-3", "run_dir=runs/x"]))
+    assert printed == expected
+    assert printed.direct.lr == 1e-3 and printed.conservative.patience == 0  # an override, and a default filled in
+    assert dict(printed.model) == dataclasses.asdict(load_model_config("tiny"))  # the preset expanded
+
+
+def test_config_command_names_a_bad_key(capsys):
+    assert main(["config", "tiny", "direct.max_stpes=3"]) == 2
+    assert "direct.max_stpes" in capsys.readouterr().err
+
+
+def test_fit_help_lists_every_config_key_with_type_and_default(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    sections = {"": TrainConfig, "model.": ModelConfig, "data.": DataConfig, "strategy.": StrategyConfig,
+                "<stage>.": StageConfig, "logging.": LoggingConfig, "logging.wandb.": WandbConfig}
+    listed = {line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()}
+    for prefix, schema in sections.items():
+        for field in dataclasses.fields(schema):
+            if not field.type.endswith("Config"):  # sections are checked through their keys
+                assert prefix + field.name in listed, prefix + field.name
+    patience = next(line for line in text.splitlines() if line.split()[:1] == ["<stage>.patience"])
+    assert patience.split()[1:4] == ["int", "0", "stop"]  # type, default, then the comment from the source
+    assert next(line for line in text.splitlines() if line.split()[:1] == ["<stage>.lr"]).split()[1:] == ["float", "0.0004"]
+    assert "each of: direct, conservative" in text

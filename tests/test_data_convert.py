@@ -241,6 +241,18 @@ def test_skip_invalid_skips_and_counts(tmp_path):
     dataset.close()
 
 
+def test_a_structure_of_0_atoms_is_refused_or_skipped(tmp_path):
+    """extxyz only: an ASE database cannot even store one with forces."""
+    empty = labelled(Atoms(), np.random.default_rng(0), stress=False)
+    good = sample_structures(4, seed=12)
+    path = str(write_extxyz(tmp_path / "in.xyz", good[:3] + [empty] + good[3:]))
+    with pytest.raises(InvalidStructure, match=f"{path} structure 3: field 'atomic_numbers': the structure has 0 atoms"):
+        convert([path], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    manifest = convert([path], tmp_path / "out", skip_invalid=True, progress=False)
+    assert (manifest.num_structures, manifest.skipped) == (4, 1)
+
+
 def test_bad_input_in_a_worker_process_is_reported(tmp_path):
     field, bad = _bad_structures()[0]
     path = write_input(tmp_path, sample_structures(3) + [bad])

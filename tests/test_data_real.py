@@ -64,3 +64,12 @@ def test_real_file_converts_exactly(tmp_path, relative, frames, natoms, periodic
     assert seen == set(range(frames))
     dataset.close()
     assert verify_dataset(tmp_path / "out") == []
+
+
+def test_molecule_with_its_isolated_atoms_converts_without_outliers(tmp_path):
+    """AcAc MD frames beside the isolated-atom energies of H, C and O: no energy outliers,
+    although one composition and three single atoms cannot share reference energies."""
+    frames, atoms = str(shared_data("acac/train_300K.xyz")), str(shared_data("acac/isolated_atoms.xyz"))
+    manifest = convert([frames, atoms], tmp_path / "out", progress=False)
+    assert (manifest.num_structures, manifest.skipped) == (503, 0)
+    assert verify_dataset(tmp_path / "out") == []

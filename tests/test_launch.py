@@ -24,6 +24,7 @@ import submitit
 import torch
 
 from esen_train.engine import preemption
+from esen_train.engine.status import read_status
 from esen_train.launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
 from esen_train.launch.job import TrainingJob
 from esen_train.launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
@@ -304,8 +305,10 @@ def test_local_executor_runs_the_same_training(reference_run, tmp_path, capsys, 
     out = capsys.readouterr().out
     assert status == 0, out
     assert re.search(r"^job \d+: completed$", out, re.M)
+    assert f"  status:        esen-train status {run_dir}\n" in out
     assert_same_training(run_dir, reference_run)
     assert last_step(run_dir) == MAX_STEPS
+    assert read_status(run_dir)["state"] == "finished"
 
 
 @pytest.mark.slurm
@@ -410,6 +413,8 @@ def test_job_reaching_its_time_limit_is_requeued_and_finishes(cluster, reference
     submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=[0, 1]).results()
     log = (run_dir / "submitit" / f"{job_id}_0_log.out").read_text()
     assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
+    assert re.search(r"^direct preempted at step \d+: SLURM requeues the job$", log, re.M)
+    assert read_status(run_dir)["state"] == "finished"
     assert task_starts(run_dir, job_id) == 2
     assert last_step(run_dir) == max_steps
     assert job_state(job_id) == "COMPLETED"

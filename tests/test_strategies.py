@@ -7,6 +7,8 @@ and without gradient accumulation, on a toy potential and on the real tiny eSEN:
   global batch (each rank gets half): float64 to 1e-9 relative; DeepSpeed keeps fp32 master
   weights, so its scenarios run in float32, to 2e-5 relative;
 - a NaN loss on one rank is skipped, and reported skipped, on every rank;
+- a rank whose batches have no edge at all (atoms without neighbours only) takes part in every
+  step, with zero gradients for the edge parameters, and the result still equals one process's;
 - a checkpoint saved on 2 ranks and loaded by a fresh model on 2 ranks continues bit for bit;
   loaded on 1 rank it gives the same weights and EMA (and, except for ZeRO whose optimizer
   partitions cannot be re-split, the same continuation);
@@ -50,6 +52,11 @@ TORCH_SCENARIOS = [
     Scenario("ddp", conservative=True, model="esen", lr=ESEN_LR),
     Scenario("fsdp", conservative=False, model="esen", lr=ESEN_LR),
     Scenario("fsdp", conservative=True, model="esen", lr=ESEN_LR),
+    # Rank 1 gets only atoms without neighbours: no edge, every edge parameter's gradient zero.
+    Scenario("ddp", conservative=True, model="esen", isolated=True, lr=ESEN_LR),
+    Scenario("ddp", conservative=False, model="esen", isolated=True, lr=ESEN_LR),
+    Scenario("fsdp", conservative=False, model="esen", isolated=True, lr=ESEN_LR),
+    Scenario("fsdp", conservative=True, model="esen", isolated=True, lr=ESEN_LR),
 ]
 DEEPSPEED_SCENARIOS = [
     Scenario("deepspeed", conservative=True, zero_stage=1, dtype=F32),
@@ -57,6 +64,8 @@ DEEPSPEED_SCENARIOS = [
     Scenario("deepspeed", conservative=True, zero_stage=2, grad_accum_steps=2, dtype=F32),
     Scenario("deepspeed", conservative=False, zero_stage=2, dtype=F32),
     Scenario("deepspeed", conservative=True, zero_stage=2, model="esen", lr=ESEN_LR, dtype=F32),
+    Scenario("deepspeed", conservative=True, zero_stage=2, model="esen", isolated=True, lr=ESEN_LR, dtype=F32),
+    Scenario("deepspeed", conservative=True, zero_stage=1, model="esen", isolated=True, lr=ESEN_LR, dtype=F32),
 ]
 ALL_SCENARIOS = TORCH_SCENARIOS + DEEPSPEED_SCENARIOS
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -147,6 +156,15 @@ def test_two_ranks_follow_one_process(scenario, two_ranks, one_process):
     assert_close_weights(rank0["final_ema"], expected_ema, rtol)
     # The last steps moved the weights: the comparison is not between two untouched models.
     assert any(not torch.equal(value, reference["saved_weights"][name]) for name, value in rank0["final_weights"].items())
+
+
+@by_key([s for s in ALL_SCENARIOS if s.isolated])
+def test_one_rank_trains_on_batches_without_edges(scenario, two_ranks, one_process):
+    """Rank 1 never sees an edge, rank 0 always does; the step neither hangs nor errs (the
+    scenarios above also follow one process with the whole batch)."""
+    assert all(count > 0 for count in two_ranks[0]["edges"])
+    assert all(count == 0 for count in two_ranks[1]["edges"])
+    assert all(count > 0 for count in one_process["edges"])
 
 
 @by_key(ALL_SCENARIOS)

@@ -11,6 +11,7 @@ import torch
 from esen_train.evaluation.checkpoint import read_model_file as read_model_pt
 from esen_train.engine.config import load_train_config
 from esen_train.engine.fit import fit
+from esen_train.engine.status import read_status
 from esen_train.engine.tracking import read_metrics
 from esen_train.engine.trainer import StageMismatch, TrainingDiverged
 from esen_train.engine.wandb_offline import find_run_files, read_offline_run
@@ -66,6 +67,22 @@ def test_metrics_jsonl_has_required_fields(two_stage_run):
         assert {"step", "stage", "split", "energy_mae_mev_per_atom", "force_mae_mev_per_A", "force_cosine"} <= set(val[0])
         assert all(math.isfinite(r["loss"]) for r in train)
         assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+
+
+def test_status_and_end_rows_of_a_finished_run(two_stage_run):
+    status = read_status(two_stage_run)
+    assert status["state"] == "finished" and status["stage"] == "conservative"
+    ends = [row for row in read_metrics(two_stage_run) if row["split"] == "end"]
+    assert [(row["stage"], row["step"], row["reason"]) for row in ends] == [("direct", 6, "max_steps"),
+                                                                          ("conservative", 4, "max_steps")]
+    for stage, steps, end in zip(("direct", "conservative"), (6, 4), ends):
+        entry = status["stages"][stage]
+        assert (entry["state"], entry["end_reason"], entry["step"], entry["max_steps"]) == ("ended", "max_steps", steps, steps)
+        best = two_stage_run / "checkpoints" / stage / "best"
+        assert entry["best"]["checkpoint"] == str(best.resolve())
+        assert entry["best"]["value"] == read_model_file(best)["metrics"]["force_mae_mev_per_A"] == end["best_value"]
+        assert entry["val"]["step"] == steps and entry["train"]["step"] == steps
+    assert status["last_checkpoint"] == str((two_stage_run / "checkpoints" / "conservative" / "last").resolve())
 
 
 def test_conservative_stage_starts_from_direct_best(two_stage_run):
@@ -157,6 +174,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         fit(load_train_config(TINY, overrides))
     rows = [r for r in read_metrics(run) if r["split"] == "train"]
     assert rows[-1]["nonfinite_steps"] >= 2
+    status = read_status(run)
+    assert status["state"] == "failed" and status["error"].startswith("TrainingDiverged: direct stage: 3 steps in a row")
+    assert status["stages"]["direct"]["end_reason"] == "failed"
     last = read_model_file(run / "checkpoints" / "direct" / "last")
     assert last["step"] == 5
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -58,16 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--shards", type=int, help="number of shards (default: one per 100k structures)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid structures")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip and count invalid structures and energy outliers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--format", help="ase.io format of the inputs, when their names do not say")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     p = commands.add_parser("inspect", help="describe a dataset")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = commands.add_parser("verify", help="decode every record, check checksums and manifest")
+    p = commands.add_parser("verify", help="decode every record, check checksums, values and manifest")
     p.add_argument("directory", metavar="DIR")
 
     p = commands.add_parser("split", help="random PREFIX_train / PREFIX_val / PREFIX_test datasets")
@@ -141,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
             skip_invalid=args.skip_invalid, overwrite=args.overwrite, format=args.format,
             progress=not args.quiet,
         )
+        outliers = manifest.provenance["skipped_energy_outliers"]
         print(f"wrote {manifest.num_structures} structures ({manifest.num_atoms} atoms) in "
-              f"{len(manifest.shards)} shard(s) to {args.out}; skipped {manifest.skipped} invalid")
+              f"{len(manifest.shards)} shard(s) to {args.out}; skipped {manifest.skipped} invalid "
+              f"({outliers} of them energy outliers)")
         for example in manifest.provenance["skipped_examples"][:5]:
             print(f"  skipped: {example}")
         return 0

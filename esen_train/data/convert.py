@@ -4,7 +4,9 @@ The main process splits the inputs into chunks (`sources.plan_chunks`), worker p
 read, validate and encode one chunk each (`convert_chunk`), and the main process writes
 the encoded records in input order, so the output does not depend on the worker count.
 At most two chunks per worker are in flight, so memory stays bounded whatever the size
-of the inputs.
+of the inputs. Once everything is written, the records are read back for energy outliers
+(`outliers.py`: judging one needs the whole dataset's reference energies); they stop the
+conversion, or with `skip_invalid` the dataset is rewritten without them.
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from contextlib import ExitStack
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from esen_train.data.manifest import Manifest
+from esen_train.data.outliers import find_energy_outliers
 from esen_train.data.sources import InputChunk, atoms_to_record, plan_chunks, read_chunk
 from esen_train.data.validate import InvalidStructure, check_record
 from esen_train.data.writer import DatasetWriter, EncodedChunk, check_output_free
+from esen_train.progress import ConsoleProgress
 
 CHUNK_SIZE = 1000  # structures per unit of work
 STRUCTURES_PER_SHARD = 100_000  # default shard size when --shards is not given
@@ -49,7 +51,7 @@ def _start_workers(workers: int) -> ProcessPoolExecutor:
     fork (rather than spawn) lets workers start in milliseconds with this process's
     imports instead of re-importing numpy, ASE and torch (vesin imports it) for seconds
     each. fork copies only the calling thread, so the workers must start before this
-    process starts threads of its own (tqdm's monitor): the warm-up task makes the pool
+    process starts threads of its own (the progress bar's monitor): the warm-up task makes the pool
     launch all its processes here.
     """
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -101,7 +103,8 @@ def convert(
 
     `num_shards` defaults to one shard per 100,000 input structures. Invalid structures
     raise `InvalidStructure` (naming file, index and field) unless `skip_invalid`, in
-    which case they are counted in the manifest's `skipped`. `format` forces an ase.io
+    which case they are counted in the manifest's `skipped`; so are energy outliers
+    (`provenance["skipped_energy_outliers"]` says how many of them). `format` forces an ase.io
     format for inputs whose name does not say it. Nothing is left at `out_dir` on error.
     """
     inputs = [str(path) for path in inputs]
@@ -115,14 +118,31 @@ def convert(
         "tool": "esen-data convert",
         "inputs": inputs,
         "options": {"num_shards": num_shards, "skip_invalid": skip_invalid, "format": format},
+        "skipped_energy_outliers": 0,
     }
     with ExitStack() as stack:
         pool = stack.enter_context(_start_workers(workers)) if workers > 1 else None
         writer = stack.enter_context(DatasetWriter(out_dir, num_shards, provenance, overwrite))
-        bar = stack.enter_context(
-            tqdm(total=known_total or None, unit=" structures", disable=not progress)
-        )
+        console = stack.enter_context(ConsoleProgress("convert", known_total or None, "structures", enabled=progress))
         for result in _converted_chunks(chunks, pool, workers, skip_invalid):
             writer.write_chunk(result)
-            bar.update(len(result.records) + len(result.skipped))
+            console.update(len(result.records) + len(result.skipped))
+        writer.seal()
+        outliers = find_energy_outliers(writer.read_written, writer.num_structures)
+        if outliers:
+            writer = stack.enter_context(_without_outliers(writer, outliers, skip_invalid))
         return writer.finish()
+
+
+def _without_outliers(writer: DatasetWriter, outliers: list, skip_invalid: bool) -> DatasetWriter:
+    """Stop at the first energy outlier, or (`skip_invalid`) a writer of the rest."""
+    errors = [InvalidStructure(o.source_file, o.source_index, "energy", o.reason()) for o in outliers]
+    if not skip_invalid:
+        first = errors[0]
+        raise InvalidStructure(
+            first.source_file, first.index, first.field,
+            f"{first.reason}; {len(errors)} structure(s) of this input are such outliers "
+            "(--skip-invalid leaves them out)",
+        )
+    writer.provenance = {**writer.provenance, "skipped_energy_outliers": len(outliers)}
+    return writer.without({o.position for o in outliers}, [str(error) for error in errors])

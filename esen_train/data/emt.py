@@ -50,6 +50,7 @@ SUPERCELLS = (
     (False, (4, 4, 4)),  # 64
 )
 SUPERCELL_WEIGHTS = np.array([6, 6, 5, 5, 4, 3, 2, 1.5, 0.5])
+MAX_ATOMS = 64  # the largest structure made: the 4 x 4 x 4 supercell (slabs have at most 16)
 
 
 class _VesinNeighbours:

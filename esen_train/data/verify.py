@@ -7,21 +7,26 @@ import numpy as np
 
 from esen_train.data.manifest import (
     NATOMS_NAME,
+    DatasetDirectory,
     DatasetError,
     Manifest,
     ShardInfo,
     file_checksum,
     load_natoms,
 )
+from esen_train.data.outliers import find_energy_outliers
 from esen_train.data.records import RecordError
 from esen_train.data.shards import ShardError, ShardReader
+from esen_train.data.validate import InvalidStructure, check_record
 
 
 def verify_dataset(directory: str | Path) -> list[str]:
-    """Every problem found, each naming the file (and record); empty when all is well.
+    """Every problem found, each naming the file (and record and field); empty when all is well.
 
     Checks the manifest (see `Manifest.load`), the natoms array, each shard's checksum,
-    that every record decodes, and that atom counts, elements and properties agree.
+    that every record decodes and passes the checks of conversion (`validate.check_record`:
+    finite, plausible values, no overlapping atoms, a plausible density), that atom counts,
+    elements and properties agree, and that no energy is an outlier (`outliers.py`).
     """
     directory = Path(directory)
     try:
@@ -41,6 +46,8 @@ def verify_dataset(directory: str | Path) -> list[str]:
         expected = None if natoms is None else natoms[start : start + shard.num_structures]
         problems += _verify_shard(directory, shard, manifest, expected)
         start += shard.num_structures
+    if not problems:  # outliers need every record readable
+        problems += _energy_outliers(directory)
     return problems
 
 
@@ -69,6 +76,10 @@ def _verify_shard(
                 problems.append(f"{where}: elements {sorted(unknown)} not in the manifest")
             if record.stress is not None and "stress" not in properties:
                 problems.append(f"{where}: has stress, the manifest's properties do not")
+            try:
+                check_record(record)
+            except InvalidStructure as error:
+                problems.append(f"{where}: field '{error.field}': {error.reason} ({_source(record)})")
     except (RecordError, ShardError) as error:
         # A record that does not decode may mean a damaged B-tree: stop reading this shard.
         return problems + [str(error)]
@@ -80,3 +91,21 @@ def _verify_shard(
             f"{shard.num_structures} / {shard.num_atoms}"
         )
     return problems
+
+
+def _energy_outliers(directory: Path) -> list[str]:
+    dataset = DatasetDirectory(directory)
+    try:
+        problems = []
+        for outlier in find_energy_outliers(dataset.read, len(dataset)):
+            shard, local = dataset.locate(outlier.position)
+            where = f"{directory / dataset.manifest.shards[shard].name} record {local}"
+            source = f"from {outlier.source_file} structure {outlier.source_index}"
+            problems.append(f"{where}: field 'energy': {outlier.reason()} ({source})")
+        return problems
+    finally:
+        dataset.close()
+
+
+def _source(record) -> str:
+    return f"from {record.source_file} structure {record.source_index}"

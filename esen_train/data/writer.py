@@ -4,7 +4,9 @@
 (`.NAME.partial-<random suffix>`, same file system) and renames it into place in `finish()`; on an
 error the temporary directory is removed, so a failed run leaves nothing behind.
 Structure i goes to shard i mod num_shards, which balances the shards without knowing
-in advance how many structures will come.
+in advance how many structures will come. Between `seal` and `finish` the written records
+can be read back (conversion looks for energy outliers there) and, with `without`,
+rewritten leaving some out.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from esen_train.data.manifest import (
     with_default_permissions,
 )
 from esen_train.data.records import StructureRecord, encode_record
-from esen_train.data.shards import ShardWriter
+from esen_train.data.shards import ShardReader, ShardWriter
 from esen_train.data.stats import StatsAccumulator
 
 OPTIONAL_PROPERTIES = ("stress", "charge", "spin")
@@ -96,6 +98,8 @@ class DatasetWriter:
         self.properties: set[str] = set()
         self.skipped: list[str] = []
         self.num_structures = 0
+        self.manifest: Manifest | None = None  # set by `seal`
+        self._readers: list[ShardReader] = []  # of the sealed shards
 
     def _append(self, encoded: bytes, natoms: int) -> None:
         shard = self.num_structures % len(self.shards)
@@ -115,8 +119,10 @@ class DatasetWriter:
         self.properties |= chunk.properties
         self.skipped.extend(chunk.skipped)
 
-    def finish(self) -> Manifest:
-        """Close the shards, write natoms.npy and the manifest, and move into place."""
+    def seal(self) -> Manifest:
+        """Close the shards and write natoms.npy and the manifest into the temporary
+        directory; `read_written` can then read the records back, and `finish` moves the
+        dataset into place."""
         if self.num_structures == 0:
             raise ValueError(f"{self.out_dir}: no valid structures to write")
         for shard in self.shards:
@@ -137,7 +143,7 @@ class DatasetWriter:
             natoms.append(np.frombuffer(shard_natoms, dtype=np.int32))
         natoms = np.concatenate(natoms)
         save_natoms(self.tmp_dir, natoms)
-        manifest = Manifest(
+        self.manifest = Manifest(
             num_structures=self.num_structures,
             num_atoms=int(natoms.sum()),
             elements=self.stats.elements(),
@@ -152,9 +158,36 @@ class DatasetWriter:
             skipped=len(self.skipped),
             stats=self.stats.result(),
         )
-        manifest.save(self.tmp_dir)
+        self.manifest.save(self.tmp_dir)
+        self._readers = [ShardReader(self.tmp_dir / shard.name) for shard in infos]
+        return self.manifest
+
+    def read_written(self, position: int) -> StructureRecord:
+        """The record written `position`-th (0-based), after `seal`."""
+        return self._readers[position % len(self.shards)].read(position // len(self.shards))
+
+    def without(self, positions: set[int], reasons: list[str]) -> DatasetWriter:
+        """A new writer for the same output holding this one's records except those written
+        at `positions`, counted as skipped for `reasons`: the dataset that skipping them
+        during writing would have given. Call after `seal`; unsealed, not entered."""
+        kept = DatasetWriter(self.out_dir, len(self.shards), self.provenance, self.overwrite)
+        kept.skipped = self.skipped + reasons
+        for position in range(self.num_structures):
+            if position not in positions:
+                kept.write(self.read_written(position))
+        return kept
+
+    def finish(self) -> Manifest:
+        """Seal (unless done) and move the dataset into place; returns its manifest."""
+        manifest = self.manifest or self.seal()
+        self._close_readers()
         self._move_into_place()
         return manifest
+
+    def _close_readers(self) -> None:
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
 
     def _move_into_place(self) -> None:
         if self.out_dir.exists():
@@ -167,6 +200,7 @@ class DatasetWriter:
             os.replace(self.tmp_dir, self.out_dir)
 
     def abort(self) -> None:
+        self._close_readers()
         for shard in self.shards:
             try:
                 shard.close()

@@ -3,8 +3,9 @@
 A checkpoint is built in a hidden temporary directory and renamed into place, so a crash
 never leaves one that looks valid. `last` and `best` are relative symlinks to step
 directories, swapped atomically with `os.replace`. Each checkpoint holds:
-- `model.pt`: the full model and EMA weights with the model config (what inference reads,
-  whatever the strategy), loadable with `torch.load(weights_only=True)`;
+- `model.pt`: the full model and EMA weights with the model config and the elements of the
+  training data (what inference reads, whatever the strategy), loadable with
+  `torch.load(weights_only=True)`;
 - `train_state/`: the strategy's own full training state (optimizer, sampler, RNG, step).
 """
 from __future__ import annotations
@@ -25,9 +26,10 @@ STATE_DIR = "train_state"
 
 
 class CheckpointManager:
-    def __init__(self, stage_dir: Path, keep_last: int) -> None:
+    def __init__(self, stage_dir: Path, keep_last: int, elements: list[int]) -> None:
         self.stage_dir = stage_dir
         self.keep_last = keep_last
+        self.elements = list(elements)  # atomic numbers of the training data
 
     @property
     def last(self) -> Path:
@@ -59,6 +61,7 @@ class CheckpointManager:
                 "stage": stage,
                 "step": step,
                 "metrics": dict(metrics),
+                "elements": self.elements,
             }
             torch.save(payload, tmp / MODEL_FILE)
             (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}))

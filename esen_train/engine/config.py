@@ -2,20 +2,26 @@
 
 `load_train_config(path, overrides)` merges a YAML file and `key=value` overrides into the
 `TrainConfig` schema; omegaconf rejects an unknown or mistyped key, and we re-raise that
-with the key's full name so the user sees what to fix before anything starts.
+with the key's full name so the user sees what to fix before anything starts. Every value
+is then checked against its range (`check_values`). `check_against_data` and
+`check_resume` need the dataset directories and the run directory; `fit` runs them before
+it creates anything.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ase.data import atomic_numbers
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import shipped_config
+from esen_train.data import emt
+from esen_train.data.manifest import DatasetError, Manifest, load_natoms
 from esen_train.evaluation.checkpoint import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 from esen_train.model.config import ModelConfig, load_model_config
 
@@ -57,7 +63,8 @@ class StageConfig:
     val_every: int = 50
     checkpoint_every: int = 50
     keep_last: int = 2  # step_<n> checkpoints kept besides `last` and `best`
-    best_metric: str = "force_mae_mev_per_A"
+    best_metric: str = "force_mae_mev_per_A"  # the validation metric (lower is better) that picks `best`
+    patience: int = 0  # stop the stage after this many validations in a row without a new best; 0: never
     max_nonfinite_in_row: int = 5
     # Weights to start from: a checkpoint or run directory (e.g. one `esen-train
     # import-fairchem` wrote). Empty: a fresh model for the direct stage; for the
@@ -95,24 +102,32 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress lines on rank 0's stdout; `esen-train fit --quiet` sets false
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = ""  # empty: runs/<config name>-<timestamp>
     seed: int = 0
-    model: ModelConfig = MISSING
+    model: ModelConfig = MISSING  # a preset name in configs/model/ (tiny, esen-sm, esen-30m) or every field
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     stages: list[str] = field(default_factory=lambda: ["direct", "conservative"])
     direct: StageConfig = field(default_factory=StageConfig)
     conservative: StageConfig = field(default_factory=StageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Starting again in a run directory whose config.yaml names other data is refused unless
+    # this is true (fine-tuning a run on new data in place); see `check_resume`.
+    resume_with_other_data: bool = False
 
 
 STAGES = ("direct", "conservative")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 REFERENCE_CHOICES = ("keep", "refit", "given")
+# The validation metrics (ErrorAccumulator.result) that can pick the best checkpoint: lower is better.
+BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
+# The data settings a resumed run must share with the run it resumes.
+DATA_IDENTITY = ("train", "val", "emt_structures", "emt_seed")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -132,8 +147,11 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
         raise ConfigError(f"{path}: {_describe(error)}") from None
     if not merged.run_dir:
         merged.run_dir = str(Path("runs") / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config: TrainConfig = OmegaConf.to_object(merged)
-    _check_values(config, path)
+    try:
+        config: TrainConfig = OmegaConf.to_object(merged)
+    except ValueError as error:  # ModelConfig's own checks of its values
+        raise ConfigError(f"{path}: model: {error}") from None
+    check_values(config, path)
     return config
 
 
@@ -166,56 +184,175 @@ def _describe(error: OmegaConfBaseException) -> str:
     return f"key '{key}': {message}" if key else message
 
 
-def _check_values(config: TrainConfig, path: Path) -> None:
+def check_values(config: TrainConfig, where: str | Path = "config") -> None:
+    """Raise ConfigError naming the first key whose value is out of its range."""
     if config.strategy.name not in STRATEGIES:
-        raise ConfigError(f"{path}: strategy.name must be one of {STRATEGIES}, got {config.strategy.name!r}")
+        raise ConfigError(f"{where}: strategy.name must be one of {STRATEGIES}, got {config.strategy.name!r}")
     if config.strategy.zero_stage not in (1, 2):
-        raise ConfigError(f"{path}: strategy.zero_stage must be 1 or 2 (ZeRO-3 breaks double backward)")
+        raise ConfigError(f"{where}: strategy.zero_stage must be 1 or 2 (ZeRO-3 breaks double backward)")
+    if not config.stages or len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"{where}: stages must name each stage of {STAGES} at most once, got {config.stages}")
     for stage in config.stages:
         if stage not in STAGES:
-            raise ConfigError(f"{path}: stages must be a list drawn from {STAGES}, got {stage!r}")
+            raise ConfigError(f"{where}: stages must be a list drawn from {STAGES}, got {stage!r}")
     for stage in STAGES:
-        settings: StageConfig = getattr(config, stage)
-        if settings.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"{path}: {stage}.precision must be fp32 or bf16, got {settings.precision!r}")
-        if settings.compile and config.strategy.name not in ("single", "ddp"):
-            raise ConfigError(
-                f"{path}: {stage}.compile is supported with the single and ddp strategies, "
-                f"not {config.strategy.name!r}"
-            )
-        if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
-            raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
-        _check_fine_tuning(config, stage, settings, path)
+        _check_stage(stage, getattr(config, stage), config.strategy.name, where)
+        _check_fine_tuning(config, stage, getattr(config, stage), where)
+    if config.seed < 0:
+        raise ConfigError(f"{where}: seed must be >= 0, got {config.seed}")
+    if config.data.num_workers < 0 or config.data.emt_structures < 0 or config.data.emt_seed < 0:
+        raise ConfigError(f"{where}: data.num_workers, data.emt_structures and data.emt_seed must be >= 0")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
-        raise ConfigError(f"{path}: logging.wandb.mode must be online, offline or disabled")
+        raise ConfigError(f"{where}: logging.wandb.mode must be online, offline or disabled")
     if not config.data.train and config.data.emt_structures <= 0:
-        raise ConfigError(f"{path}: give data.train (dataset directories) or data.emt_structures > 0")
+        raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
 
 
-def _check_fine_tuning(config: TrainConfig, stage: str, settings: StageConfig, path: Path) -> None:
+def _check_fine_tuning(config: TrainConfig, stage: str, settings: StageConfig, where) -> None:
     if settings.references not in REFERENCE_CHOICES:
-        raise ConfigError(f"{path}: {stage}.references must be one of {REFERENCE_CHOICES}, got {settings.references!r}")
+        raise ConfigError(f"{where}: {stage}.references must be one of {REFERENCE_CHOICES}, got {settings.references!r}")
     starts_fresh = stage == "direct" and not settings.init_from
     if settings.references != "keep" and starts_fresh:
-        raise ConfigError(f"{path}: {stage}.references={settings.references} needs {stage}.init_from (a fresh model's "
+        raise ConfigError(f"{where}: {stage}.references={settings.references} needs {stage}.init_from (a fresh model's "
                           "reference energies come from the training data)")
     if settings.references == "given" and not settings.given_references:
-        raise ConfigError(f"{path}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
+        raise ConfigError(f"{where}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
     if settings.given_references and settings.references != "given":
-        raise ConfigError(f"{path}: {stage}.given_references is set but {stage}.references is {settings.references!r}, not 'given'")
+        raise ConfigError(f"{where}: {stage}.given_references is set but {stage}.references is {settings.references!r}, not 'given'")
     for symbol in settings.given_references:
         if atomic_numbers.get(symbol, config.model.max_num_elements + 1) > config.model.max_num_elements:
-            raise ConfigError(f"{path}: {stage}.given_references: {symbol!r} is not an element this model embeds "
+            raise ConfigError(f"{where}: {stage}.given_references: {symbol!r} is not an element this model embeds "
                               f"(Z 1..{config.model.max_num_elements})")
-    if not 0 <= settings.freeze_blocks <= config.model.num_layers:
-        raise ConfigError(f"{path}: {stage}.freeze_blocks must be in 0..{config.model.num_layers} (model.num_layers), "
+    if settings.freeze_blocks > config.model.num_layers:
+        raise ConfigError(f"{where}: {stage}.freeze_blocks must be in 0..{config.model.num_layers} (model.num_layers), "
                           f"got {settings.freeze_blocks}")
-    if not settings.backbone_lr_scale > 0:
-        raise ConfigError(f"{path}: {stage}.backbone_lr_scale must be > 0, got {settings.backbone_lr_scale}")
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the fully resolved config (atomically) so a run can be reproduced."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+def _at_least(low):
+    return lambda value: value >= low, f">= {low}"
+
+
+def _positive():
+    return lambda value: value > 0, "> 0"
+
+
+# The allowed range of each numeric StageConfig field: (test, what the message says).
+_STAGE_RANGES = {
+    "max_steps": _at_least(1),
+    "max_atoms": _at_least(1),
+    "grad_accum_steps": _at_least(1),
+    "lr": _positive(),
+    "min_lr_ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "warmup_steps": _at_least(0),
+    "weight_decay": _at_least(0),
+    "clip_grad_norm": _positive(),
+    "ema_decay": (lambda value: 0 <= value < 1, "in [0, 1) (1 would keep the initial weights forever)"),
+    "energy_weight": _at_least(0),
+    "force_weight": _at_least(0),
+    "stress_weight": _at_least(0),
+    "log_every": _at_least(1),
+    "val_every": _at_least(1),
+    "checkpoint_every": _at_least(1),
+    "keep_last": _at_least(0),
+    "max_nonfinite_in_row": _at_least(1),
+    "patience": (lambda value: value >= 0, "0 (no early stopping) or positive"),
+    "freeze_blocks": _at_least(0),
+    "backbone_lr_scale": _positive(),
+}
+
+
+def _check_stage(stage: str, settings: StageConfig, strategy: str, where) -> None:
+    for name, (allowed, description) in _STAGE_RANGES.items():
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and allowed(value)):
+            raise ConfigError(f"{where}: {stage}.{name} must be {description}, got {value}")
+    if settings.energy_weight + settings.force_weight + settings.stress_weight == 0:
+        raise ConfigError(f"{where}: {stage}: energy_weight, force_weight and stress_weight are all 0: nothing to train")
+    if settings.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"{where}: {stage}.precision must be fp32 or bf16, got {settings.precision!r}")
+    if settings.best_metric not in BEST_METRICS:
+        raise ConfigError(f"{where}: {stage}.best_metric must be one of {', '.join(BEST_METRICS)}; got {settings.best_metric!r}")
+    if settings.compile and strategy not in ("single", "ddp"):
+        raise ConfigError(f"{where}: {stage}.compile is supported with the single and ddp strategies, not {strategy!r}")
+    if settings.init_from and not Path(settings.init_from).exists():
+        raise ConfigError(f"{where}: {stage}.init_from: {settings.init_from} does not exist")
+
+
+def check_against_data(config: TrainConfig) -> None:
+    """The values that depend on the data: every dataset directory must be readable, each
+    stage's max_atoms hold the largest structure, a stress metric have stress labels."""
+    largest, where, has_stress = _largest_structure(config)
+    for stage in config.stages:
+        settings: StageConfig = getattr(config, stage)
+        if settings.max_atoms < largest:
+            raise ConfigError(
+                f"{stage}.max_atoms={settings.max_atoms} is below the largest structure of the data ({largest} atoms, "
+                f"in {where}): a batch could not hold it; set {stage}.max_atoms={largest} or more"
+            )
+        if settings.best_metric == "stress_mae_mev_per_A3" and not has_stress:
+            raise ConfigError(f"{stage}.best_metric=stress_mae_mev_per_A3, but data.train has no stress labels")
+
+
+def _largest_structure(config: TrainConfig) -> tuple[int, str, bool]:
+    """(atoms of the largest structure, where it is, whether the training data has stress)."""
+    if not config.data.train:
+        return emt.MAX_ATOMS, "the built-in EMT data", True
+    largest, where, has_stress = 0, "", False
+    for key in ("train", "val"):
+        for directory in getattr(config.data, key):
+            try:
+                manifest = Manifest.load(directory)
+                natoms = int(load_natoms(directory, mmap=True).max())
+            except DatasetError as error:
+                raise ConfigError(f"data.{key}: {error}") from None
+            if natoms > largest:
+                largest, where = natoms, directory
+            has_stress |= key == "train" and "stress" in manifest.properties
+    return largest, where, has_stress
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Starting again in a run directory that has a config.yaml resumes that run: refuse when
+    its data differs, unless `resume_with_other_data` says that is meant."""
+    saved = Path(config.run_dir) / "config.yaml"
+    if not saved.is_file() or config.resume_with_other_data:
+        return
+    try:
+        before = OmegaConf.load(saved).get("data", {})
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{saved}: cannot be read ({_describe(error)})") from None
+    differences = [
+        f"data.{key} was {_plain(before.get(key))}, now {_plain(getattr(config.data, key))}"
+        for key in DATA_IDENTITY
+        if _plain(before.get(key)) != _plain(getattr(config.data, key))
+    ]
+    if differences:
+        raise ConfigError(
+            f"{config.run_dir} holds a run trained on other data ({'; '.join(differences)}): resuming it would "
+            "mix the two. Use another run_dir, or set resume_with_other_data=true to go on with the new data"
+        )
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def save_config(config: TrainConfig, run_dir: Path) -> Path:
+    """Write the fully resolved config to RUN/config.yaml (atomically) so a run can be
+    reproduced. A start whose config differs from the one there keeps the older one as
+    RUN/config.<n>.yaml (n = 1, 2, ... oldest first). Returns the path of config.yaml."""
+    path = run_dir / "config.yaml"
+    text = OmegaConf.to_yaml(OmegaConf.structured(config))
+    if path.is_file() and path.read_text() != text:
+        number = 1
+        while (run_dir / f"config.{number}.yaml").exists():
+            number += 1
+        _write_atomically(run_dir / f"config.{number}.yaml", path.read_text())
+    _write_atomically(path, text)
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)

@@ -13,33 +13,43 @@ from esen_train.data.loader import build_dataloader
 from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
 from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
-from esen_train.engine.config import TrainConfig, save_config
+from esen_train.engine.config import TrainConfig, check_against_data, check_resume, check_values, save_config
+from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
 from esen_train.evaluation.plots import plot_learning_curves
 
 
 def fit(config: TrainConfig) -> Path:
-    """Train every stage in `config.stages`; returns the run directory."""
+    """Train every stage in `config.stages`; returns the run directory.
+
+    Raises ConfigError, before anything is created, for a value out of its range, one that
+    does not fit the data, or a run directory of a run on other data (`check_resume`)."""
+    check_values(config)
+    check_against_data(config)
+    check_resume(config)
     dist = distributed.init_distributed()
     run_dir = Path(config.run_dir).resolve()
     try:
         if distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
-            _ensure_emt_data(config, run_dir)
-            save_config(config, run_dir / "config.yaml")
-        distributed.barrier()
-        train_dirs, val_dirs = _data_dirs(config, run_dir)
-        logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
-        try:
-            for stage in config.stages:
-                data = _stage_data(config, stage, train_dirs, val_dirs, dist)
-                StageTrainer(stage, config, data, run_dir, logger, dist).run()
-        finally:
-            logger.close()
-        if distributed.is_main():
-            plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
-            _write_summary(run_dir, config)
+        # RUN/status.json: running, then finished, or failed with the error (esen-train status).
+        with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
+            if distributed.is_main():
+                _ensure_emt_data(config, run_dir)
+                save_config(config, run_dir)
+            distributed.barrier()
+            train_dirs, val_dirs = _data_dirs(config, run_dir)
+            logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
+            try:
+                for stage in config.stages:
+                    data = _stage_data(config, stage, train_dirs, val_dirs, dist)
+                    StageTrainer(stage, config, data, run_dir, logger, dist, status).run()
+            finally:
+                logger.close()
+            if distributed.is_main():
+                plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+                _write_summary(run_dir, config)
     finally:
         distributed.cleanup()
     return run_dir
@@ -76,8 +86,11 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         train_loader=build_dataloader(train_set, settings.max_atoms, shuffle=True, **loader_args),
         val_loader=build_dataloader(val_set, settings.max_atoms, shuffle=False, **loader_args),
         element_references=references,
-        energy_scale=stats.force_rms,
+        # eV per network unit: the force RMS (eV/Å over 1 Å). Isolated atoms alone have no
+        # force to set it by; 1 eV then.
+        energy_scale=stats.force_rms if stats.force_rms > 0 else 1.0,
         has_stress=train_set.has_stress,
+        elements=sorted({z for manifest in train_set.manifests for z in manifest.elements}),
         reference_loader=(build_dataloader(train_set, settings.max_atoms, shuffle=False, **loader_args)
                           if settings.references == "refit" else None),
     )

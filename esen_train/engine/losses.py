@@ -14,6 +14,10 @@ from torch import Tensor
 
 from esen_train.engine import distributed
 
+# Force vectors shorter than this (eV/Å) have no direction to compare (the same rule as
+# `esen-train eval`): atoms without neighbours, whose forces are zero, are left out of the cosine.
+COSINE_MIN_FORCE = 1e-6
+
 
 @dataclass
 class LossWeights:
@@ -66,8 +70,9 @@ class ErrorAccumulator:
     """Accumulates validation errors over batches and ranks; reports meV units."""
 
     def __init__(self) -> None:
-        # energy_abs/atom, force_abs, force_cos, stress_abs, structures, atoms, force_rows, stress_count
-        self.totals = torch.zeros(8, dtype=torch.float64)
+        # energy_abs/atom, force_abs, force_cos, stress_abs, structures, atoms, force_rows, stress_count,
+        # cosine_rows
+        self.totals = torch.zeros(9, dtype=torch.float64)
 
     @torch.no_grad()
     def add(self, out: dict[str, Tensor], batch) -> None:
@@ -79,8 +84,10 @@ class ErrorAccumulator:
         if "forces" in out:
             predicted, target = out["forces"].double(), batch.forces.double()
             self.totals[1] += (predicted - target).abs().sum()
-            self.totals[2] += torch.nn.functional.cosine_similarity(predicted, target, dim=-1).sum()
             self.totals[6] += predicted.shape[0]
+            directed = (predicted.norm(dim=-1) > COSINE_MIN_FORCE) & (target.norm(dim=-1) > COSINE_MIN_FORCE)
+            self.totals[2] += torch.nn.functional.cosine_similarity(predicted[directed], target[directed], dim=-1).sum()
+            self.totals[8] += directed.sum()
         if "stress" in out:
             mask = batch.has_stress
             self.totals[3] += (out["stress"].double() - batch.stress.double())[mask].abs().sum()
@@ -91,7 +98,8 @@ class ErrorAccumulator:
         result = {"energy_mae_mev_per_atom": 1000 * (totals[0] / totals[4]).item()}
         if totals[6] > 0:
             result["force_mae_mev_per_A"] = 1000 * (totals[1] / (3 * totals[6])).item()
-            result["force_cosine"] = (totals[2] / totals[6]).item()
+        if totals[8] > 0:
+            result["force_cosine"] = (totals[2] / totals[8]).item()
         if totals[7] > 0:
             result["stress_mae_mev_per_A3"] = 1000 * (totals[3] / totals[7]).item()
         return result

@@ -1,7 +1,7 @@
 """Reading torch.distributed.checkpoint (DCP) directories without unpickling arbitrary objects.
 
 DCP stores tensors safely, but it reads its `.metadata` file with plain `pickle.load` and every
-non-tensor value (learning rates, betas, counters) with `torch.load(weights_only=False)`.
+non-tensor value (learning rates, betas, counters) with torch's unrestricted (pickle) loader.
 This project never unpickles what it reads from disk, so `load_dcp` swaps in a metadata reader
 that accepts only DCP's own metadata classes and a planner that reads values weights-only.
 """

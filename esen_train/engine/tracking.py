@@ -65,10 +65,12 @@ class RunLogger:
             self.run.log({**numbers, "global_step": record["global_step"]})
 
     def forget_after(self, stage: str, step: int) -> None:
-        """Drop rows of `stage` logged after `step`: a resumed run repeats those steps."""
+        """Drop rows of `stage` logged after `step`, and its `end` row: a resumed run repeats
+        those steps and ends the stage again."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        kept = [row for row in read_metrics(self.metrics_path.parent) if row["stage"] != stage or row["step"] <= step]
+        kept = [row for row in read_metrics(self.metrics_path.parent)
+                if row["stage"] != stage or (row["step"] <= step and row["split"] != "end")]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(self.metrics_path)

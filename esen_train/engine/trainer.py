@@ -2,8 +2,10 @@
 
 The loop is: set the learning rate, run `grad_accum_steps` micro-batches forward and
 backward, clip and step (a non-finite gradient skips the step on every rank), update the
-EMA, then log, validate and checkpoint on their schedules. Everything a resumed run needs
-(optimizer, EMA, sampler position, RNG, step, best metric) goes into each checkpoint.
+EMA, then log, validate and checkpoint on their schedules, until `max_steps` or early
+stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
+sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
+goes to the console (esen_train.progress) and RUN/status.json (engine/status.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from esen_train.engine import distributed, preemption
+from esen_train.engine import distributed, early_stopping, preemption
 from esen_train.engine.checkpoint import CheckpointManager
 from esen_train.engine.config import StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
@@ -27,6 +29,7 @@ from esen_train.engine.strategy import build_strategy
 from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN, compile_model
 from esen_train.model.esen import DIRECT_HEADS_PREFIX
+from esen_train.progress import StageConsole
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,6 +47,7 @@ class StageData:
     element_references: torch.Tensor
     energy_scale: float
     has_stress: bool
+    elements: list[int]  # atomic numbers of the training data, recorded in every checkpoint
     # This rank's part of the training set in order, for references=refit (None otherwise).
     reference_loader: object = None
 
@@ -52,12 +56,14 @@ class StageData:
 class Progress:
     step: int = 0
     best_value: float = math.inf
+    best_step: int = 0
+    validations_since_best: int = 0  # early stopping (esen_train.engine.early_stopping)
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
 
 
 class StageTrainer:
-    def __init__(self, stage: str, config: TrainConfig, data: StageData, run_dir: Path, logger, dist) -> None:
+    def __init__(self, stage: str, config: TrainConfig, data: StageData, run_dir: Path, logger, dist, status) -> None:
         self.stage = stage
         self.settings: StageConfig = getattr(config, stage)
         self.conservative = stage == "conservative"
@@ -65,9 +71,12 @@ class StageTrainer:
         self.model_config = replace(config.model, direct_forces=not self.conservative)
         self.forces_mode = "conservative" if self.conservative else "direct"
         self.weights = LossWeights(self.settings.energy_weight, self.settings.force_weight, self.settings.stress_weight)
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints" / stage, self.settings.keep_last)
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints" / stage, self.settings.keep_last, data.elements)
         self.progress = Progress()
         self._in_step = False
+        self.status = status  # esen_train.engine.status.RunStatus
+        self.console = StageConsole(stage, self.settings.max_steps, self.settings.log_every, self.settings.best_metric,
+                                    self.settings.patience, enabled=config.logging.progress and distributed.is_main())
 
     # ----- set-up -----------------------------------------------------------------
     def build(self) -> None:
@@ -144,19 +153,26 @@ class StageTrainer:
             self._resume()
         elif self.init_checkpoint is not None:
             self._check_loaded_weights()
+        self.console.start(self.progress.step)
+        self.status.start_stage(self.stage, self.progress.step)
         preemption.register_checkpoint_callback(self._save_on_preemption)
+        preemption.register_checkpoint_callback(self._note_preemption)
         try:
-            while self.progress.step < self.settings.max_steps:
+            while not (end := early_stopping.end_reason(self.progress, self.settings.max_steps, self.settings.patience)):
                 self._train_step()
                 step = self.progress.step
                 if step % self.settings.val_every == 0 or step == self.settings.max_steps:
                     metrics = self.validate()
+                    is_best = early_stopping.record_validation(self.progress, metrics, self.settings.best_metric)
                     self._log("val", metrics)
-                    self._checkpoint(metrics)
+                    self._checkpoint(metrics, is_best)
                 elif step % self.settings.checkpoint_every == 0:
                     self._checkpoint({})
         finally:
             preemption.clear()
+            self.console.close()
+        self._log("end", {"reason": end, "best_metric": self.settings.best_metric,
+                          "best_value": self.progress.best_value, "best_step": self.progress.best_step})
         return self.checkpoints.best
 
     def _train_step(self) -> None:
@@ -237,15 +253,12 @@ class StageTrainer:
             )
 
     # ----- checkpoints ------------------------------------------------------------
-    def _checkpoint(self, metrics: dict) -> None:
-        value = metrics.get(self.settings.best_metric, metrics.get("energy_mae_mev_per_atom"))
-        is_best = value is not None and value < self.progress.best_value
-        if is_best:
-            self.progress.best_value = value
-        self.checkpoints.save(
+    def _checkpoint(self, metrics: dict, is_best: bool = False) -> None:
+        directory = self.checkpoints.save(
             self.strategy, self.ema, self.model_config, self.stage, self.progress.step, metrics,
             extra=self._extra_state(), is_best=is_best,
         )
+        self.status.checkpoint(self.stage, directory, self.progress.step, metrics if is_best else None)
 
     def _extra_state(self) -> dict:
         return {
@@ -269,10 +282,19 @@ class StageTrainer:
         if self.dist.world_size == 1 and not self._in_step and self.progress.step > 0:
             self._checkpoint({})
 
+    def _note_preemption(self) -> None:
+        """Called from submitit's signal handler on rank 0, after `_save_on_preemption`."""
+        self.status.preempted()
+        self.console.write(f"{self.stage} preempted at step {self.progress.step}: SLURM requeues the job")
+
     def _log(self, split: str, metrics: dict) -> None:
+        """A metrics row (split train, val or end) to metrics.jsonl and wandb, the console and status.json."""
         if distributed.is_main():
-            self.logger.log({"stage": self.stage, "split": split, "step": self.progress.step,
-                             "global_step": self._global_step(), **metrics})
+            record = {"stage": self.stage, "split": split, "step": self.progress.step,
+                      "global_step": self._global_step(), **metrics}
+            self.logger.log(record)
+            self.console.show(record, self.progress)
+            self.status.record(record, self.console.timing())
 
     def _global_step(self) -> int:
         offset = self.config.direct.max_steps if self.conservative and "direct" in self.config.stages else 0

@@ -87,6 +87,9 @@ class ZeroStrategy(Strategy):
             # DeepSpeed always needs a process group; a world of one gets an in-process one.
             backend = "nccl" if self.dist.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=30))
+        # DeepSpeed insists on LOCAL_RANK, which only torchrun sets: a single process or a
+        # SLURM step does not.
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_adamw(model, optim), config=self._deepspeed_config(), dist_init_required=False
         )

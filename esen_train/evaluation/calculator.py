@@ -7,8 +7,16 @@
 Each structure is turned into the batch format of ARCHITECTURE.md (positions, atomic
 numbers, cell, pbc, the full neighbour list within the model's cutoff, and the total charge
 and spin multiplicity from `atoms.info["charge"]` and `atoms.info["spin"]`, 0 where absent,
-as fairchem's calculator reads them) and passed through the model. `calculate_batch` does many structures in one forward pass. Stress is reported for
-structures periodic in all three directions only, as ASE expects.
+as fairchem's calculator reads them) and passed through the model. `calculate_batch` does
+many structures in one forward pass. Stress is reported for structures periodic in all three
+directions only, as ASE expects. An atom without neighbours within the cutoff has the energy
+the model gives its element alone and zero force; a structure of 0 atoms is refused
+(ValueError naming its position in the batch).
+
+Every structure is checked before its neighbour list is built (`check_structure`): a cell in
+nm instead of Å would otherwise give millions of edges, overlapping atoms meaningless forces,
+and an element the checkpoint was not trained on an energy from an untrained embedding and a
+zero reference energy.
 """
 from __future__ import annotations
 
@@ -20,15 +28,29 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch_geometric.data import Batch, Data
 
 from esen_train.data.neighbors import build_neighbor_list
+from esen_train.data.validate import UnphysicalGeometry, check_geometry
 from esen_train.evaluation.checkpoint import CheckpointInfo, load_model
 from esen_train.model import ESEN
 from esen_train.model.config import load_model_config
 
 FORCE_MODES = ("conservative", "direct")
+
+
+class UntrainedElements(ValueError):
+    """Elements the checkpoint's training data did not have."""
+
+    def __init__(self, unknown: list[int], trained: list[int], checkpoint: Path):
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
+        super().__init__(
+            f"{names} not among the elements {checkpoint} was trained on "
+            f"({' '.join(chemical_symbols[z] for z in trained)}): its predictions for them would be meaningless"
+        )
+        self.unknown = unknown
 
 
 class ESENCalculator(Calculator):
@@ -55,6 +77,8 @@ class ESENCalculator(Calculator):
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.cutoff = float(model.config.cutoff)
         self.checkpoint = checkpoint
+        # The elements of the training data, where the checkpoint records them.
+        self.elements = None if checkpoint is None or checkpoint.elements is None else set(checkpoint.elements)
 
     @classmethod
     def from_checkpoint(
@@ -102,6 +126,15 @@ class ESENCalculator(Calculator):
         stress of every structure, from one forward pass over all of them, as ASE result dicts."""
         if not atoms_list:
             return []
+        for index, atoms in enumerate(atoms_list):
+            if len(atoms) == 0:
+                raise ValueError(f"structure {index} of {len(atoms_list)} has 0 atoms: a structure needs at least one")
+            try:
+                self.check_structure(atoms)
+            except UnphysicalGeometry as error:
+                if len(atoms_list) == 1:
+                    raise
+                raise UnphysicalGeometry(error.field, f"structure {index} of the batch: {error.reason}") from None
         batch = Batch.from_data_list([self.atoms_to_data(atoms) for atoms in atoms_list]).to(self.device)
         want_stress = stress and any(atoms.pbc.all() for atoms in atoms_list)
         output = self._forward(batch, want_stress)
@@ -130,8 +163,17 @@ class ESENCalculator(Calculator):
         with torch.no_grad():
             return self.model(batch, forces="direct", stress=want_stress)
 
+    def check_structure(self, atoms: Atoms) -> None:
+        """Raise `UntrainedElements` for an element the checkpoint was not trained on, and
+        `UnphysicalGeometry` for a cell or positions no physical structure has."""
+        if self.elements is not None:
+            unknown = sorted(set(atoms.numbers.tolist()) - self.elements)
+            if unknown:
+                raise UntrainedElements(unknown, sorted(self.elements), self.checkpoint.path)
+        check_geometry(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
+
     def atoms_to_data(self, atoms: Atoms) -> Data:
-        """One structure in the batch format of ARCHITECTURE.md (no labels)."""
+        """One structure in the batch format of ARCHITECTURE.md (no labels, not checked)."""
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = atoms.cell.array if pbc.any() else np.zeros((3, 3))
         edge_index, cell_offsets = build_neighbor_list(atoms.positions, cell, pbc, self.cutoff)

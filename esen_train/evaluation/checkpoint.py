@@ -5,7 +5,10 @@ step_<n>}) or a run directory, which means the best checkpoint of the run's last
 checkpoint directory holds `model.pt`, a plain dict of tensors and primitives:
 
     {"format_version": 1, "model_config": dict, "model": state_dict, "ema": state_dict | None,
-     "stage": str, "step": int, "metrics": dict}
+     "stage": str, "step": int, "metrics": dict, "elements": list[int]}
+
+`elements` (the atomic numbers of the training data) may be absent; the calculator then
+cannot refuse elements the model never saw.
 
 It is read with `torch.load(weights_only=True)`, never unpickled. Anything that does not fit
 (a missing file, a corrupt one, weights of another shape than the config, a config other than
@@ -42,6 +45,7 @@ class CheckpointInfo:
     step: int
     metrics: dict
     used_ema: bool
+    elements: list[int] | None = None  # atomic numbers of the training data, where recorded
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -103,7 +107,8 @@ def load_model(
     model = ESEN(config)
     _load_weights(model, weights, model_file)
     model.to(device=device, dtype=dtype).eval()
-    info = CheckpointInfo(model_file, str(payload["stage"]), int(payload["step"]), dict(payload.get("metrics") or {}), used_ema)
+    info = CheckpointInfo(model_file, str(payload["stage"]), int(payload["step"]), dict(payload.get("metrics") or {}),
+                          used_ema, _elements(payload.get("elements"), model_file))
     return model, info
 
 
@@ -132,6 +137,14 @@ def read_model_file(model_file: Path) -> dict:
         if not isinstance(payload[key], dict) or not all(isinstance(v, torch.Tensor) for v in payload[key].values()):
             raise CheckpointError(f"{model_file}: field '{key}' is not a state dict of tensors")
     return payload
+
+
+def _elements(stored: object, model_file: Path) -> list[int] | None:
+    if stored is None:
+        return None
+    if not isinstance(stored, list) or not all(isinstance(z, int) and not isinstance(z, bool) for z in stored):
+        raise CheckpointError(f"{model_file}: field 'elements' is not a list of atomic numbers")
+    return stored
 
 
 def _model_config(stored: object, model_file: Path) -> ModelConfig:

@@ -1,14 +1,19 @@
 """The `esen-train eval` and `esen-train md` subcommands (esen_train/cli.py adds them).
 
-    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR]
+    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR] [--quiet]
     esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
-                  [--forces conservative|direct] [--json] [--out DIR]
+                  [--forces conservative|direct] [--max-temperature K] [--max-energy-change EV]
+                  [--json] [--out DIR] [--quiet]
 
 CHECKPOINT is a checkpoint directory or a run directory (its last stage's best checkpoint).
 Without --forces a checkpoint is used the way its stage trained it: direct forces for a
 direct-stage checkpoint, conservative otherwise. Both commands print a table, or one JSON
-object with --json, and write their plots (PNG) to --out. Errors in the input end the command
-with a one-line message and exit code 2.
+object with --json, and write their plots (PNG) to --out. Progress goes to stderr (a bar on a
+terminal, a line per tenth in a file; --quiet: none). Errors in the input (a structure
+with overlapping atoms, a cell in the wrong unit, an element the checkpoint was not trained
+on, ...) end the command with a one-line message and exit code 2. Dynamics that leave their
+bounds (temperature, total energy) stop `md` with a message, exit code 3, and md.json and
+the plot of the trajectory up to there.
 """
 from __future__ import annotations
 
@@ -23,15 +28,18 @@ from ase import Atoms
 
 from esen_train.data.manifest import DatasetError
 from esen_train.data.shards import ShardError
-from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator
+from esen_train.data.validate import UnphysicalGeometry
+from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator, UntrainedElements
 from esen_train.evaluation.checkpoint import CheckpointError, load_model
 from esen_train.evaluation.errors import compute_errors, format_error_table, parity_panels, predict, read_labelled_structures
-from esen_train.evaluation.md import run_nve
+from esen_train.evaluation.md import MAX_ENERGY_CHANGE_EV_PER_ATOM, UnstableDynamics, run_nve
 from esen_train.evaluation.plots import plot_energy_vs_time, plot_parity
+from esen_train.progress import ConsoleProgress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # What a bad input raises: reported as one line and exit code 2 instead of a traceback.
 INPUT_ERRORS = (CheckpointError, DatasetError, ShardError, FileNotFoundError, ValueError)
+UNSTABLE_EXIT_CODE = 3
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,6 +61,11 @@ def add_md_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     parser.add_argument("--timestep", type=float, required=True, help="time step in fs")
     parser.add_argument("--temperature", type=float, required=True, help="Maxwell-Boltzmann temperature in K")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (default 0)")
+    parser.add_argument("--max-temperature", type=float, default=None, metavar="K",
+                        help="stop when the temperature exceeds this (default 10 x max(--temperature, 300 K))")
+    parser.add_argument("--max-energy-change", type=float, default=MAX_ENERGY_CHANGE_EV_PER_ATOM, metavar="EV",
+                        help="stop when the total energy per atom moves more than this from its start, in eV "
+                             f"(default {MAX_ENERGY_CHANGE_EV_PER_ATOM:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--out", default="md", help="directory for energy_vs_time.png and md.json (default ./md)")
     parser.set_defaults(run=run_md)
@@ -67,13 +80,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str) ->
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
                         help=f"model precision (default {default_dtype})")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     try:
         calculator = _calculator(args)
         structures = read_labelled_structures(args.data)
-        predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms)
+        for structure in structures:
+            _check_structure(calculator, structure.atoms, structure.source)
+        with ConsoleProgress("eval", len(structures), "structures", enabled=not args.quiet) as progress:
+            predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms, progress=progress)
         metrics = compute_errors(structures, predictions)
     except INPUT_ERRORS as error:
         return _fail("eval", error)
@@ -95,19 +112,32 @@ def run_md(args: argparse.Namespace) -> int:
     try:
         calculator = _calculator(args)
         atoms = _read_structure(args.structure)
-        result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed)
+        _check_structure(calculator, atoms, args.structure)
+        with ConsoleProgress("md", args.steps, "steps", enabled=not args.quiet) as progress:
+            result = run_nve(atoms, calculator, args.steps, args.timestep, args.temperature, seed=args.seed,
+                             max_temperature_K=args.max_temperature,
+                             max_energy_change_ev_per_atom=args.max_energy_change, progress=progress)
+        stopped = None
+    except UnstableDynamics as error:
+        result, stopped = error.result, str(error)
     except INPUT_ERRORS as error:
         return _fail("md", error)
     out = Path(args.out)
+    drift = result.get("drift_mev_per_atom_per_ps", float("nan"))
     plot = plot_energy_vs_time(
         result["time_ps"], result["potential_energy_ev"], result["kinetic_energy_ev"], result["num_atoms"],
         out / "energy_vs_time.png",
-        title=f"NVE, {calculator.forces_mode} forces: drift {result['drift_mev_per_atom_per_ps']:.3g} meV/atom/ps",
+        title=f"NVE, {calculator.forces_mode} forces: " + ("stopped: unstable" if stopped else f"drift {drift:.3g} meV/atom/ps"),
     )
     series = ("time_ps", "potential_energy_ev", "kinetic_energy_ev")
     summary = {key: value for key, value in result.items() if key not in series}
     report = {**_describe(args, calculator), "structure": str(args.structure), **summary, "energy_plot": str(plot)}
+    if stopped:
+        report["stopped"] = stopped
     _write_json(report, out / "md.json")
+    if stopped:
+        print(f"esen-train md: {stopped}; the trajectory up to there is in {out / 'md.json'} and {plot}", file=sys.stderr)
+        return UNSTABLE_EXIT_CODE
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -118,6 +148,14 @@ def run_md(args: argparse.Namespace) -> int:
         print(f"  max deviation  {result['max_deviation_mev_per_atom']:.4f} meV/atom")
         print(f"energy plot: {plot}")
     return 0
+
+
+def _check_structure(calculator: ESENCalculator, atoms: Atoms, source: str) -> None:
+    """The calculator's checks (elements, geometry), with the file and structure in the message."""
+    try:
+        calculator.check_structure(atoms)
+    except (UntrainedElements, UnphysicalGeometry) as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _calculator(args: argparse.Namespace) -> ESENCalculator:
@@ -131,9 +169,12 @@ def _read_structure(path: str) -> Atoms:
     if not Path(path).is_file():
         raise FileNotFoundError(f"structure file not found: {path}")
     try:
-        return ase.io.read(path, index=0)
+        atoms = ase.io.read(path, index=0)
     except Exception as error:  # ASE raises many types for unreadable input
         raise ValueError(f"{path}: not readable by ase.io.read ({type(error).__name__}: {error})") from None
+    if len(atoms) == 0:
+        raise ValueError(f"{path}: structure 0 has 0 atoms (a structure needs at least one)")
+    return atoms
 
 
 def _describe(args: argparse.Namespace, calculator: ESENCalculator) -> dict:

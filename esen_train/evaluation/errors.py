@@ -21,6 +21,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from esen_train.data.manifest import DatasetDirectory
 from esen_train.data.records import StructureRecord
+from esen_train.progress import ConsoleProgress
 
 MEV = 1000.0
 # Force vectors shorter than this (eV/Å) have no direction worth comparing.
@@ -72,6 +73,8 @@ def _from_record(record: StructureRecord, source: str) -> LabelledStructure:
 
 
 def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
+    if len(atoms) == 0:
+        raise ValueError(f"{source}: the structure has 0 atoms (a structure needs at least one)")
     results = atoms.calc.results if atoms.calc is not None else {}
     for name in ("energy", "forces"):
         if name not in results:
@@ -88,19 +91,26 @@ def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
 
 
 def predict(
-    calculator: Calculator, structures: Sequence[LabelledStructure], max_atoms_per_batch: int = 512
+    calculator: Calculator, structures: Sequence[LabelledStructure], max_atoms_per_batch: int = 512,
+    progress: ConsoleProgress | None = None,
 ) -> list[dict]:
     """Energy, forces and (where labelled) stress for every structure, as numpy in eV units.
 
     A calculator with `calculate_batch` (ESENCalculator) gets batches of at most
     `max_atoms_per_batch` atoms; any other ASE calculator is called structure by structure.
+    `progress` counts the structures done.
     """
+    progress = progress or ConsoleProgress("predict", len(structures), "structures", enabled=False)
+    predictions = []
     if hasattr(calculator, "calculate_batch"):
-        predictions = []
         for chunk in _chunks_by_atoms(structures, max_atoms_per_batch):
             predictions.extend(calculator.calculate_batch([s.atoms for s in chunk]))
+            progress.update(len(chunk))
         return predictions
-    return [_predict_one(calculator, structure) for structure in structures]
+    for structure in structures:
+        predictions.append(_predict_one(calculator, structure))
+        progress.update()
+    return predictions
 
 
 def _predict_one(calculator: Calculator, structure: LabelledStructure) -> dict:

@@ -11,8 +11,9 @@ energies. fairchem's `load_predict_unit` / FAIRChemCalculator load it and predic
 model predicts (tests/test_fairchem_export.py checks it where fairchem's environment exists).
 
 Exact or refused: eSCNMD always applies the envelope, with fixed exponent 5, Gaussian width 2
-and edge-degree rescale 5, and always has a charge/spin embedding (of even width), so a model
-with other values or an odd sphere_channels is refused by name. A model without charge/spin
+and edge-degree rescale 5, and always has a charge/spin embedding (of even width), and its
+direct stress head does not weight atoms by their neighbours, so a model with other values, an
+odd sphere_channels or a neighbour-weighted direct stress head is refused by name. A model without charge/spin
 inputs gets that embedding with a zero mixing layer, which adds exactly zero. fairchem keeps at most `max_neighbors` neighbours per atom (fairchem's default
 300, or the imported model's own); this model uses all of them, so predictions agree unless an
 atom has more.
@@ -56,6 +57,12 @@ def export_fairchem(checkpoint: str | Path, dataset: str | None = None, max_neig
                 f"{model_file}: {name} = {getattr(config, name)!r}; fairchem's eSCNMD fixes it at {value!r}, so this model "
                 "cannot be exported exactly; refused"
             )
+    if config.direct_forces and config.direct_stress_neighbour_weight:
+        raise FairchemFormatError(
+            f"{model_file}: direct_stress_neighbour_weight = True: fairchem's MLP_Stress_Head does not weight atoms "
+            "by their neighbours, so this direct model cannot be exported exactly; refused (export a conservative "
+            "checkpoint)"
+        )
     if config.sphere_channels % 2:
         raise FairchemFormatError(
             f"{model_file}: sphere_channels = {config.sphere_channels}; eSCNMD's charge/spin embedding needs an even "

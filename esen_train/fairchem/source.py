@@ -378,6 +378,8 @@ def _model_config(settings: dict, ff_key: str, envelope: bool, charge_spin: str,
         envelope=envelope,
         gaussian_width=2.0,
         charge_spin=charge_spin,
+        # fairchem's direct stress head does not weight atoms by their neighbours.
+        direct_stress_neighbour_weight=False,
     )
 
 

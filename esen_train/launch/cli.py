@@ -26,7 +26,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from esen_train import shipped_config
-from esen_train.engine.config import ConfigError, load_train_config
+from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
 from esen_train.engine.tracking import resolve_wandb_mode
 from esen_train.launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import SlurmUnreachable, query_cluster
@@ -72,7 +72,7 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     if cluster is None:
         raise ProfileError("choose a cluster profile with cluster=NAME (configs/cluster/NAME.yaml), e.g. cluster=local")
     profile = load_profile(cluster, launch_keys)
-    config_path = shipped_config(config).resolve()
+    config_path = shipped_config(config).absolute()  # as given: configs/ is a link
     base = load_train_config(config_path, training_overrides)
     base_run_dir = Path(base.run_dir).resolve()
     if profile.nodes * profile.tasks_per_node > 1 and base.strategy.name == "single":
@@ -81,8 +81,12 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     for index, point in enumerate(expand_sweep(sweeps)):
         run_dir = base_run_dir / sweep_dir_name(index, point) if sweeps else base_run_dir
         run_overrides = [o for o in training_overrides if not o.startswith("run_dir=")] + point + [f"run_dir={run_dir}"]
-        # Every sweep point must be a valid config before anything is submitted.
-        runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=load_train_config(config_path, run_overrides)))
+        # Every sweep point must be a valid config, for its data and its run directory, before
+        # anything is submitted.
+        run_config = load_train_config(config_path, run_overrides)
+        check_against_data(run_config)
+        check_resume(run_config)
+        runs.append(Run(run_dir=run_dir, overrides=run_overrides, config=run_config))
     return LaunchPlan(
         cluster=cluster,
         config_file=str(config_path),
@@ -155,6 +159,7 @@ def _print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:
     for job, run in zip(jobs, plan.runs):
         print(f"job {job.job_id}: {profile.nodes} node(s) x {profile.tasks_per_node} task(s) ({profile.executor})")
         print(f"  run directory: {run.run_dir}")
+        print(f"  status:        esen-train status {run.run_dir}")
         print(f"  logs:          {job.paths.stdout} and .err (one pair per task: _<task>_log)")
         print(f"  wandb run:     {_describe_wandb_run(run)}")
     if profile.executor == "slurm":

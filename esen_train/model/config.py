@@ -58,6 +58,10 @@ class ModelConfig:
     # integer charge -100..100 and spin 0..100 ("rand_emb"). Their mix is added to every
     # atom's l=0 features at the start and after each block's first norm.
     charge_spin: str = "none"
+    # Each atom's isotropic share of the direct stress is weighted by how much it has
+    # neighbours (ESEN.neighbour_weight; 0 for an isolated atom). Off only for imported
+    # fairchem direct models: their MLP_Stress_Head has no such weight.
+    direct_stress_neighbour_weight: bool = True
 
     def __post_init__(self) -> None:
         check_model_config(self)

@@ -17,6 +17,15 @@ Direct outputs come from the direct heads (`config.direct_forces`), which live u
 `direct_heads.` prefix of the state dict: `ESEN.backbone_state_dict(state)` drops them, so
 a direct-pretrained checkpoint loads with strict=True into a model without them.
 
+Atoms without neighbours. An atom with no neighbour within the cutoff receives no message:
+its features are those of its element alone (every l > 0 coefficient is zero), its energy is
+its reference plus the network's value for that isolated element, and its conservative force
+and stress are zero. The direct force (l = 1) is zero too, and each atom's share of the direct
+stress is weighted by `neighbour_weight` (zero without neighbours; `config.direct_stress_
+neighbour_weight`, off only for imported fairchem models), so a structure with no edges gets
+zero stress from both heads. Every edge fades out with the envelope, so the energy, the forces
+and both stresses go continuously to these values as the last neighbour leaves the cutoff.
+
 Energy = energy_scale * (sum over atoms of the energy head) + energy_mean + sum of the
 per-element reference energies, returned in float64 whatever the model's dtype. Forces and
 stress are the network's derivatives (or direct heads) times force_scale and stress_scale.
@@ -76,9 +85,10 @@ class Backbone(nn.Module):
         self.norm = EquivariantRMSNorm(config.lmax, config.sphere_channels)
 
     def forward(self, element: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor,
-                structure: torch.Tensor, charge: torch.Tensor, spin: torch.Tensor) -> torch.Tensor:
-        """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E],
-        structure [N] (each atom's structure), charge and spin [B] (read only with config.charge_spin)."""
+                structure: torch.Tensor | None = None, charge: torch.Tensor | None = None,
+                spin: torch.Tensor | None = None) -> torch.Tensor:
+        """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E];
+        with config.charge_spin also structure [N] (each atom's structure), charge and spin [B]."""
         distance = edge_vectors.norm(dim=1)
         wigner = self.wigner(edge_frames(edge_vectors / distance.unsqueeze(1)))
         envelope = self.envelope(distance) if self.envelope is not None else None
@@ -91,7 +101,11 @@ class Backbone(nn.Module):
             target_table=self.target_embedding.weight,
         )
         # [N, channels] added to l=0 of every atom of a structure, or None.
-        system = self.charge_spin(charge, spin)[structure] if self.charge_spin is not None else None
+        system = None
+        if self.charge_spin is not None:
+            if structure is None or charge is None or spin is None:
+                raise ValueError("a model with charge/spin inputs needs each atom's structure, and charge and spin")
+            system = self.charge_spin(charge, spin)[structure]
         scalars = self.element_embedding(element) if system is None else self.element_embedding(element) + system
         x = edge_vectors.new_zeros(element.shape[0], self.num_coefficients, self.element_embedding.embedding_dim)
         x = torch.cat([scalars.unsqueeze(1), x[:, 1:]], dim=1)
@@ -188,7 +202,7 @@ class ESEN(nn.Module):
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[inputs["batch"]])
             cell = cell + torch.bmm(cell, symmetric)
-        energy, network, _ = self._energy(pos, cell, inputs)
+        energy, network, _, _ = self._energy(pos, cell, inputs)
         leaves = [pos, strain] if stress else [pos]
         grads = torch.autograd.grad(network.sum(), leaves, create_graph=create_graph, allow_unused=True,
                                     materialize_grads=True)
@@ -202,19 +216,32 @@ class ESEN(nn.Module):
         return out
 
     def direct_outputs(self, inputs: dict, with_heads: bool, stress: bool) -> dict[str, torch.Tensor]:
-        energy, _, x = self._energy(inputs["pos"], inputs["cell"], inputs)
+        energy, _, x, edge_vectors = self._energy(inputs["pos"], inputs["cell"], inputs)
         out = {"energy": energy}
         if with_heads:
             out["forces"] = self.force_scale.to(x.dtype) * self.direct_heads.forces(x)
             if stress:
                 volume = torch.linalg.det(inputs["cell"]).abs()
-                raw = self.stress_scale.to(x.dtype) * self.direct_heads.stress(x, inputs["batch"], inputs["natoms"])
+                if self.config.direct_stress_neighbour_weight:
+                    weight = self.neighbour_weight(edge_vectors, inputs["edge_index"][1], x.shape[0])
+                else:
+                    weight = x.new_ones(x.shape[0])
+                raw = self.stress_scale.to(x.dtype) * self.direct_heads.stress(x, weight, inputs["batch"], inputs["natoms"])
                 out["stress"] = torch.where((volume > 0).view(-1, 1, 1), raw, 0.0)
         return out
 
-    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Total energies [B] (eV, float64), the network's energies [B] (its units, model dtype)
-        and the final node features."""
+    def neighbour_weight(self, edge_vectors: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """[atoms] 1 - exp(-sum of the envelopes of the atom's edges): 0 for an atom without
+        neighbours, 0.95 for three at full strength, within 3e-4 of 1 in fcc metals (bulk or surface),
+        smooth in the positions (the envelope is, and vanishes at the cutoff with two
+        derivatives). Without the envelope (config.envelope off) every edge counts 1."""
+        distance = edge_vectors.norm(dim=1)
+        envelopes = self.backbone.envelope(distance) if self.backbone.envelope is not None else torch.ones_like(distance)
+        return -torch.expm1(-envelopes.new_zeros(num_atoms).index_add(0, target, envelopes))
+
+    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...]:
+        """Total energies [B] (eV, float64), the network's energies [B] (its units, model dtype),
+        the final node features and the edge vectors."""
         source, target = inputs["edge_index"]
         shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
         edge_vectors = pos[source] - pos[target] + shifts
@@ -225,7 +252,7 @@ class ESEN(nn.Module):
         # The references are summed and the total returned in float64: a total energy of
         # -17,600 eV (aspirin) in float32 is only good to about 1 meV.
         references = sum_per_structure(self.reference_energies[inputs["element"] + 1], inputs["batch"], num_structures)
-        return self.energy_scale * network.double() + self.energy_mean + references, network, x
+        return self.energy_scale * network.double() + self.energy_mean + references, network, x, edge_vectors
 
     def _inputs(self, batch) -> dict[str, torch.Tensor]:
         """The batch fields the model reads (ARCHITECTURE.md), checked."""

@@ -6,6 +6,8 @@
 - `DirectStressHead`: isotropic part from an MLP on l=0, traceless symmetric part from a
   channel mix of l=2, each averaged over the structure's atoms (stress is intensive),
   assembled into a symmetric 3x3 matrix with e3nn's Cartesian-tensor change of basis.
+  Each atom's isotropic part is weighted by how much it has neighbours (`ESEN.neighbour_weight`):
+  an atom without any has zero l=2 features and must add no stress either.
 """
 from __future__ import annotations
 
@@ -68,8 +70,11 @@ class DirectStressHead(nn.Module):
         # [6, 3, 3]: (0e, 2e) coefficients -> symmetric Cartesian matrix.
         self.register_buffer("change_of_basis", _symmetric_matrix_basis(), persistent=False)
 
-    def forward(self, x: torch.Tensor, batch: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
-        """-> [structures, 3, 3] in network units."""
-        per_atom = torch.cat([self.isotropic(x[:, 0]), x[:, 4:9] @ self.traceless_weight], dim=1)  # [atoms, 6]
+    def forward(self, x: torch.Tensor, neighbour_weight: torch.Tensor, batch: torch.Tensor,
+                natoms: torch.Tensor) -> torch.Tensor:
+        """x [atoms, (lmax+1)^2, C], neighbour_weight [atoms] (0 without neighbours)
+        -> [structures, 3, 3] in network units."""
+        isotropic = self.isotropic(x[:, 0]) * neighbour_weight.unsqueeze(1)
+        per_atom = torch.cat([isotropic, x[:, 4:9] @ self.traceless_weight], dim=1)  # [atoms, 6]
         mean = sum_per_structure(per_atom, batch, natoms.shape[0]) / natoms.unsqueeze(1).to(x.dtype)
         return torch.einsum("bk,kij->bij", mean, self.change_of_basis.to(x.dtype))

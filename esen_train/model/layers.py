@@ -66,7 +66,7 @@ class GateActivation(nn.Module):
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, (lmax+1)^2, C], gates [N, lmax * C]."""
         # Row 0: sigmoid(x_l=0), so that x * it is SiLU(x); row l: sigmoid(gate of degree l).
-        factors = torch.cat([torch.sigmoid(x[:, :1]), torch.sigmoid(gates).view(x.shape[0], self.lmax, -1)], dim=1)
+        factors = torch.cat([torch.sigmoid(x[:, :1]), torch.sigmoid(gates).view(x.shape[0], self.lmax, x.shape[2])], dim=1)
         return x * factors[:, self.degree]
 
 
@@ -90,19 +90,7 @@ class SphereGrid(nn.Module):
         super().__init__()
         latitude = resolution or 2 * (lmax + 1)
         longitude = resolution or 2 * (lmax + 1) + 1
-        size = (lmax + 1) ** 2
-        points = latitude * longitude
-        # In float64 throughout: e3nn computes FromS2Grid's quadrature weights in the default
-        # dtype whatever `dtype` says, and float32 weights limit the grid to 1e-7.
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral")
-            from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral")
-            to_matrix = to_grid(torch.eye(size)).reshape(size, -1).T  # [points, size]
-            from_matrix = from_grid(torch.eye(points).view(points, latitude, longitude))
-        finally:
-            torch.set_default_dtype(default)
+        to_matrix, from_matrix = _grid_matrices(lmax, latitude, longitude)
         self.register_buffer("to_matrix", to_matrix, persistent=False)  # [points, size]
         self.register_buffer("from_matrix", from_matrix, persistent=False)  # [points, size]
 
@@ -111,6 +99,23 @@ class SphereGrid(nn.Module):
 
     def from_grid(self, values: torch.Tensor) -> torch.Tensor:
         return torch.einsum("pk,npc->nkc", self.from_matrix.to(values.dtype), values)
+
+
+def _grid_matrices(lmax: int, latitude: int, longitude: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e3nn's maps coefficients -> grid values and back, both [points, (lmax+1)^2], computed in
+    float64 (e3nn computes its quadrature weights in the default dtype, whatever `dtype` says:
+    float32 would leave the round trip grid -> coefficients good to 1e-7 only)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        size, points = (lmax + 1) ** 2, latitude * longitude
+        to_grid = o3.ToS2Grid(lmax, (latitude, longitude), normalization="integral")
+        from_grid = o3.FromS2Grid((latitude, longitude), lmax, normalization="integral")
+        to_matrix = to_grid(torch.eye(size)).reshape(size, -1).T
+        from_matrix = from_grid(torch.eye(points).view(points, latitude, longitude))
+        return to_matrix, from_matrix
+    finally:
+        torch.set_default_dtype(default)
 
 
 class GridFeedForward(nn.Module):

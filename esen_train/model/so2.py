@@ -34,7 +34,7 @@ class SO2Convolution(nn.Module):
         self.out_channels = out_channels
         self.lmax = lmax
         self.gated = gated
-        degrees = degrees_per_order(lmax, mmax)
+        self.degrees = degrees = degrees_per_order(lmax, mmax)
         # Output rows of the m = 0 layer: [gates (lmax * out, if gated) | l = 0 | l = 1..lmax].
         self.gate_channels = lmax * out_channels if gated else 0
         self.m0 = nn.Linear(degrees[0] * in_channels, self.gate_channels + degrees[0] * out_channels)
@@ -48,10 +48,12 @@ class SO2Convolution(nn.Module):
 
     def forward(self, orders: list[torch.Tensor], radial: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """orders with in_channels [, radial: per order m, [E, radial_sizes[m]]] -> orders with out_channels."""
+        # Every shape is spelled out (no -1): with no edges (an isolated atom) the tensors
+        # have 0 elements and a -1 would be ambiguous.
         num_edges, channels = orders[0].shape[0], self.out_channels
         radial = radial if radial is not None else [None] * len(orders)
 
-        x0 = orders[0].reshape(num_edges, -1)
+        x0 = orders[0].reshape(num_edges, self.radial_sizes[0])
         if radial[0] is not None:
             x0 = x0 * radial[0]
         weight, bias = self.m0.weight, self.m0.bias
@@ -66,18 +68,19 @@ class SO2Convolution(nn.Module):
             gates = torch.sigmoid(gates).view(num_edges, self.lmax, channels)
             out0 = torch.cat([F.silu(scalars).unsqueeze(1), rest.view(num_edges, self.lmax, channels) * gates], dim=1)
         else:
-            out0 = F.linear(x0, weight, bias).view(num_edges, -1, channels)
+            out0 = F.linear(x0, weight, bias).view(num_edges, self.degrees[0], channels)
         outputs = [out0]
 
         for m, (x, radial_m, weight) in enumerate(zip(orders[1:], radial[1:], self.m_weights), 1):
+            size, count = self.radial_sizes[m], self.degrees[m]  # per sign of m: inputs, degrees
             if radial_m is not None:  # the same weights for +m and -m
-                x = (x.reshape(num_edges, 2, -1) * radial_m.unsqueeze(1)).view(num_edges, -1)
+                x = (x.reshape(num_edges, 2, size) * radial_m.unsqueeze(1)).view(num_edges, 2 * size)
             else:
-                x = x.reshape(num_edges, -1)
-            out = complex_linear(x, *weight.chunk(2, dim=0)).view(num_edges, 2, -1, channels)
+                x = x.reshape(num_edges, 2 * size)
+            out = complex_linear(x, *weight.chunk(2, dim=0)).view(num_edges, 2, count, channels)
             if self.gated:  # orders[m] holds degrees m..lmax: gates m-1..lmax-1
                 out = out * gates[:, m - 1:].unsqueeze(1)
-            outputs.append(out.view(num_edges, -1, channels))
+            outputs.append(out.view(num_edges, 2 * count, channels))
         return outputs
 
 
