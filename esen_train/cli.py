@@ -1,4 +1,4 @@
-"""`esen-train`: fit, status, config, eval, md and quickstart.
+"""`esen-train`: fit, status, config, eval, md, quickstart, and fairchem's eSEN checkpoints in and out.
 
     esen-train fit CONFIG [key=value ...] [--nproc N] [--quiet]
     esen-train status RUN [--json]
@@ -6,6 +6,8 @@
     esen-train eval CHECKPOINT --data DIR_OR_FILE [--json]
     esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
     esen-train quickstart [--out DIR]
+    esen-train import-fairchem FAIRCHEM_CHECKPOINT --out DIR
+    esen-train export-fairchem CHECKPOINT --out FILE
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from esen_train.engine.config import ConfigError, check_against_data, check_resu
 from esen_train.engine.config_keys import config_keys_help
 from esen_train.engine.status import StatusError, format_status, read_status
 from esen_train.evaluation.commands import add_eval_parser, add_md_parser
+from esen_train.fairchem.commands import add_export_parser, add_import_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(commands)
     add_md_parser(commands)
     _add_quickstart_parser(commands)
+    add_import_parser(commands)
+    add_export_parser(commands)
     # Options may come before, between or after the key=value overrides: argparse leaves
     # overrides that follow an option unparsed, so they are collected here.
     args, rest = parser.parse_known_args(argv)

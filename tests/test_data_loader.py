@@ -31,6 +31,9 @@ def _record(atoms: Atoms, index: int) -> StructureRecord:
         energy=atoms.get_potential_energy(),
         forces=atoms.get_forces(),
         stress=atoms.get_stress(voigt=False) if periodic else None,
+        # Every other structure carries a total charge and spin multiplicity.
+        charge=index % 3 - 1 if index % 2 else None,
+        spin=index % 4 if index % 2 else None,
         source_file="built-in-test",
         source_index=index,
     )
@@ -100,6 +103,9 @@ def test_item_has_the_batch_table_fields(dataset):
         assert torch.equal(item.pos, torch.from_numpy(record.positions).float())
         assert torch.equal(item.atomic_numbers, torch.from_numpy(record.atomic_numbers).long())
         assert item.energy.dtype == torch.float64 and item.energy.item() == record.energy  # totals stay exact
+        # Charge and spin per structure, 0 where the record has none.
+        assert item.charge.dtype == torch.float64 and item.charge.tolist() == [record.charge or 0.0]
+        assert item.spin.dtype == torch.float64 and item.spin.tolist() == [record.spin or 0.0]
         if periodic:
             assert torch.allclose(item.stress[0], torch.from_numpy(record.stress).float())
         else:

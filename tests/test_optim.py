@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from esen_train.engine.ddp import DataParallelStrategy
+from esen_train.engine.distributed import DistInfo
 from esen_train.engine.optim import OptimSettings, build_adamw, lr_at, param_groups
 from esen_train.model import ESEN
 from tests.model_helpers import tiny_config
@@ -73,3 +75,25 @@ def test_adamw_uses_the_settings():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == 2e-3 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in optimizer.param_groups)
+
+
+def test_the_backbone_can_learn_slower_than_the_heads():
+    """backbone_lr_scale: the backbone's groups carry the scale, set_lr applies it, and the
+    strategy reports the schedule's learning rate. Frozen parameters are in no group."""
+    model = ESEN(tiny_config())
+    model.backbone.blocks[0].requires_grad_(False)
+    strategy = DataParallelStrategy(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), name="single")
+    strategy.setup(model, OptimSettings(lr=1e-3, weight_decay=0.01, backbone_lr_scale=0.1), conservative=False)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = strategy.optimizer.param_groups
+    assert [(g["lr_scale"], g["weight_decay"], g["lr"]) for g in groups] == [
+        (1.0, 0.01, 1e-3), (1.0, 0.0, 1e-3), (0.1, 0.01, pytest.approx(1e-4)), (0.1, 0.0, pytest.approx(1e-4))]
+    for group in groups:
+        in_backbone = {names[id(p)].startswith("backbone.") for p in group["params"]}
+        assert in_backbone == {group["lr_scale"] == 0.1}
+    grouped = {names[id(p)] for group in groups for p in group["params"]}
+    assert not any(name.startswith("backbone.blocks.0.") for name in grouped)
+    assert grouped == {name for name, p in model.named_parameters() if p.requires_grad}
+    strategy.set_lr(2e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([2e-3, 2e-3, 2e-4, 2e-4])
+    assert strategy.lr == pytest.approx(2e-3)

@@ -101,11 +101,8 @@ class StatsAccumulator:
         n = self.num_structures
         if n == 0:
             raise ValueError("no structures to compute statistics from")
+        references = least_squares_references(self.gram, self.moment)
         present = np.flatnonzero(np.diag(self.gram) > 0)
-        references = np.zeros(MAX_ATOMIC_NUMBER + 1)
-        references[present] = np.linalg.lstsq(
-            self.gram[np.ix_(present, present)], self.moment[present], rcond=_RELATIVE_CUTOFF
-        )[0]
         mean = self.y_sum / n
         # residual per atom r = y - x·e; its moments follow from the accumulated sums.
         residual_mean = mean - self.x_sum @ references / n
@@ -122,6 +119,16 @@ class StatsAccumulator:
             residual_energy_per_atom_mean=float(residual_mean),
             residual_energy_per_atom_std=math.sqrt(max(residual_square_mean - residual_mean**2, 0.0)),
         )
+
+
+def least_squares_references(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """Per-element energies e minimising Σ_s (E_s - c_s · e)² from the normal equations
+    gram = Σ c cᵀ and moment = Σ c E over structures (c = element counts, indexed by Z);
+    elements absent from the data get 0, undetermined directions the least-norm solution."""
+    present = np.flatnonzero(np.diag(gram) > 0)
+    references = np.zeros(len(moment))
+    references[present] = np.linalg.lstsq(gram[np.ix_(present, present)], moment[present], rcond=_RELATIVE_CUTOFF)[0]
+    return references
 
 
 def compute_stats(directory: str | Path) -> DatasetStats:

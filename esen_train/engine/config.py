@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ase.data import atomic_numbers
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import shipped_config
 from esen_train.data import emt
 from esen_train.data.manifest import DatasetError, Manifest, load_natoms
+from esen_train.evaluation.checkpoint import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 from esen_train.model.config import ModelConfig, load_model_config
 
 
@@ -64,9 +66,22 @@ class StageConfig:
     best_metric: str = "force_mae_mev_per_A"  # the validation metric (lower is better) that picks `best`
     patience: int = 0  # stop the stage after this many validations in a row without a new best; 0: never
     max_nonfinite_in_row: int = 5
-    # Weights to start from: a checkpoint or run directory. Empty: a fresh model for the
-    # direct stage; for the conservative stage, this run's direct `best` checkpoint.
+    # Weights to start from: a checkpoint or run directory (e.g. one `esen-train
+    # import-fairchem` wrote). Empty: a fresh model for the direct stage; for the
+    # conservative stage, this run's direct `best` checkpoint.
     init_from: str = ""
+    # Starting from a checkpoint, the per-element reference energies: "keep" the checkpoint's;
+    # "refit": the checkpoint's plus the per-element least-squares correction of what the
+    # loaded model misses on this stage's training data (one pass, energies only); "given":
+    # the checkpoint's, with the elements of `given_references` replaced.
+    references: str = "keep"
+    given_references: dict[str, float] = field(default_factory=dict)  # element symbol -> eV
+    # Fine-tuning: freeze the embeddings (element, edge-element, edge-degree, charge/spin)
+    # and the first `freeze_blocks` message-passing blocks; the backbone's learning rate is
+    # lr * backbone_lr_scale (the energy and direct heads train at lr).
+    freeze_embeddings: bool = False
+    freeze_blocks: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -110,6 +125,7 @@ class TrainConfig:
 
 STAGES = ("direct", "conservative")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+REFERENCE_CHOICES = ("keep", "refit", "given")
 # The validation metrics (ErrorAccumulator.result) that can pick the best checkpoint: lower is better.
 BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
 # The data settings a resumed run must share with the run it resumes.
@@ -142,13 +158,26 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 
 def _expand_model_preset(raw: DictConfig, where: str) -> None:
-    """`model: tiny` names a preset in configs/model/; replace it with its fields."""
+    """`model: tiny` names a preset in configs/model/, `model: DIR` a checkpoint (or run)
+    directory, e.g. an imported fairchem model: replace it with its fields."""
     preset = raw.get("model") if isinstance(raw, DictConfig) else None
-    if isinstance(preset, str):
-        try:
-            raw.model = OmegaConf.structured(load_model_config(preset))
-        except FileNotFoundError as error:
-            raise ConfigError(f"{where}: no model preset {preset!r} ({error})") from None
+    if not isinstance(preset, str):
+        return
+    if Path(preset).is_dir():
+        raw.model = OmegaConf.structured(_checkpoint_model_config(preset, where))
+        return
+    try:
+        raw.model = OmegaConf.structured(load_model_config(preset))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{where}: no model preset {preset!r} ({error})") from None
+
+
+def _checkpoint_model_config(path: str, where: str) -> ModelConfig:
+    try:
+        checkpoint = resolve_checkpoint(path)
+        return checkpoint_model_config(checkpoint / MODEL_FILE)
+    except CheckpointError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -170,6 +199,7 @@ def check_values(config: TrainConfig, where: str | Path = "config") -> None:
             raise ConfigError(f"{where}: stages must be a list drawn from {STAGES}, got {stage!r}")
     for stage in STAGES:
         _check_stage(stage, getattr(config, stage), config.strategy.name, where)
+        _check_fine_tuning(config, stage, getattr(config, stage), where)
     if config.seed < 0:
         raise ConfigError(f"{where}: seed must be >= 0, got {config.seed}")
     if config.data.num_workers < 0 or config.data.emt_structures < 0 or config.data.emt_seed < 0:
@@ -180,6 +210,26 @@ def check_values(config: TrainConfig, where: str | Path = "config") -> None:
         raise ConfigError(f"{where}: logging.wandb.init_timeout_s must be > 0, got {config.logging.wandb.init_timeout_s}")
     if not config.data.train and config.data.emt_structures <= 0:
         raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
+
+
+def _check_fine_tuning(config: TrainConfig, stage: str, settings: StageConfig, where) -> None:
+    if settings.references not in REFERENCE_CHOICES:
+        raise ConfigError(f"{where}: {stage}.references must be one of {REFERENCE_CHOICES}, got {settings.references!r}")
+    starts_fresh = stage == "direct" and not settings.init_from
+    if settings.references != "keep" and starts_fresh:
+        raise ConfigError(f"{where}: {stage}.references={settings.references} needs {stage}.init_from (a fresh model's "
+                          "reference energies come from the training data)")
+    if settings.references == "given" and not settings.given_references:
+        raise ConfigError(f"{where}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
+    if settings.given_references and settings.references != "given":
+        raise ConfigError(f"{where}: {stage}.given_references is set but {stage}.references is {settings.references!r}, not 'given'")
+    for symbol in settings.given_references:
+        if atomic_numbers.get(symbol, config.model.max_num_elements + 1) > config.model.max_num_elements:
+            raise ConfigError(f"{where}: {stage}.given_references: {symbol!r} is not an element this model embeds "
+                              f"(Z 1..{config.model.max_num_elements})")
+    if settings.freeze_blocks > config.model.num_layers:
+        raise ConfigError(f"{where}: {stage}.freeze_blocks must be in 0..{config.model.num_layers} (model.num_layers), "
+                          f"got {settings.freeze_blocks}")
 
 
 def _at_least(low):
@@ -210,6 +260,8 @@ _STAGE_RANGES = {
     "keep_last": _at_least(0),
     "max_nonfinite_in_row": _at_least(1),
     "patience": (lambda value: value >= 0, "0 (no early stopping) or positive"),
+    "freeze_blocks": _at_least(0),
+    "backbone_lr_scale": _positive(),
 }
 
 

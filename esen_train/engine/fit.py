@@ -91,6 +91,8 @@ def _stage_data(config: TrainConfig, stage: str, train_dirs: list[str], val_dirs
         energy_scale=stats.force_rms if stats.force_rms > 0 else 1.0,
         has_stress=train_set.has_stress,
         elements=sorted({z for manifest in train_set.manifests for z in manifest.elements}),
+        reference_loader=(build_dataloader(train_set, settings.max_atoms, shuffle=False, **loader_args)
+                          if settings.references == "refit" else None),
     )
 
 

@@ -1,7 +1,9 @@
 """AdamW with the usual weight-decay exemptions, and the warm-up + cosine learning rate.
 
 The learning rate is a pure function of the step: the trainer calls `lr_at` and sets it on
-every step, so a resumed run needs no scheduler state, only the step number.
+every step, so a resumed run needs no scheduler state, only the step number. Each parameter
+group carries an `lr_scale` (the backbone's `backbone_lr_scale` when fine-tuning, else 1):
+a group's learning rate is the step's times its scale.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class OptimSettings:
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    backbone_lr_scale: float = 1.0  # learning rate of the module named "backbone", relative to lr
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -46,27 +49,36 @@ def is_norm_module(module: nn.Module) -> bool:
     )
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decayed weights, and the exempt ones (an empty group is left out).
+def param_groups(module: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: decayed weights and the exempt ones, each split into the backbone's
+    (the submodule named "backbone", learning rate scaled by `backbone_lr_scale`) and the
+    rest's when the scale is not 1. Empty groups and frozen parameters are left out.
 
     Exempt from weight decay: biases and every other 0-d/1-d parameter, all parameters of
     norm layers (their scales may be 2-d, e.g. per degree and channel), and embedding tables
     (an element that is rare in the data would otherwise have its embedding shrunk to zero).
     """
-    decay, no_decay, seen = [], [], set()
-    for owner in module.modules():
+    groups: dict[tuple[bool, bool], list] = {}
+    seen = set()
+    for name, owner in module.named_modules():
         exempt_owner = is_norm_module(owner) or isinstance(owner, nn.Embedding)
+        in_backbone = backbone_lr_scale != 1.0 and (name == "backbone" or name.startswith("backbone."))
         for param in owner.parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            (no_decay if exempt_owner or param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]  # ZeRO cannot flatten an empty group
+            decayed = not (exempt_owner or param.ndim <= 1)
+            groups.setdefault((in_backbone, decayed), []).append(param)
+    return [  # ZeRO cannot flatten an empty group
+        {"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
+         "lr_scale": backbone_lr_scale if key[0] else 1.0}
+        for key in ((False, True), (False, False), (True, True), (True, False)) if key in groups
+    ]
 
 
 def build_adamw(module: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
     """AdamW over `module`'s trainable parameters (call after any wrapping that replaces them)."""
-    return torch.optim.AdamW(
-        param_groups(module, settings.weight_decay), lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps
-    )
+    groups = param_groups(module, settings.weight_decay, settings.backbone_lr_scale)
+    for group in groups:
+        group["lr"] = settings.lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)

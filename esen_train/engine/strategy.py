@@ -110,11 +110,13 @@ class Strategy(ABC):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The step's learning rate (groups with an lr_scale run at this times their scale)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # ----- weights for inference ---------------------------------------------------
     def full_state_dict(self, use_ema: bool) -> dict | None:

@@ -26,9 +26,11 @@ from esen_train.engine.config import StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
+from esen_train.engine.references import describe_changes, given_references, refit_references
 from esen_train.engine.strategy import build_strategy
 from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN, compile_model
+from esen_train.model.esen import DIRECT_HEADS_PREFIX
 from esen_train.progress import StageConsole
 
 
@@ -48,6 +50,8 @@ class StageData:
     energy_scale: float
     has_stress: bool
     elements: list[int]  # atomic numbers of the training data, recorded in every checkpoint
+    # This rank's part of the training set in order, for references=refit (None otherwise).
+    reference_loader: object = None
 
 
 @dataclass
@@ -83,19 +87,40 @@ class StageTrainer:
         model.set_energy_scale(self.data.energy_scale)
         self.init_checkpoint = self._initial_checkpoint()
         if self.init_checkpoint is not None:
-            load_backbone(model, read_model_file(self.init_checkpoint / MODEL_FILE))
+            new_heads = load_backbone(model, read_model_file(self.init_checkpoint / MODEL_FILE))
+            if new_heads:
+                self._say(f"{self.init_checkpoint} has no {', '.join(new_heads)}: they start from fresh weights")
         if model.direct_heads is not None and not self.data.has_stress:
             # No stress labels: freeze the stress head, or ZeRO's flat zero gradients would
             # still let AdamW's weight decay shrink it.
             model.direct_heads.stress.requires_grad_(False)
+        freeze(model, self.settings.freeze_embeddings, self.settings.freeze_blocks)
         model.to(self.dist.device)
+        if self.init_checkpoint is not None and self.settings.references != "keep":
+            self._set_references(model)
+        elif self.settings.init_from:
+            self._say("reference energies (keep): the checkpoint's")
         if self.settings.compile:
             compile_model(model)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
-        optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay,
+                              backbone_lr_scale=self.settings.backbone_lr_scale)
         self.strategy.setup(model, optim, conservative=self.conservative)
         self.ema = ExponentialMovingAverage(self.strategy.module, self.settings.ema_decay)
         self.strategy.attach_ema(self.ema)
+
+    def _set_references(self, model: ESEN) -> None:
+        """references=refit or given: replace the checkpoint's reference energies."""
+        before = model.reference_energies.detach().cpu().clone()
+        if self.settings.references == "refit":
+            model.set_reference_energies(refit_references(model, self.data.reference_loader, self.dist.device))
+        else:
+            model.set_reference_energies(given_references(before, self.settings.given_references))
+        self._say(f"reference energies ({self.settings.references}): {describe_changes(before, model.reference_energies)}")
+
+    def _say(self, message: str) -> None:
+        if distributed.is_main():
+            print(f"[{self.stage}] {message}", flush=True)
 
     def _initial_checkpoint(self) -> Path | None:
         if self.settings.init_from:
@@ -237,6 +262,8 @@ class StageTrainer:
         expected = read_model_file(self.init_checkpoint / MODEL_FILE)["metrics"].get("energy_mae_mev_per_atom")
         measured = self.validate(forces="none")["energy_mae_mev_per_atom"]
         self._log("val", {"energy_mae_mev_per_atom": measured, "loaded_from": str(self.init_checkpoint)})
+        if self.settings.references != "keep":  # the energies changed on purpose
+            return
         if self.settings.init_from and not self._checkpoint_validated_on_our_data():
             return
         if expected is not None and not math.isclose(measured, expected, rel_tol=1e-4, abs_tol=1e-6):
@@ -282,13 +309,32 @@ class StageTrainer:
         return offset + self.progress.step
 
 
-def load_backbone(model: ESEN, checkpoint: dict) -> None:
-    """Load a checkpoint's EMA (else raw) weights; direct heads are dropped when the
-    model has none. Every other key must match, so a silent loss of weights fails here."""
+def load_backbone(model: ESEN, checkpoint: dict) -> list[str]:
+    """Load a checkpoint's EMA (else raw) weights. Direct heads are dropped when the model has
+    none, and keep their fresh weights where the checkpoint has none (a conservative or
+    imported model starting a direct stage); returns the names of those heads. Every other key
+    must match, so a silent loss of weights fails here."""
     weights = checkpoint["ema"] or checkpoint["model"]
     own = model.state_dict()
-    kept = {k: v for k, v in weights.items() if k in own or not k.startswith("direct_heads.")}
+    kept = {k: v for k, v in weights.items() if k in own or not k.startswith(DIRECT_HEADS_PREFIX)}
+    new_heads = sorted({k.split(".")[1] for k in own if k.startswith(DIRECT_HEADS_PREFIX) and k not in kept})
+    kept.update({k: v for k, v in own.items() if k.startswith(DIRECT_HEADS_PREFIX) and k not in kept})
     model.load_state_dict(kept, strict=True)
+    return [f"direct {head} head" for head in new_heads]
+
+
+def freeze(model: ESEN, embeddings: bool, blocks: int) -> None:
+    """Stop training the embeddings (element, edge-element, edge-degree, charge/spin) and the
+    first `blocks` message-passing blocks (before the optimizer and EMA are built)."""
+    backbone = model.backbone
+    frozen = [backbone.blocks[:blocks]]
+    if embeddings:
+        frozen += [backbone.element_embedding, backbone.source_embedding, backbone.target_embedding,
+                   backbone.edge_degree]
+        if backbone.charge_spin is not None:
+            frozen.append(backbone.charge_spin)
+    for module in frozen:
+        module.requires_grad_(False)
 
 
 def _memory_stats(device: torch.device) -> dict:

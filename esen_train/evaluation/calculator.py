@@ -5,11 +5,13 @@
     atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
 Each structure is turned into the batch format of ARCHITECTURE.md (positions, atomic
-numbers, cell, pbc and the full neighbour list within the model's cutoff) and passed through
-the model. `calculate_batch` does many structures in one forward pass. Stress is reported for
-structures periodic in all three directions only, as ASE expects. An atom without neighbours
-within the cutoff has the energy the model gives its element alone and zero force; a
-structure of 0 atoms is refused (ValueError naming its position in the batch).
+numbers, cell, pbc, the full neighbour list within the model's cutoff, and the total charge
+and spin multiplicity from `atoms.info["charge"]` and `atoms.info["spin"]`, 0 where absent,
+as fairchem's calculator reads them) and passed through the model. `calculate_batch` does
+many structures in one forward pass. Stress is reported for structures periodic in all three
+directions only, as ASE expects. An atom without neighbours within the cutoff has the energy
+the model gives its element alone and zero force; a structure of 0 atoms is refused
+(ValueError naming its position in the batch).
 
 Every structure is checked before its neighbour list is built (`check_structure`): a cell in
 nm instead of Å would otherwise give millions of edges, overlapping atoms meaningless forces,
@@ -183,5 +185,7 @@ class ESENCalculator(Calculator):
             natoms=torch.tensor([len(atoms)], dtype=torch.long),
             edge_index=torch.as_tensor(edge_index, dtype=torch.long),
             cell_offsets=torch.as_tensor(cell_offsets, dtype=self.dtype),
+            charge=torch.tensor([float(atoms.info.get("charge", 0))], dtype=torch.float64),
+            spin=torch.tensor([float(atoms.info.get("spin", 0))], dtype=torch.float64),
             num_nodes=len(atoms),
         )

@@ -112,6 +112,11 @@ def load_model(
     return model, info
 
 
+def checkpoint_model_config(model_file: Path) -> ModelConfig:
+    """The ModelConfig a model.pt was written with."""
+    return _model_config(read_model_file(model_file)["model_config"], model_file)
+
+
 def read_model_file(model_file: Path) -> dict:
     """The checked payload of a model.pt."""
     try:

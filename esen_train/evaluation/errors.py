@@ -66,6 +66,8 @@ def _read_dataset_directory(path: Path) -> list[LabelledStructure]:
 
 def _from_record(record: StructureRecord, source: str) -> LabelledStructure:
     atoms = Atoms(record.atomic_numbers, positions=record.positions, cell=record.cell, pbc=record.pbc)
+    atoms.info.update({name: value for name, value in (("charge", record.charge), ("spin", record.spin))
+                       if value is not None})
     stress = None if record.stress is None else np.asarray(record.stress, dtype=float)
     return LabelledStructure(atoms, float(record.energy), np.asarray(record.forces, dtype=float), stress, source)
 
@@ -84,6 +86,7 @@ def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
     if stress is not None:
         stress = _full_stress(stress)
     bare = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    bare.info.update({name: atoms.info[name] for name in ("charge", "spin") if name in atoms.info})
     return LabelledStructure(bare, float(results["energy"]), forces, stress, source)
 
 

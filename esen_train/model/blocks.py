@@ -1,8 +1,8 @@
 """Message passing: the edge-degree embedding and the eSEN block.
 
 Every message is built in its edge's frame and rotated back by `EdgeRotation`,
-which carries the smooth envelope, so an edge contributes nothing (and no force) as its
-length reaches the cutoff. Messages are summed onto the centre atom i (edge_index[1]).
+which carries the smooth envelope (unless config.envelope is off), so an edge contributes
+nothing (and no force) as its length reaches the cutoff. Messages are summed onto the centre atom i (edge_index[1]).
 """
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ class Edgewise(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + Edgewise(Norm(x)), then x + FeedForward(Norm(x))."""
+    """Pre-norm residual block: x + Edgewise(Norm(x) [+ system on l=0]), then
+    x + FeedForward(Norm(x)). `system` [atoms, channels] is the charge/spin embedding of each
+    atom's structure (models with config.charge_spin), added after the first norm as in
+    fairchem's eSCNMD block."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -81,6 +84,10 @@ class Block(nn.Module):
         else:
             self.feed_forward = GridFeedForward(channels, config.hidden_channels, lmax, config.grid_resolution)
 
-    def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor) -> torch.Tensor:
-        x = x + self.edgewise(self.edge_norm(x), edges, rotation, edge_index)
+    def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor,
+                system: torch.Tensor | None = None) -> torch.Tensor:
+        normed = self.edge_norm(x)
+        if system is not None:
+            normed = torch.cat([normed[:, :1] + system.unsqueeze(1), normed[:, 1:]], dim=1)
+        x = x + self.edgewise(normed, edges, rotation, edge_index)
         return x + self.feed_forward(self.atom_norm(x))

@@ -6,7 +6,7 @@ only name fields that exist here, and a misspelt key fails with the key's name.
 Fixed choices (not options): RMS normalisation over spherical-harmonic degrees, the
 gated nonlinearity between the two SO(2) convolutions (a grid nonlinearity in the edge
 frame would depend on the frame's arbitrary roll about the edge), Gaussian distance basis,
-polynomial envelope, no neighbour cap.
+polynomial envelope shape, no neighbour cap.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from esen_train import CONFIG_DIR
 PRESET_DIR = CONFIG_DIR / "model"
 
 FEED_FORWARDS = ("spectral", "grid")
+CHARGE_SPIN_EMBEDDINGS = ("none", "sinusoidal", "table")
 
 
 @dataclass
@@ -46,7 +47,21 @@ class ModelConfig:
     # square root of the mean number of neighbours).
     edge_degree_rescale: float = 5.0
     envelope_exponent: int = 5  # polynomial envelope; value and 2 derivatives vanish at the cutoff
+    # Whether the envelope multiplies every message. Off only for imported fairchem eSEN v1
+    # models trained without it (use_envelope: false): their messages do not vanish at the
+    # cutoff, so energy and forces jump when a neighbour crosses it.
+    envelope: bool = True
     gaussian_width: float = 2.0  # Gaussian width in units of the spacing of their centres
+    # Total charge and spin multiplicity of each structure as inputs (fairchem's OMol models):
+    # "none"; "sinusoidal": sin and cos of the value times fixed random frequencies (fairchem's
+    # "pos_emb"; spin 0 means unknown and embeds as zeros); "table": a learned vector per
+    # integer charge -100..100 and spin 0..100 ("rand_emb"). Their mix is added to every
+    # atom's l=0 features at the start and after each block's first norm.
+    charge_spin: str = "none"
+    # Each atom's isotropic share of the direct stress is weighted by how much it has
+    # neighbours (ESEN.neighbour_weight; 0 for an isolated atom). Off only for imported
+    # fairchem direct models: their MLP_Stress_Head has no such weight.
+    direct_stress_neighbour_weight: bool = True
 
     def __post_init__(self) -> None:
         check_model_config(self)
@@ -73,6 +88,10 @@ def check_model_config(config: ModelConfig) -> None:
         raise ValueError(f"ModelConfig.edge_degree_rescale must be > 0, got {config.edge_degree_rescale}")
     if not config.gaussian_width > 0:
         raise ValueError(f"ModelConfig.gaussian_width must be > 0, got {config.gaussian_width}")
+    if config.charge_spin not in CHARGE_SPIN_EMBEDDINGS:
+        raise ValueError(f"ModelConfig.charge_spin must be one of {CHARGE_SPIN_EMBEDDINGS}, got {config.charge_spin!r}")
+    if config.charge_spin == "sinusoidal" and config.sphere_channels % 2:
+        raise ValueError(f"ModelConfig.charge_spin 'sinusoidal' needs an even sphere_channels, got {config.sphere_channels}")
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:

@@ -21,15 +21,22 @@ Atoms without neighbours. An atom with no neighbour within the cutoff receives n
 its features are those of its element alone (every l > 0 coefficient is zero), its energy is
 its reference plus the network's value for that isolated element, and its conservative force
 and stress are zero. The direct force (l = 1) is zero too, and each atom's share of the direct
-stress is weighted by `neighbour_weight` (zero without neighbours), so a structure with no
-edges gets zero stress from both heads. Every edge fades out with the envelope, so the
-energy, the forces and both stresses go continuously to these values as the last neighbour
-leaves the cutoff.
+stress is weighted by `neighbour_weight` (zero without neighbours; `config.direct_stress_
+neighbour_weight`, off only for imported fairchem models), so a structure with no edges gets
+zero stress from both heads. Every edge fades out with the envelope, so the energy, the forces
+and both stresses go continuously to these values as the last neighbour leaves the cutoff.
 
-Energy = energy_scale * sum over atoms of the energy head + sum of the per-element
-reference energies, returned in float64 whatever the model's dtype. Scale and references
-are float64 buffers set from the training set's statistics (`set_energy_scale`,
-`set_reference_energies`), so the network only learns a residual of order one.
+Energy = energy_scale * (sum over atoms of the energy head) + energy_mean + sum of the
+per-element reference energies, returned in float64 whatever the model's dtype. Forces and
+stress are the network's derivatives (or direct heads) times force_scale and stress_scale.
+These are float64 buffers: `set_energy_scale` sets the three scales to one value from the
+training set's statistics (so forces stay the gradient of the energy) and
+`set_reference_energies` the references, so the network only learns a residual of order
+one; `set_normalisation` sets them one by one, as fairchem's normalisers do (imported models).
+
+Batch fields `charge` and `spin` ([B], total charge and spin multiplicity) are read by
+models with `config.charge_spin` other than "none"; a batch without them means 0 (fairchem's
+defaults: neutral, spin unknown).
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import torch._dynamo
 from torch import nn
 
 from esen_train.model.blocks import Block, EdgeDegreeEmbedding
+from esen_train.model.charge_spin import ChargeSpinEmbedding
 from esen_train.model.coefficients import rows_of_each_order
 from esen_train.model.config import ModelConfig, check_model_config
 from esen_train.model.heads import DirectForceHead, DirectStressHead, EnergyHead, sum_per_structure
@@ -49,6 +57,8 @@ from esen_train.model.rotation import EdgeRotation, WignerD, edge_frames
 
 FORCE_MODES = ("conservative", "direct", "none")
 DIRECT_HEADS_PREFIX = "direct_heads."
+# Float64 buffers that map network outputs to eV, eV/Å and eV/Å³ (see the module doc).
+NORMALISATION_BUFFERS = ("energy_mean", "energy_scale", "force_scale", "stress_scale", "reference_energies")
 
 
 class Backbone(nn.Module):
@@ -64,7 +74,8 @@ class Backbone(nn.Module):
         nn.init.uniform_(self.source_embedding.weight, -0.001, 0.001)
         nn.init.uniform_(self.target_embedding.weight, -0.001, 0.001)
         self.distance_basis = GaussianBasis(config.cutoff, config.num_radial_basis, config.gaussian_width)
-        self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent)
+        self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent) if config.envelope else None
+        self.charge_spin = ChargeSpinEmbedding(config.charge_spin, config.sphere_channels) if config.charge_spin != "none" else None
         self.wigner = WignerD(config.lmax)
         rows = rows_of_each_order(config.lmax, config.mmax)
         self.register_buffer("edge_rows", torch.tensor(sum(rows, [])), persistent=False)
@@ -73,11 +84,15 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = EquivariantRMSNorm(config.lmax, config.sphere_channels)
 
-    def forward(self, element: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E]."""
+    def forward(self, element: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor,
+                structure: torch.Tensor | None = None, charge: torch.Tensor | None = None,
+                spin: torch.Tensor | None = None) -> torch.Tensor:
+        """element [N] (Z - 1), edge_vectors [E, 3] (r_ij = pos_j - pos_i + shift), edge_index [2, E];
+        with config.charge_spin also structure [N] (each atom's structure), charge and spin [B]."""
         distance = edge_vectors.norm(dim=1)
         wigner = self.wigner(edge_frames(edge_vectors / distance.unsqueeze(1)))
-        rotation = EdgeRotation(wigner, self.edge_rows, self.order_sizes, self.envelope(distance))
+        envelope = self.envelope(distance) if self.envelope is not None else None
+        rotation = EdgeRotation(wigner, self.edge_rows, self.order_sizes, envelope)
         edges = EdgeScalars(
             basis=self.distance_basis(distance),
             source_element=element[edge_index[0]],
@@ -85,11 +100,18 @@ class Backbone(nn.Module):
             source_table=self.source_embedding.weight,
             target_table=self.target_embedding.weight,
         )
+        # [N, channels] added to l=0 of every atom of a structure, or None.
+        system = None
+        if self.charge_spin is not None:
+            if structure is None or charge is None or spin is None:
+                raise ValueError("a model with charge/spin inputs needs each atom's structure, and charge and spin")
+            system = self.charge_spin(charge, spin)[structure]
+        scalars = self.element_embedding(element) if system is None else self.element_embedding(element) + system
         x = edge_vectors.new_zeros(element.shape[0], self.num_coefficients, self.element_embedding.embedding_dim)
-        x = torch.cat([self.element_embedding(element).unsqueeze(1), x[:, 1:]], dim=1)
+        x = torch.cat([scalars.unsqueeze(1), x[:, 1:]], dim=1)
         x = self.edge_degree(x, edges, rotation, edge_index[1])
         for block in self.blocks:
-            x = block(x, edges, rotation, edge_index)
+            x = block(x, edges, rotation, edge_index, system)
         return self.norm(x)
 
 
@@ -108,7 +130,10 @@ class ESEN(nn.Module):
         self.backbone = Backbone(config)
         self.energy_head = EnergyHead(config.sphere_channels, config.hidden_channels)
         self.direct_heads = DirectHeads(config) if config.direct_forces else None
+        self.register_buffer("energy_mean", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("force_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("stress_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("reference_energies", torch.zeros(config.max_num_elements + 1, dtype=torch.float64))
 
     # ----- statistics from the training set ---------------------------------------
@@ -125,17 +150,28 @@ class ESEN(nn.Module):
     def _apply(self, fn, recurse=True):
         # `model.to(dtype)` casts every floating buffer; the dataset statistics stay float64
         # (only their device follows the model), so large total energies keep meV precision.
-        statistics = {name: self._buffers[name] for name in ("energy_scale", "reference_energies")}
+        statistics = {name: self._buffers[name] for name in NORMALISATION_BUFFERS}
         super()._apply(fn, recurse)
         for name, original in statistics.items():
             self._buffers[name] = original.to(device=self._buffers[name].device)
         return self
 
     def set_energy_scale(self, scale: float) -> None:
-        """eV per network energy unit (e.g. the training set's force RMS times a length)."""
-        if not float(scale) > 0:
-            raise ValueError(f"energy scale must be > 0, got {scale}")
-        self.energy_scale.fill_(float(scale))
+        """eV per network energy unit (e.g. the training set's force RMS times a length), for
+        energy, forces and stress alike, so that forces are the gradient of the energy."""
+        self.set_normalisation(energy_mean=0.0, energy_scale=scale, force_scale=scale, stress_scale=scale)
+
+    def set_normalisation(self, energy_mean: float, energy_scale: float, force_scale: float, stress_scale: float) -> None:
+        """fairchem's normalisers: energy = energy_scale * network + energy_mean (+ references),
+        forces and stress = their scale times the network's. With different scales the
+        conservative forces are not the gradient of the returned energy (as in fairchem)."""
+        for name, scale in (("energy", energy_scale), ("force", force_scale), ("stress", stress_scale)):
+            if not float(scale) > 0:
+                raise ValueError(f"{name} scale must be > 0, got {scale}")
+        self.energy_mean.fill_(float(energy_mean))
+        self.energy_scale.fill_(float(energy_scale))
+        self.force_scale.fill_(float(force_scale))
+        self.stress_scale.fill_(float(stress_scale))
 
     @staticmethod
     def backbone_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -166,28 +202,31 @@ class ESEN(nn.Module):
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[inputs["batch"]])
             cell = cell + torch.bmm(cell, symmetric)
-        energy, _, _ = self._energy(pos, cell, inputs)
+        energy, network, _, _ = self._energy(pos, cell, inputs)
         leaves = [pos, strain] if stress else [pos]
-        grads = torch.autograd.grad(energy.sum(), leaves, create_graph=create_graph, allow_unused=True,
+        grads = torch.autograd.grad(network.sum(), leaves, create_graph=create_graph, allow_unused=True,
                                     materialize_grads=True)
-        out = {"energy": energy, "forces": -grads[0]}
+        out = {"energy": energy, "forces": -self.force_scale.to(pos.dtype) * grads[0]}
         if stress:
             volume = torch.linalg.det(inputs["cell"]).abs()
             has_volume = volume > 0
             safe_volume = torch.where(has_volume, volume, torch.ones_like(volume))
-            out["stress"] = torch.where(has_volume.view(-1, 1, 1), grads[1] / safe_volume.view(-1, 1, 1), 0.0)
+            virial = self.stress_scale.to(pos.dtype) * grads[1]
+            out["stress"] = torch.where(has_volume.view(-1, 1, 1), virial / safe_volume.view(-1, 1, 1), 0.0)
         return out
 
     def direct_outputs(self, inputs: dict, with_heads: bool, stress: bool) -> dict[str, torch.Tensor]:
-        energy, x, edge_vectors = self._energy(inputs["pos"], inputs["cell"], inputs)
+        energy, _, x, edge_vectors = self._energy(inputs["pos"], inputs["cell"], inputs)
         out = {"energy": energy}
         if with_heads:
-            scale = self.energy_scale.to(x.dtype)
-            out["forces"] = scale * self.direct_heads.forces(x)
+            out["forces"] = self.force_scale.to(x.dtype) * self.direct_heads.forces(x)
             if stress:
                 volume = torch.linalg.det(inputs["cell"]).abs()
-                weight = self.neighbour_weight(edge_vectors, inputs["edge_index"][1], x.shape[0])
-                raw = scale * self.direct_heads.stress(x, weight, inputs["batch"], inputs["natoms"])
+                if self.config.direct_stress_neighbour_weight:
+                    weight = self.neighbour_weight(edge_vectors, inputs["edge_index"][1], x.shape[0])
+                else:
+                    weight = x.new_ones(x.shape[0])
+                raw = self.stress_scale.to(x.dtype) * self.direct_heads.stress(x, weight, inputs["batch"], inputs["natoms"])
                 out["stress"] = torch.where((volume > 0).view(-1, 1, 1), raw, 0.0)
         return out
 
@@ -195,22 +234,25 @@ class ESEN(nn.Module):
         """[atoms] 1 - exp(-sum of the envelopes of the atom's edges): 0 for an atom without
         neighbours, 0.95 for three at full strength, within 3e-4 of 1 in fcc metals (bulk or surface),
         smooth in the positions (the envelope is, and vanishes at the cutoff with two
-        derivatives)."""
-        envelopes = self.backbone.envelope(edge_vectors.norm(dim=1))
+        derivatives). Without the envelope (config.envelope off) every edge counts 1."""
+        distance = edge_vectors.norm(dim=1)
+        envelopes = self.backbone.envelope(distance) if self.backbone.envelope is not None else torch.ones_like(distance)
         return -torch.expm1(-envelopes.new_zeros(num_atoms).index_add(0, target, envelopes))
 
-    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Total energies [B] (eV), the final node features and the edge vectors."""
+    def _energy(self, pos: torch.Tensor, cell: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...]:
+        """Total energies [B] (eV, float64), the network's energies [B] (its units, model dtype),
+        the final node features and the edge vectors."""
         source, target = inputs["edge_index"]
         shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
         edge_vectors = pos[source] - pos[target] + shifts
-        x = self.backbone(inputs["element"], edge_vectors, inputs["edge_index"])
+        x = self.backbone(inputs["element"], edge_vectors, inputs["edge_index"], inputs["batch"],
+                          inputs["charge"], inputs["spin"])
         num_structures = inputs["natoms"].shape[0]
-        network = sum_per_structure(self.energy_head(x) * self.energy_scale.to(x.dtype), inputs["batch"], num_structures)
+        network = sum_per_structure(self.energy_head(x), inputs["batch"], num_structures)
         # The references are summed and the total returned in float64: a total energy of
         # -17,600 eV (aspirin) in float32 is only good to about 1 meV.
         references = sum_per_structure(self.reference_energies[inputs["element"] + 1], inputs["batch"], num_structures)
-        return network.double() + references, x, edge_vectors
+        return self.energy_scale * network.double() + self.energy_mean + references, network, x, edge_vectors
 
     def _inputs(self, batch) -> dict[str, torch.Tensor]:
         """The batch fields the model reads (ARCHITECTURE.md), checked."""
@@ -228,6 +270,7 @@ class ESEN(nn.Module):
         natoms = batch.natoms.reshape(-1)
         if cell.shape[0] != natoms.shape[0]:
             raise ValueError(f"batch.cell has {cell.shape[0]} cells for {natoms.shape[0]} structures (natoms)")
+        charge, spin = (_per_structure(batch, name, natoms) for name in ("charge", "spin"))
         return {
             "pos": pos,
             "element": numbers.long() - 1,
@@ -236,7 +279,20 @@ class ESEN(nn.Module):
             "batch": batch_index,
             "edge_index": batch.edge_index,
             "cell_offsets": batch.cell_offsets.to(pos.dtype),
+            "charge": charge,
+            "spin": spin,
         }
+
+
+def _per_structure(batch, name: str, natoms: torch.Tensor) -> torch.Tensor:
+    """The batch's per-structure field `name` [B] (float64), zeros where the batch has none."""
+    values = getattr(batch, name, None)
+    if values is None:
+        return torch.zeros(natoms.shape[0], dtype=torch.float64, device=natoms.device)
+    values = values.reshape(-1).to(torch.float64)
+    if values.shape[0] != natoms.shape[0]:
+        raise ValueError(f"batch.{name} has {values.shape[0]} values for {natoms.shape[0]} structures (natoms)")
+    return values
 
 
 def compile_model(model: ESEN, **options) -> ESEN:

@@ -13,13 +13,14 @@ class GaussianBasis(nn.Module):
 
     def __init__(self, cutoff: float, num_basis: int, width: float) -> None:
         super().__init__()
-        centres = torch.linspace(0.0, cutoff, num_basis)
         spacing = cutoff / max(num_basis - 1, 1)
         self.coefficient = -0.5 / (width * spacing) ** 2
-        self.register_buffer("centres", centres)
+        # A constant of the settings: float64 (cast at use) and out of checkpoints, so a float64
+        # model has exact centres even when its weights come from a float32 checkpoint.
+        self.register_buffer("centres", torch.linspace(0.0, cutoff, num_basis, dtype=torch.float64), persistent=False)
 
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.coefficient * (distance.unsqueeze(-1) - self.centres).square())
+        return torch.exp(self.coefficient * (distance.unsqueeze(-1) - self.centres.to(distance.dtype)).square())
 
 
 class PolynomialEnvelope(nn.Module):

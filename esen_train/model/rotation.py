@@ -91,12 +91,15 @@ class EdgeRotation:
     the gathered node features is the cheapest.
     """
 
-    def __init__(self, wigner: torch.Tensor, rows: torch.Tensor, order_sizes: list[int], envelope: torch.Tensor) -> None:
+    def __init__(self, wigner: torch.Tensor, rows: torch.Tensor, order_sizes: list[int],
+                 envelope: torch.Tensor | None) -> None:
         """wigner [E, n, n] (block-diagonal D(R)); rows: the node index of each edge-frame
-        coefficient, orders concatenated; order_sizes: coefficients per order; envelope [E]."""
+        coefficient, orders concatenated; order_sizes: coefficients per order; envelope [E]
+        (None: messages are not enveloped)."""
         self.order_sizes = order_sizes
         self.to_edge = wigner.index_select(1, rows)  # [E, edge_coefficients, n]
-        self.to_node = (self.to_edge * envelope.view(-1, 1, 1)).transpose(1, 2).contiguous()
+        to_node = self.to_edge if envelope is None else self.to_edge * envelope.view(-1, 1, 1)
+        self.to_node = to_node.transpose(1, 2).contiguous()
 
     def rotate_to_edges(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [E, n, C] (node coefficients gathered per edge) -> orders (views, no copies)."""

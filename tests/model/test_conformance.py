@@ -2,8 +2,9 @@
 
 One class of checks (after NequIP's model conformance suite), run over several small float64
 configs with all weights moved off their initial values (so zero-initialised biases and unit
-norm scales hide nothing): the spectral and the grid feed-forward, mmax < lmax, lmax 3, and
-the direct heads. The conservative outputs (and the direct ones, where the model has them)
+norm scales hide nothing): the spectral and the grid feed-forward, mmax < lmax, lmax 3, the
+direct heads (with and without the neighbour weight of the direct stress), and a charge/spin
+embedding. The conservative outputs (and the direct ones, where the model has them)
 are checked for
 - invariance of the energy and equivariance of forces and stress under rotation, translation
   (also with the atoms wrapped back into the cell and the graph rebuilt) and permutation;
@@ -45,6 +46,10 @@ CONFIGS = {
     "mmax-below-lmax": dict(lmax=2, mmax=1),
     "lmax-3": dict(lmax=3, mmax=3),
     "direct-heads": dict(direct_forces=True),
+    # What imported fairchem models use: a charge/spin embedding (the batches carry no charge
+    # or spin: 0), and direct stress without the neighbour weight.
+    "charge-spin": dict(charge_spin="table"),
+    "direct-heads-unweighted-stress": dict(direct_forces=True, direct_stress_neighbour_weight=False),
 }
 TIGHT = 1e-10  # exact symmetries: round-off only
 GRID_ROTATION = 1e-9  # the grid's sampling error at grid_resolution=24 (measured: 3e-12)
