@@ -280,3 +280,26 @@ def test_a_structure_of_0_atoms_is_refused_by_name():
         empty.get_potential_energy()
     with pytest.raises(ValueError, match="structure 1 of 3 has 0 atoms"):
         calculator.calculate_batch([Atoms("Cu"), Atoms(), Atoms("Cu")])
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_checkpoint_with_one_energy_scale_loads_with_the_same_predictions(tmp_path, direct):
+    """Weights saved before the separate force and stress scales (one energy scale for all
+    three, the Gaussian centres saved) load into today's model and predict what they did."""
+    model = fresh_model(direct_forces=direct)
+    model.set_energy_scale(0.37)
+    older = {k: v for k, v in model.state_dict().items() if k not in ("energy_mean", "force_scale", "stress_scale")}
+    config = model.config
+    older["backbone.distance_basis.centres"] = torch.linspace(0.0, config.cutoff, config.num_radial_basis)
+    directory = tmp_path / "best"
+    directory.mkdir()
+    torch.save({**checkpoint_payload(model, "direct" if direct else "conservative"), "model": older},
+               directory / "model.pt")
+    forces = "direct" if direct else "conservative"
+    calculator = ESENCalculator.from_checkpoint(directory, forces=forces, dtype=torch.float64)
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = calculator
+    expected = model.double()(reference_batch([atoms], config.cutoff), forces=forces, stress=True)
+    assert abs(atoms.get_potential_energy() - expected["energy"].item()) < 1e-10
+    assert np.abs(atoms.get_forces() - expected["forces"].detach().numpy()).max() < 1e-10

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from esen_train.model import ESEN, ModelConfig
+from esen_train.model.esen import upgrade_older_weights
 from esen_train.model.config import load_model_config
 
 MODEL_FILE = "model.pt"
@@ -136,6 +137,7 @@ def read_model_file(model_file: Path) -> dict:
             continue
         if not isinstance(payload[key], dict) or not all(isinstance(v, torch.Tensor) for v in payload[key].values()):
             raise CheckpointError(f"{model_file}: field '{key}' is not a state dict of tensors")
+        payload[key] = upgrade_older_weights(payload[key])
     return payload
 
 

@@ -61,6 +61,18 @@ DIRECT_HEADS_PREFIX = "direct_heads."
 NORMALISATION_BUFFERS = ("energy_mean", "energy_scale", "force_scale", "stress_scale", "reference_energies")
 
 
+
+def upgrade_older_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before the separate force and stress scales, in the layout of today's
+    model: there one energy scale served energy, forces and stress (so it becomes the force
+    and stress scale, and the energy mean is 0), and the Gaussian centres were saved (they are
+    rebuilt in float64 now). Today's weights come back unchanged."""
+    upgraded = {key: value for key, value in weights.items() if key != "backbone.distance_basis.centres"}
+    if "energy_scale" in upgraded and "force_scale" not in upgraded:
+        scale = upgraded["energy_scale"]
+        upgraded.update(energy_mean=torch.zeros_like(scale), force_scale=scale.clone(), stress_scale=scale.clone())
+    return upgraded
+
 class Backbone(nn.Module):
     """Atoms and edge vectors -> final node features [atoms, (lmax+1)^2, sphere_channels]."""
 
