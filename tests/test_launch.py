@@ -26,7 +26,8 @@ import submitit
 import torch
 
 from esen_train.engine.status import read_status
-from esen_train.launch.cli import expand_sweep, main, split_overrides, sweep_dir_name
+from esen_train.engine.wandb_offline import find_run_files, read_offline_run
+from esen_train.launch.cli import expand_sweep, main, plan_launch, split_overrides, sweep_dir_name
 from esen_train.launch.job import TrainingJob
 from esen_train.launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit
@@ -192,6 +193,14 @@ def test_dry_run_of_a_sweep_is_one_job_array(no_slurm, tmp_path, capsys):
     assert status == 0
     assert "#SBATCH --array=0-1%2" in out
     assert f"run_dir={tmp_path}/000-direct.lr=1e-3" in out and f"run_dir={tmp_path}/001-direct.lr=5e-4" in out
+
+
+def test_the_points_of_a_sweep_share_one_wandb_group(tmp_path):
+    plan = plan_launch(TINY, ["cluster=local", f"run_dir={tmp_path / 'lr-sweep'}"], ["direct.lr=1e-3,5e-4"])
+    assert [run.config.logging.wandb.group for run in plan.runs] == ["lr-sweep", "lr-sweep"]
+    chosen = plan_launch(TINY, ["cluster=local", f"run_dir={tmp_path}", "logging.wandb.group=mine"], ["seed=0,1"])
+    assert [run.config.logging.wandb.group for run in chosen.runs] == ["mine", "mine"]
+    assert plan_launch(TINY, ["cluster=local", f"run_dir={tmp_path}"], []).runs[0].config.logging.wandb.group == ""
 
 
 def test_bad_training_override_is_refused_before_launch(no_slurm, tmp_path, capsys):
@@ -396,6 +405,9 @@ def test_two_node_ddp_job_matches_a_local_two_process_run(cluster, reference_run
     assert last_step(run_dir) == MAX_STEPS
     wandb_id = (run_dir / "wandb_run_id").read_text().strip()
     assert [p.name.endswith(wandb_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    (run_file,) = find_run_files(run_dir)
+    cluster_config = read_offline_run(run_file)["config"]["cluster"]
+    assert cluster_config["slurm_job_id"] == job_id and cluster_config["nodes"] == 2 and cluster_config["world_size"] == 2
     assert job_state(job_id) == "COMPLETED"
 
 

@@ -3,6 +3,7 @@ checkpoints, wandb offline files, the stage hand-over check, non-finite steps.""
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ FAST = [
 @pytest.fixture(scope="module")
 def two_stage_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    fit(load_train_config(TINY, FAST + [f"run_dir={run_dir}"]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_DATA_DIR", str(tmp_path_factory.mktemp("wandb-data")))  # wandb's staging of tables
+        fit(load_train_config(TINY, FAST + [f"run_dir={run_dir}", "logging.wandb.log_checkpoints=all"]))
     return run_dir
 
 
@@ -112,6 +115,139 @@ def test_wandb_offline_run_is_written_and_read_back(two_stage_run):
     assert run["config"]["model"]["num_layers"] >= 1
     keys = set().union(*run["history"])
     assert "direct/train/loss" in keys and "conservative/val/force_mae_mev_per_A" in keys
+
+
+def wandb_run(run_dir: Path) -> dict:
+    (run_file,) = find_run_files(run_dir)
+    return read_offline_run(run_file)
+
+
+def rows_with(run: dict, key: str) -> list[dict]:
+    return [row for row in run["history"] if key in row]
+
+
+def test_wandb_charts_use_global_step_with_one_section_per_stage(two_stage_run):
+    run = wandb_run(two_stage_run)
+    assert {"name": "global_step", "glob_name": "", "step_metric": ""} in run["metrics"]
+    assert {"name": "", "glob_name": "*", "step_metric": "global_step"} in run["metrics"]
+    assert all("global_step" in row for row in run["history"])
+    sections = {key.split("/")[0] for row in run["history"] for key in row if key != "global_step" and not key.startswith("_")}
+    assert sections == {"direct", "conservative", "fit"}
+    # The conservative stage's steps follow the direct stage's 6 on the one x axis.
+    assert [row["global_step"] for row in rows_with(run, "direct/train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [row["global_step"] for row in rows_with(run, "conservative/train/loss")] == [7, 8, 9, 10]
+    assert run["group"] == "" and run["job_type"] == "direct+conservative"
+
+
+def test_wandb_has_parity_plots_learning_curves_and_best_errors(two_stage_run):
+    run = wandb_run(two_stage_run)
+    for stage, steps in (("direct", [3, 6]), ("conservative", [8, 10])):
+        parity = rows_with(run, f"{stage}/val/parity")
+        assert [row["global_step"] for row in parity] == steps  # one per validation
+        for row in parity:
+            image = row[f"{stage}/val/parity"]
+            assert image["_type"] == "image-file"
+            assert (run["files_dir"] / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (final,) = rows_with(run, "fit/learning_curves")
+    assert final["global_step"] == 10
+    assert (run["files_dir"] / final["fit/learning_curves"]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((run["files_dir"] / final["fit/best_errors"]["path"]).read_text())
+    assert table["columns"][:3] == ["stage", "step", "energy_mae_mev_per_atom"]
+    for row in table["data"]:
+        best = read_model_file(two_stage_run / "checkpoints" / row[0] / "best")
+        assert row[1] == best["step"]
+        assert dict(zip(table["columns"][2:], row[2:])) == pytest.approx(
+            {key: best["metrics"].get(key) for key in table["columns"][2:]})
+    assert [row[0] for row in table["data"]] == ["direct", "conservative"]
+
+
+def test_wandb_summary_holds_each_stages_best_values(two_stage_run):
+    summary = wandb_run(two_stage_run)["summary"]
+    for stage, offset in (("direct", 0), ("conservative", 6)):
+        best = read_model_file(two_stage_run / "checkpoints" / stage / "best")
+        assert summary[f"{stage}/best/step"] == best["step"]
+        assert summary[f"{stage}/best/global_step"] == offset + best["step"]
+        for metric, value in best["metrics"].items():
+            assert summary[f"{stage}/best/{metric}"] == pytest.approx(value)
+
+
+def test_wandb_config_describes_model_data_code_and_cluster(two_stage_run):
+    import subprocess
+
+    import esen_train
+    from esen_train.data.manifest import Manifest
+
+    config = wandb_run(two_stage_run)["config"]
+    direct_model = ESEN(replace(load_train_config(TINY, FAST).model, direct_forces=True))
+    heads = sum(p.numel() for p in direct_model.direct_heads.parameters())
+    assert config["direct_head_parameters"] == heads
+    assert config["model_parameters"] == sum(p.numel() for p in direct_model.parameters()) - heads
+    for split in ("train", "val"):
+        (dataset,) = config["datasets"][split]
+        manifest = Manifest.load(two_stage_run / "data" / split)
+        assert dataset["path"] == str(two_stage_run / "data" / split)
+        assert dataset["num_structures"] == manifest.num_structures and dataset["num_atoms"] == manifest.num_atoms
+        assert dataset["shard_checksums"] == {shard.name: shard.checksum for shard in manifest.shards}
+        assert dataset["provenance"]["tool"] == "esen-data emt"
+        assert len(dataset["elements"]) == len(manifest.elements)
+    repository = Path(esen_train.__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert config["code"] == {"version": esen_train.__version__, "git_commit": commit or None}
+    assert config["cluster"]["world_size"] == 1 and config["cluster"]["nodes"] == 1
+    assert config["direct"]["max_steps"] == 6  # the resolved training config itself
+
+
+def test_wandb_artifacts_hold_every_checkpoint_with_log_checkpoints_all(two_stage_run):
+    import base64
+    import hashlib
+
+    run = wandb_run(two_stage_run)
+    expected = {("direct", 3), ("direct", 6), ("conservative", 2), ("conservative", 4)}
+    models = [a for a in run["artifacts"] if a["type"] == "model"]
+    assert {(a["metadata"]["stage"], a["metadata"]["step"]) for a in models} == expected
+    for artifact in models:
+        stage, step = artifact["metadata"]["stage"], artifact["metadata"]["step"]
+        assert artifact["name"] == f"model-{run['run_id']}-{stage}"
+        assert f"step_{step}" in artifact["aliases"]
+        assert ("best" in artifact["aliases"]) == (step in steps_that_were_best(two_stage_run, stage))
+        entry = artifact["files"]["model.pt"]
+        kept = Path(entry["local_path"])
+        checkpoint = two_stage_run / "checkpoints" / stage / f"step_{step:08d}" / "model.pt"
+        assert kept.read_bytes() == checkpoint.read_bytes()
+        assert entry["digest"] == base64.b64encode(hashlib.md5(kept.read_bytes()).digest()).decode()
+
+
+def test_resumed_run_continues_the_wandb_curves(tmp_path, monkeypatch):
+    """A second start of the same run continues the wandb run: same id, rows from the step
+    it resumed at, in a job array's group; only best checkpoints become artifacts."""
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    run_dir = tmp_path / "run"
+    overrides = FAST + [f"run_dir={run_dir}", "stages=[direct]", "direct.val_every=2", "direct.checkpoint_every=2",
+                        "logging.wandb.log_checkpoints=best"]
+    fit(load_train_config(TINY, overrides + ["direct.max_steps=4"]))
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4321")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    fit(load_train_config(TINY, overrides + ["direct.max_steps=6"]))
+    first, second = (read_offline_run(path) for path in find_run_files(run_dir))
+    assert first["run_id"] == second["run_id"] == (run_dir / "wandb_run_id").read_text().strip()
+    assert [row["global_step"] for row in rows_with(first, "direct/train/loss")] == [1, 2, 3, 4]
+    assert [row["global_step"] for row in rows_with(second, "direct/train/loss")] == [5, 6]
+    assert {"name": "", "glob_name": "*", "step_metric": "global_step"} in second["metrics"]
+    assert second["group"] == "array-4321" and second["job_type"] == "direct"
+    assert second["config"]["cluster"]["slurm_restart_count"] == 1
+    models = [artifact for run in (first, second) for artifact in run["artifacts"] if artifact["type"] == "model"]
+    assert [a["metadata"]["step"] for a in models] == sorted(steps_that_were_best(run_dir, "direct"))
+    assert all("best" in a["aliases"] for a in models)
+
+
+def steps_that_were_best(run_dir: Path, stage: str) -> set[int]:
+    """The validations whose checkpoint became the stage's best when it was written."""
+    best, steps = math.inf, set()
+    for row in read_metrics(run_dir):
+        if row["stage"] == stage and row["split"] == "val" and "loaded_from" not in row and row["force_mae_mev_per_A"] < best:
+            best = row["force_mae_mev_per_A"]
+            steps.add(row["step"])
+    return steps
 
 
 def test_lost_weights_between_stages_are_caught(two_stage_run, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from esen_train.engine.config import WandbConfig, load_train_config
+from esen_train.engine.config import load_train_config
 from esen_train.engine.fit import fit
 from esen_train.engine.tracking import RunLogger
 from esen_train.engine.wandb_offline import find_run_files, read_offline_run
@@ -45,7 +45,8 @@ def test_unreachable_server_falls_back_to_offline_and_trains(tmp_path, monkeypat
 
 
 def test_wandb_process_killed_mid_run_leaves_training_and_metrics_going(tmp_path):
-    logger = RunLogger(tmp_path, WandbConfig(mode="offline"), {}, enabled=True)
+    config = load_train_config(TINY, ["logging.wandb.mode=offline", f"run_dir={tmp_path}"])
+    logger = RunLogger(tmp_path, config, world_size=1, enabled=True)
     row = {"stage": "direct", "split": "train", "global_step": 1, "loss": 1.0}
     logger.log({**row, "step": 1})
     service = [child for child in psutil.Process().children(recursive=True) if child.name() == "wandb-core"]

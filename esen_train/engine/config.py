@@ -99,6 +99,11 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     # How long an online run may take to reach the server before logging goes offline.
     init_timeout_s: float = 20.0
+    # Runs that belong together on the dashboard: esen-launch --sweep sets the sweep's name;
+    # empty: a SLURM job array's id (`array-<id>`), else none.
+    group: str = ""
+    job_type: str = ""  # empty: the stages trained, e.g. "direct+conservative"
+    log_checkpoints: str = "none"  # none | best | all: model.pt of those checkpoints as wandb artifacts
 
 
 @dataclass
@@ -130,6 +135,7 @@ REFERENCE_CHOICES = ("keep", "refit", "given")
 BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
 # The data settings a resumed run must share with the run it resumes.
 DATA_IDENTITY = ("train", "val", "emt_structures", "emt_seed")
+CHECKPOINT_LOGGING = ("none", "best", "all")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -208,6 +214,9 @@ def check_values(config: TrainConfig, where: str | Path = "config") -> None:
         raise ConfigError(f"{where}: logging.wandb.mode must be online, offline or disabled")
     if not math.isfinite(config.logging.wandb.init_timeout_s) or config.logging.wandb.init_timeout_s <= 0:
         raise ConfigError(f"{where}: logging.wandb.init_timeout_s must be > 0, got {config.logging.wandb.init_timeout_s}")
+    if config.logging.wandb.log_checkpoints not in CHECKPOINT_LOGGING:
+        raise ConfigError(f"{where}: logging.wandb.log_checkpoints must be one of {CHECKPOINT_LOGGING}, "
+                          f"got {config.logging.wandb.log_checkpoints!r}")
     if not config.data.train and config.data.emt_structures <= 0:
         raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
 

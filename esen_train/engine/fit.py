@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,16 +39,18 @@ def fit(config: TrainConfig) -> Path:
                 save_config(config, run_dir)
             distributed.barrier()
             train_dirs, val_dirs = _data_dirs(config, run_dir)
-            logger = RunLogger(run_dir, config.logging.wandb, asdict(config), enabled=distributed.is_main())
+            logger = RunLogger(run_dir, config, dist.world_size, enabled=distributed.is_main())
             try:
+                logger.log_datasets(train_dirs, val_dirs)
                 for stage in config.stages:
                     data = _stage_data(config, stage, train_dirs, val_dirs, dist)
                     StageTrainer(stage, config, data, run_dir, logger, dist, status).run()
+                if distributed.is_main():
+                    curves = plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+                    _write_summary(run_dir, config)
+                    logger.log_final(curves)
             finally:
                 logger.close()
-            if distributed.is_main():
-                plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
-                _write_summary(run_dir, config)
     finally:
         distributed.cleanup()
     return run_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,3 +104,37 @@ class ErrorAccumulator:
         if totals[7] > 0:
             result["stress_mae_mev_per_A3"] = 1000 * (totals[3] / totals[7]).item()
         return result
+
+
+class ParitySample:
+    """Reference and predicted values of the first validation structures this rank sees, for a
+    parity plot: batches are kept until `max_atoms` atoms, so a large validation set costs
+    little memory. `panels()` gives energy per atom, force components and, where labelled,
+    stress components as (label, reference, predicted) arrays (`evaluation.plots.plot_parity`)."""
+
+    def __init__(self, max_atoms: int = 20_000) -> None:
+        self.max_atoms = max_atoms
+        self.atoms = 0
+        self.pairs: dict[str, tuple[list, list]] = {"energy": ([], []), "forces": ([], []), "stress": ([], [])}
+
+    @torch.no_grad()
+    def add(self, out: dict[str, Tensor], batch) -> None:
+        if self.atoms >= self.max_atoms:
+            return
+        self.atoms += int(batch.natoms.sum())
+        natoms = batch.natoms.double()
+        self._keep("energy", batch.energy.double() / natoms, out["energy"].double() / natoms)
+        if "forces" in out:
+            self._keep("forces", batch.forces, out["forces"])
+        if "stress" in out and batch.has_stress.any():
+            self._keep("stress", batch.stress[batch.has_stress], out["stress"][batch.has_stress])
+
+    def _keep(self, name: str, reference: Tensor, predicted: Tensor) -> None:
+        references, predictions = self.pairs[name]
+        references.append(reference.detach().double().cpu().numpy())
+        predictions.append(predicted.detach().double().cpu().numpy())
+
+    def panels(self) -> list[tuple]:
+        labels = {"energy": "energy (eV/atom)", "forces": "force components (eV/Å)", "stress": "stress components (eV/Å³)"}
+        return [(labels[name], np.concatenate(references), np.concatenate(predictions))
+                for name, (references, predictions) in self.pairs.items() if references]

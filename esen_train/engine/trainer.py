@@ -24,10 +24,11 @@ from esen_train.engine import distributed, early_stopping, preemption
 from esen_train.engine.checkpoint import STATE_DIR, CheckpointManager
 from esen_train.engine.config import StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
-from esen_train.engine.losses import ErrorAccumulator, LossWeights, batch_counts, training_loss
+from esen_train.engine.losses import ErrorAccumulator, LossWeights, ParitySample, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.references import describe_changes, given_references, refit_references
 from esen_train.engine.strategy import build_strategy
+from esen_train.engine.tracking import global_step
 from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN, compile_model
 from esen_train.model.esen import DIRECT_HEADS_PREFIX
@@ -85,6 +86,7 @@ class StageTrainer:
         model = ESEN(self.model_config)
         model.set_reference_energies(self.data.element_references)
         model.set_energy_scale(self.data.energy_scale)
+        self.logger.log_model(model)
         self.init_checkpoint = self._initial_checkpoint()
         if self.init_checkpoint is not None:
             new_heads = load_backbone(model, read_model_file(self.init_checkpoint / MODEL_FILE))
@@ -162,9 +164,9 @@ class StageTrainer:
                     metrics = self.validate()
                     is_best = early_stopping.record_validation(self.progress, metrics, self.settings.best_metric)
                     self._log("val", metrics)
-                    self._checkpoint(metrics, is_best)
+                    self._publish(metrics, self._checkpoint(metrics, is_best), is_best)
                 elif step % self.settings.checkpoint_every == 0:
-                    self._checkpoint({})
+                    self._publish({}, self._checkpoint({}), is_best=False)
         finally:
             self.console.close()
         self._log("end", {"reason": end, "best_metric": self.settings.best_metric,
@@ -241,8 +243,9 @@ class StageTrainer:
 
     # ----- validation -------------------------------------------------------------
     def validate(self, forces: str | None = None) -> dict[str, float]:
-        """Errors of the EMA weights on the whole validation set, gathered over ranks."""
-        errors = ErrorAccumulator()
+        """Errors of the EMA weights on the whole validation set, gathered over ranks; the
+        first structures of this rank are kept in `self.parity` for a parity plot."""
+        errors, self.parity = ErrorAccumulator(), ParitySample()
         forces = forces or self.forces_mode
         grad = torch.enable_grad() if forces == "conservative" else torch.no_grad()
         with self.ema.swapped_in(), grad:
@@ -250,6 +253,7 @@ class StageTrainer:
                 batch = batch.to(self.dist.device)
                 out = self.strategy.model(batch, forces=forces, stress=self.data.has_stress and forces != "none")
                 errors.add({k: v.detach() for k, v in out.items()}, batch)
+                self.parity.add(out, batch)
         return errors.result()
 
     def _check_loaded_weights(self) -> None:
@@ -273,12 +277,21 @@ class StageTrainer:
             )
 
     # ----- checkpoints ------------------------------------------------------------
-    def _checkpoint(self, metrics: dict, is_best: bool = False) -> None:
+    def _checkpoint(self, metrics: dict, is_best: bool = False) -> Path:
+        """Save a checkpoint (collective); returns its directory."""
         directory = self.checkpoints.save(
             self.strategy, self.ema, self.model_config, self.stage, self.progress.step, metrics,
             extra=self._extra_state(), is_best=is_best,
         )
         self.status.checkpoint(self.stage, directory, self.progress.step, metrics if is_best else None)
+        return directory
+
+    def _publish(self, metrics: dict, directory: Path, is_best: bool) -> None:
+        """Rank 0: the validation's parity plot, and the checkpoint's best values and artifact."""
+        if distributed.is_main():
+            if metrics:
+                self.logger.log_parity(self.stage, self.progress.step, self.parity.panels())
+            self.logger.log_checkpoint(self.stage, self.progress.step, directory, metrics, is_best)
 
     def _extra_state(self) -> dict:
         return {
@@ -305,8 +318,7 @@ class StageTrainer:
             self.status.record(record, self.console.timing())
 
     def _global_step(self) -> int:
-        offset = self.config.direct.max_steps if self.conservative and "direct" in self.config.stages else 0
-        return offset + self.progress.step
+        return global_step(self.config, self.stage, self.progress.step)
 
 
 def load_backbone(model: ESEN, checkpoint: dict) -> list[str]:

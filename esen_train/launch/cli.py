@@ -77,6 +77,8 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     base_run_dir = Path(base.run_dir).resolve()
     if profile.nodes * profile.tasks_per_node > 1 and base.strategy.name == "single":
         training_overrides.append("strategy.name=ddp")  # several tasks: data parallel, as `--nproc` does
+    if sweeps and not any(o.startswith("logging.wandb.group=") for o in training_overrides):
+        training_overrides.append(f"logging.wandb.group={base_run_dir.name}")  # one wandb group per sweep
     runs = []
     for index, point in enumerate(expand_sweep(sweeps)):
         run_dir = base_run_dir / sweep_dir_name(index, point) if sweeps else base_run_dir
