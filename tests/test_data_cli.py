@@ -29,7 +29,7 @@ def test_convert_inspect_verify(tmp_path, emt_xyz, capsys):
     for key in ("num_structures", "num_atoms", "elements", "properties", "shards"):
         assert key in summary
     assert summary["num_structures"] == 24
-    assert summary["properties"] == ["energy", "forces", "stress"]
+    assert summary["properties"] == ["energy", "forces", "stress", "config_type"]
     assert [s["name"] for s in summary["shards"]] == ["shard_00000.lmdb", "shard_00001.lmdb"]
     histogram = summary["atoms_per_structure"]["histogram"]
     assert sum(histogram["counts"]) == 24
@@ -75,6 +75,40 @@ def test_errors_exit_non_zero_with_a_message(tmp_path, emt_xyz, capsys):
     assert main(["convert", str(bad), "--out", str(tmp_path / "out"), "--quiet", "--skip-invalid"]) == 0
     assert Manifest.load(tmp_path / "out").skipped == 1
     assert main(["convert", str(bad), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_convert_with_label_keys_then_export(tmp_path, emt_xyz, capsys):
+    """A file labelled REF_energy / REF_forces / REF_stress converts with the key options; the
+    dataset exported back to extxyz converts again with the default keys."""
+    frames = ase.io.read(emt_xyz, ":5")
+    for atoms in frames:
+        results = atoms.calc.results
+        atoms.info.update(REF_energy=results["energy"], REF_stress=results["stress"], weight_of_it=2.0)
+        atoms.arrays["REF_forces"] = results["forces"]
+        atoms.calc = None
+    relabelled = tmp_path / "ref.xyz"
+    ase.io.write(relabelled, frames, format="extxyz")
+    out = tmp_path / "data"
+    assert main(["convert", str(relabelled), "--out", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"{relabelled} structure 0: field 'energy': missing from the input: no 'energy'" in error
+    assert "REF_energy" in error and "--energy-key" in error
+    assert main(["convert", str(relabelled), "--out", str(out), "--quiet", "--energy-key", "REF_energy",
+                 "--forces-key", "REF_forces", "--stress-key", "REF_stress", "--weight-key", "weight_of_it"]) == 0
+    assert Manifest.load(out).properties == ["energy", "forces", "stress", "config_type", "weight"]
+    record = DatasetDirectory(out).read(3)
+    assert record.energy == frames[3].info["REF_energy"] and record.weight == 2.0
+    assert record.config_type == frames[3].info["config_type"]
+
+    exported = tmp_path / "exported.extxyz"
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(exported), "--format", "extxyz"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 5 structures to {exported}"
+    again = ase.io.read(exported, ":")
+    assert [a.get_potential_energy() for a in again] == [a.info["REF_energy"] for a in frames]
+    assert [a.info["config_type"] for a in again] == [a.info["config_type"] for a in frames]
+    assert main(["export", str(out), "--out", str(exported)]) == 1
     assert "--overwrite" in capsys.readouterr().err
 
 

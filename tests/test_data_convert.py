@@ -15,6 +15,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import voigt_6_to_full_3x3_stress
 
 from esen_train.data.convert import convert
 from esen_train.data.emt import KINDS, FastEMT, emt_records, emt_structure, generate_emt_dataset
@@ -26,7 +27,8 @@ from esen_train.data.manifest import (
     load_natoms,
 )
 from esen_train.data.records import StructureRecord
-from esen_train.data.sources import InputError
+from esen_train.data.export import export_dataset
+from esen_train.data.sources import InputError, LabelKeys
 from esen_train.data.split import split_dataset, split_indices
 from esen_train.data.stats import StatsAccumulator, compute_stats
 from esen_train.data.validate import InvalidStructure
@@ -253,6 +255,103 @@ def test_a_structure_of_0_atoms_is_refused_or_skipped(tmp_path):
     assert (manifest.num_structures, manifest.skipped) == (4, 1)
 
 
+def mace_style(structures: list[Atoms]) -> list[Atoms]:
+    """The structures labelled the way MACE's data files are: REF_energy, REF_stress (3x3),
+    config_type and config_weight on the comment line, REF_forces columns, no calculator."""
+    relabelled = []
+    for index, atoms in enumerate(structures):
+        results = atoms.calc.results
+        copy = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        copy.info.update(REF_energy=results["energy"], config_type=("bulk", "md")[index % 2], config_weight=0.5 * index)
+        if "stress" in results:
+            copy.info["REF_stress"] = voigt_6_to_full_3x3_stress(results["stress"])
+        copy.arrays["REF_forces"] = results["forces"]
+        relabelled.append(copy)
+    return relabelled
+
+
+def test_labels_under_other_names_convert_with_their_keys(tmp_path):
+    originals = sample_structures(6, seed=12)
+    path = str(write_extxyz(tmp_path / "mace.xyz", mace_style(originals)))
+    keys = LabelKeys(energy="REF_energy", forces="REF_forces", stress="REF_stress")
+    manifest = convert([path], tmp_path / "out", keys=keys, progress=False)
+    assert manifest.properties == ["energy", "forces", "stress", "config_type", "weight"]
+    assert manifest.provenance["options"]["keys"]["energy"] == "REF_energy"
+    dataset = DatasetDirectory(tmp_path / "out")
+    for index in range(len(dataset)):
+        record = dataset.read(index)
+        original = originals[record.source_index].calc.results
+        assert record.energy == original["energy"]
+        np.testing.assert_allclose(record.forces, original["forces"], atol=1e-8)  # extxyz: 8 decimals
+        if "stress" in original:
+            np.testing.assert_array_equal(record.stress, voigt_6_to_full_3x3_stress(original["stress"]))
+        else:
+            assert record.stress is None
+        assert record.config_type == ("bulk", "md")[record.source_index % 2]
+        assert record.weight == 0.5 * record.source_index
+    dataset.close()
+
+
+def test_missing_energy_names_the_keys_the_structure_has(tmp_path):
+    path = str(write_extxyz(tmp_path / "mace.xyz", mace_style(sample_structures(2))))
+    with pytest.raises(InvalidStructure) as error:
+        convert([path], tmp_path / "out", progress=False)
+    message = str(error.value)
+    assert f"{path} structure 0: field 'energy': missing from the input: no 'energy'" in message
+    assert "info: REF_energy, config_type, config_weight" in message and "per-atom arrays: REF_forces" in message
+    assert "--energy-key" in message
+    with pytest.raises(InvalidStructure, match="field 'forces': missing from the input: no 'forces'"):
+        convert([path], tmp_path / "out", keys=LabelKeys(energy="REF_energy"), progress=False)
+
+
+def test_free_energy_is_taken_when_asked(tmp_path):
+    rng = np.random.default_rng(13)
+    structures = sample_structures(3, seed=13)
+    for atoms in structures:
+        atoms.calc.results["free_energy"] = atoms.calc.results["energy"] + rng.uniform(0.1, 1.0)
+    path = str(write_extxyz(tmp_path / "smeared.xyz", structures))
+    convert([path], tmp_path / "out", keys=LabelKeys(energy="free_energy"), progress=False)
+    dataset = DatasetDirectory(tmp_path / "out")
+    assert [dataset.read(i).energy for i in range(3)] == [a.calc.results["free_energy"] for a in structures]
+    dataset.close()
+
+
+def test_negative_weight_is_refused(tmp_path):
+    structures = sample_structures(2)
+    structures[1].info["config_weight"] = -1.0
+    path = str(write_extxyz(tmp_path / "in.xyz", structures))
+    with pytest.raises(InvalidStructure, match="structure 1: field 'weight': negative"):
+        convert([path], tmp_path / "out", progress=False)
+
+
+def test_export_then_convert_gives_the_same_dataset(tmp_path):
+    originals = sample_structures(7, seed=14)
+    for index, atoms in enumerate(originals):
+        atoms.info.update(config_type=f"kind{index % 3}", config_weight=1.0 + index, charge=index % 2 - 1, spin=1)
+    first = tmp_path / "first"
+    convert([str(write_extxyz(tmp_path / "in.xyz", originals))], first, num_shards=3, progress=False)
+    assert export_dataset(first, tmp_path / "exported.xyz") == 7
+    second = tmp_path / "second"
+    convert([str(tmp_path / "exported.xyz")], second, progress=False)
+    before, after = DatasetDirectory(first), DatasetDirectory(second)
+    assert len(before) == len(after) == 7
+    for index in range(7):
+        a, b = before.read(index), after.read(index)  # the export keeps the global order
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-8)  # extxyz: 8 decimals
+        np.testing.assert_allclose(b.forces, a.forces, atol=1e-8)
+        np.testing.assert_array_equal(b.atomic_numbers, a.atomic_numbers)
+        np.testing.assert_array_equal(b.cell, a.cell)
+        np.testing.assert_array_equal(b.pbc, a.pbc)
+        assert (b.stress is None) == (a.stress is None)
+        if a.stress is not None:
+            np.testing.assert_array_equal(b.stress, a.stress)
+        assert (b.energy, b.config_type, b.weight, b.charge, b.spin) == (a.energy, a.config_type, a.weight, a.charge, a.spin)
+    before.close()
+    after.close()
+    with pytest.raises(FileExistsError, match="exported.xyz already exists"):
+        export_dataset(first, tmp_path / "exported.xyz")
+
+
 def test_bad_input_in_a_worker_process_is_reported(tmp_path):
     field, bad = _bad_structures()[0]
     path = write_input(tmp_path, sample_structures(3) + [bad])
@@ -451,7 +550,7 @@ def test_split_is_disjoint_complete_and_deterministic(tmp_path, dataset_dir):
 def test_emt_dataset_is_deterministic_and_varied(tmp_path):
     manifest = generate_emt_dataset(tmp_path / "emt", num=40, seed=4, num_shards=2)
     assert manifest.num_structures == 40
-    assert manifest.properties == ["energy", "forces", "stress"]
+    assert manifest.properties == ["energy", "forces", "stress", "config_type"]
     assert set(manifest.elements) <= {13, 28, 29, 46, 47, 78, 79} and len(manifest.elements) >= 5
     natoms = load_natoms(tmp_path / "emt")
     assert 4 <= natoms.min() and natoms.max() <= 64 and np.median(natoms) <= 16
@@ -465,6 +564,7 @@ def test_emt_dataset_is_deterministic_and_varied(tmp_path):
         kinds.add(atoms.info["config_type"])
         assert np.array_equal(atoms.positions, written[index].positions)
         assert atoms.get_potential_energy() == written[index].energy
+        assert written[index].config_type == atoms.info["config_type"]
         assert np.array_equal(atoms.get_stress(voigt=False), written[index].stress)
     assert kinds == set(KINDS)
     assert next(emt_records(1, seed=5)).energy != written[0].energy

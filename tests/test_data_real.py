@@ -37,7 +37,8 @@ def test_real_file_converts_exactly(tmp_path, relative, frames, natoms, periodic
     assert manifest.num_structures == frames == len(reference)
     assert manifest.skipped == 0
     assert manifest.num_atoms == sum(len(a) for a in reference)
-    assert manifest.properties == (["energy", "forces", "stress"] if periodic else ["energy", "forces"])
+    # Every file names each structure's config_type (MACE's convention), kept in the records.
+    assert manifest.properties == (["energy", "forces", "stress"] if periodic else ["energy", "forces"]) + ["config_type"]
 
     dataset = DatasetDirectory(tmp_path / "out")
     seen = set()
@@ -54,6 +55,7 @@ def test_real_file_converts_exactly(tmp_path, relative, frames, natoms, periodic
         assert np.array_equal(record.cell, atoms.cell.array)
         assert np.array_equal(record.pbc, atoms.pbc)
         assert record.energy == results["energy"]
+        assert record.config_type == atoms.info["config_type"]
         assert np.array_equal(record.forces, results["forces"])
         assert record.positions.dtype == record.forces.dtype == np.float64
         if periodic:

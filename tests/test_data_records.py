@@ -38,7 +38,7 @@ def assert_records_identical(a: StructureRecord, b: StructureRecord):
         assert x.dtype == y.dtype, name
         assert x.shape == y.shape, name
         assert np.array_equal(x, y), name
-    for name in ("energy", "charge", "spin", "source_file", "source_index"):
+    for name in ("energy", "charge", "spin", "source_file", "source_index", "config_type", "weight"):
         assert getattr(a, name) == getattr(b, name), name
         assert type(getattr(a, name)) is type(getattr(b, name)), name
 
@@ -50,6 +50,9 @@ def assert_records_identical(a: StructureRecord, b: StructureRecord):
         (np.float32, np.int32, False, {}),
         (np.float64, np.uint8, True, {"charge": -2, "spin": 3}),
         (np.float32, np.int64, True, {"charge": 0.5, "spin": None}),
+        (np.float64, np.int64, True, {"config_type": "surface/(111) Ångström", "weight": 2.5}),
+        (np.float32, np.int32, False, {"config_type": "md"}),
+        (np.float64, np.int64, False, {"weight": 0.0, "charge": 1}),
     ],
 )
 def test_round_trip_keeps_every_field_and_dtype(float_dtype, int_dtype, stress, extra):
@@ -60,6 +63,32 @@ def test_round_trip_keeps_every_field_and_dtype(float_dtype, int_dtype, stress, 
     # Arrays come back writable and aligned (torch.from_numpy needs both).
     assert decoded.positions.flags.writeable and decoded.positions.flags.aligned
     decoded.forces[0, 0] = 1.0
+
+
+# A record written before records had a config type and weight (format ESR1): CO, charge 0,
+# spin 1, no stress, source co.xyz:3. It must decode the same forever.
+ESR1_RECORD = bytes.fromhex(
+    "4553523162c9ee6e020000001e0000000000000000802cc00000000000000000000000000000f03f0300000000000000"
+    "3c66383c69383c66383c66383c6638000600000000000000636f2e78797a000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000009a9999999999f13f06000000000000000800000000000000"
+    "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "000000000000e03f00000000000000000000000000000000000000000000e0bf"
+)
+
+
+def test_records_of_the_first_format_stay_readable_and_are_still_written():
+    decoded = decode_record(ESR1_RECORD, where="old")
+    assert decoded.atomic_numbers.tolist() == [6, 8] and decoded.positions[1, 2] == 1.1
+    assert decoded.energy == -14.25 and decoded.forces[:, 2].tolist() == [0.5, -0.5]
+    assert (decoded.charge, decoded.spin, decoded.stress) == (0, 1, None)
+    assert (decoded.source_file, decoded.source_index) == ("co.xyz", 3)
+    assert decoded.config_type is None and decoded.weight is None
+    # Without a config type or weight a record is written exactly as before, so older
+    # versions read it; with either one it is ESR2, which they refuse by its magic.
+    assert encode_record(decoded) == ESR1_RECORD
+    decoded.config_type = "molecule"
+    assert encode_record(decoded)[:4] == b"ESR2"
 
 
 def test_round_trip_of_extreme_values():

@@ -1,6 +1,8 @@
 """`esen-data`: build, check and describe datasets.
 
     esen-data convert INPUT... --out DIR [--shards N] [--workers N] [--skip-invalid] [--overwrite]
+                      [--energy-key K] [--forces-key K] [--stress-key K] [--config-type-key K] [--weight-key K]
+    esen-data export DIR --out FILE.extxyz [--format extxyz] [--overwrite]
     esen-data inspect DIR [--json]
     esen-data verify DIR
     esen-data split DIR --out PREFIX --fractions 0.9,0.05,0.05 --seed S
@@ -20,10 +22,11 @@ from ase.data import chemical_symbols
 
 from esen_train.data.convert import convert
 from esen_train.data.emt import generate_emt_dataset, write_emt_extxyz
+from esen_train.data.export import FORMATS, export_dataset
 from esen_train.data.manifest import DatasetError, DatasetStats
 from esen_train.data.records import RecordError
 from esen_train.data.shards import ShardError
-from esen_train.data.sources import InputError
+from esen_train.data.sources import InputError, LabelKeys
 from esen_train.data.split import split_dataset, split_output_dirs
 from esen_train.data.stats import describe_dataset, write_stats
 from esen_train.data.validate import InvalidStructure
@@ -49,6 +52,24 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """--energy-key and the other label names of `sources.LabelKeys`."""
+    defaults = LabelKeys()
+    for field, what in (("energy", "total energy in eV, e.g. REF_energy or free_energy"),
+                        ("forces", "forces in eV/Å, e.g. REF_forces"),
+                        ("stress", "stress in eV/Å³ (ASE's sign), e.g. REF_stress"),
+                        ("config_type", "kind of structure, kept in each record"),
+                        ("weight", "per-structure weight, kept in each record")):
+        flag = "--" + field.replace("_", "-") + "-key"
+        parser.add_argument(flag, dest=f"{field}_key", default=getattr(defaults, field), metavar="KEY",
+                            help=f"input name of the {what} (default {getattr(defaults, field)})")
+
+
+def label_keys(args: argparse.Namespace) -> LabelKeys:
+    return LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
+                     config_type=args.config_type_key, weight=args.weight_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esen-data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--format", help="ase.io format of the inputs, when their names do not say")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_label_key_arguments(p)
+
+    p = commands.add_parser("export", help="write a dataset back out as extended XYZ")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--format", choices=FORMATS, default="extxyz")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
 
     p = commands.add_parser("inspect", help="describe a dataset")
     p.add_argument("directory", metavar="DIR")
@@ -140,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = convert(
             args.inputs, args.out, num_shards=args.shards, workers=args.workers,
             skip_invalid=args.skip_invalid, overwrite=args.overwrite, format=args.format,
-            progress=not args.quiet,
+            progress=not args.quiet, keys=label_keys(args),
         )
         outliers = manifest.provenance["skipped_energy_outliers"]
         print(f"wrote {manifest.num_structures} structures ({manifest.num_atoms} atoms) in "
@@ -148,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
               f"({outliers} of them energy outliers)")
         for example in manifest.provenance["skipped_examples"][:5]:
             print(f"  skipped: {example}")
+        return 0
+    if args.command == "export":
+        count = export_dataset(args.directory, args.out, args.format, args.overwrite)
+        print(f"wrote {count} structures to {args.out}")
         return 0
     if args.command == "inspect":
         return _inspect(args.directory, args.json)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from esen_train.data.manifest import Manifest
 from esen_train.data.outliers import find_energy_outliers
-from esen_train.data.sources import InputChunk, atoms_to_record, plan_chunks, read_chunk
+from esen_train.data.sources import InputChunk, LabelKeys, atoms_to_record, plan_chunks, read_chunk
 from esen_train.data.validate import InvalidStructure, check_record
 from esen_train.data.writer import DatasetWriter, EncodedChunk, check_output_free
 from esen_train.progress import ConsoleProgress
@@ -29,12 +29,12 @@ CHUNK_SIZE = 1000  # structures per unit of work
 STRUCTURES_PER_SHARD = 100_000  # default shard size when --shards is not given
 
 
-def convert_chunk(chunk: InputChunk, skip_invalid: bool) -> EncodedChunk:
+def convert_chunk(chunk: InputChunk, skip_invalid: bool, keys: LabelKeys) -> EncodedChunk:
     """Read, check and encode one chunk (runs in a worker process)."""
     result = EncodedChunk()
     for index, atoms in read_chunk(chunk):
         try:
-            record = atoms_to_record(atoms, chunk.path, index)
+            record = atoms_to_record(atoms, chunk.path, index, keys)
             check_record(record)
         except InvalidStructure as error:
             if not skip_invalid:
@@ -60,24 +60,24 @@ def _start_workers(workers: int) -> ProcessPoolExecutor:
 
 
 def _converted_chunks(
-    chunks: list[InputChunk], pool: ProcessPoolExecutor | None, workers: int, skip_invalid: bool
+    chunks: list[InputChunk], pool: ProcessPoolExecutor | None, workers: int, skip_invalid: bool, keys: LabelKeys
 ) -> Iterator[EncodedChunk]:
     """Results of `convert_chunk` in input order, computed in `pool` (or here if None)
     with at most two chunks per worker in flight."""
     if pool is None:
         for chunk in chunks:
-            yield convert_chunk(chunk, skip_invalid)
+            yield convert_chunk(chunk, skip_invalid, keys)
         return
     waiting = iter(chunks)
     in_flight = deque(
-        pool.submit(convert_chunk, chunk, skip_invalid)
+        pool.submit(convert_chunk, chunk, skip_invalid, keys)
         for chunk in _take(waiting, 2 * workers)
     )
     try:
         while in_flight:
             result = in_flight.popleft().result()
             for chunk in _take(waiting, 1):
-                in_flight.append(pool.submit(convert_chunk, chunk, skip_invalid))
+                in_flight.append(pool.submit(convert_chunk, chunk, skip_invalid, keys))
             yield result
     finally:
         for future in in_flight:
@@ -98,6 +98,7 @@ def convert(
     format: str | None = None,
     chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
+    keys: LabelKeys = LabelKeys(),
 ) -> Manifest:
     """Convert `inputs` into the dataset directory `out_dir` and return its manifest.
 
@@ -105,7 +106,8 @@ def convert(
     raise `InvalidStructure` (naming file, index and field) unless `skip_invalid`, in
     which case they are counted in the manifest's `skipped`; so are energy outliers
     (`provenance["skipped_energy_outliers"]` says how many of them). `format` forces an ase.io
-    format for inputs whose name does not say it. Nothing is left at `out_dir` on error.
+    format for inputs whose name does not say it; `keys` names the labels in the inputs.
+    Nothing is left at `out_dir` on error.
     """
     inputs = [str(path) for path in inputs]
     out_dir = Path(out_dir)
@@ -117,14 +119,14 @@ def convert(
     provenance = {
         "tool": "esen-data convert",
         "inputs": inputs,
-        "options": {"num_shards": num_shards, "skip_invalid": skip_invalid, "format": format},
+        "options": {"num_shards": num_shards, "skip_invalid": skip_invalid, "format": format, "keys": keys.to_dict()},
         "skipped_energy_outliers": 0,
     }
     with ExitStack() as stack:
         pool = stack.enter_context(_start_workers(workers)) if workers > 1 else None
         writer = stack.enter_context(DatasetWriter(out_dir, num_shards, provenance, overwrite))
         console = stack.enter_context(ConsoleProgress("convert", known_total or None, "structures", enabled=progress))
-        for result in _converted_chunks(chunks, pool, workers, skip_invalid):
+        for result in _converted_chunks(chunks, pool, workers, skip_invalid, keys):
             writer.write_chunk(result)
             console.update(len(result.records) + len(result.skipped))
         writer.seal()

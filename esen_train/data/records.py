@@ -1,13 +1,14 @@
 """One labelled structure and its safe binary encoding (no pickle).
 
-A record is a fixed little-endian header, the source file name, then the raw arrays:
+A record is a fixed little-endian header, the source file name, the config type and weight
+where the record has them, then the raw arrays:
 
     offset  size  field
-         0     4  magic b"ESR1" (this layout, version 1)
+         0     4  magic: b"ESR2" when the record has a config type or a weight, else b"ESR1"
          4     4  CRC32 of every byte after offset 8 (catches bit rot and torn writes)
          8     4  N, the number of atoms (uint32)
         12     4  flags: 1 stress present, 2 charge present, 4 spin present,
-                  8 charge is an integer, 16 spin is an integer
+                  8 charge is an integer, 16 spin is an integer, 32 weight present
         16     8  energy (float64)
         24     8  charge (float64; 0 when absent)
         32     8  spin (float64; 0 when absent)
@@ -15,9 +16,17 @@ A record is a fixed little-endian header, the source file name, then the raw arr
         48    15  numpy dtype strings of positions, atomic_numbers, cell, forces, stress
                   (3 characters each, e.g. "<f8"; stress repeats forces' when absent)
         64     4  L, length of the UTF-8 source file name (uint32)
+        68     4  M, length of the UTF-8 config type (uint32; 0 when absent)
         72     L  source file name, zero-padded to a multiple of 8
+             M  config type, zero-padded to a multiple of 8
+             8  weight (float64) if present
              then positions [N,3], atomic_numbers [N], cell [3,3], pbc [3] (bool),
                   forces [N,3], stress [3,3] if present; each zero-padded to 8 bytes
+
+An ESR1 record is an ESR2 record without config type and weight (M = 0, flag 32 unset): the
+bytes at 68 are zero in both, so every ESR1 record ever written decodes unchanged, and a
+record without the two fields is still written as ESR1, readable by older versions. Older
+versions refuse an ESR2 record by its magic instead of misreading it.
 
 Decoding reads only numbers and text, so a corrupted or hostile file can at worst raise
 `RecordError`; it can never execute code. Arrays keep their dtype (float64 stays float64)
@@ -33,12 +42,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = b"ESR1"
-_HEADER = struct.Struct("<4sIIIdddq15sxI4x")
+MAGIC, MAGIC_WITH_LABELS = b"ESR1", b"ESR2"
+_HEADER = struct.Struct("<4sIIIdddq15sxII")
+_WEIGHT = struct.Struct("<d")
 _ALIGN = 8
 _FLOATS = ("<f4", "<f8")
 _INTS = ("<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1")
-_STRESS, _CHARGE, _SPIN, _CHARGE_INT, _SPIN_INT = 1, 2, 4, 8, 16
+_STRESS, _CHARGE, _SPIN, _CHARGE_INT, _SPIN_INT, _WEIGHT_PRESENT = 1, 2, 4, 8, 16, 32
 
 
 class RecordError(ValueError):
@@ -53,6 +63,8 @@ class StructureRecord:
     or None where the source has none. `charge` and `spin` are the total charge and
     spin multiplicity where the source gives them. `source_file`/`source_index` say
     where the structure was read from (index = position in `ase.io.read(file, ":")`).
+    `config_type` names the kind of structure (MACE's `config_type`: "bulk", "surface",
+    ...) and `weight` is a per-structure weight, where the source gives them.
     """
 
     positions: np.ndarray  # [N, 3] float
@@ -66,6 +78,8 @@ class StructureRecord:
     spin: float | None = None
     source_file: str = ""
     source_index: int = -1
+    config_type: str | None = None
+    weight: float | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -113,11 +127,15 @@ def encode_record(record: StructureRecord) -> bytes:
     spin, spin_flags = _scalar_flags(record.spin, _SPIN, _SPIN_INT)
     dtypes = [a.dtype.str for a in arrays[:3]] + [arrays[4].dtype.str, arrays[-1].dtype.str]
     source = record.source_file.encode()
+    config_type = (record.config_type or "").encode()
+    weight = b"" if record.weight is None else _WEIGHT.pack(float(record.weight))
+    flags |= _WEIGHT_PRESENT if weight else 0
+    magic = MAGIC_WITH_LABELS if config_type or weight else MAGIC
     rest = _HEADER.pack(
-        MAGIC, 0, natoms, flags | charge_flags | spin_flags, float(record.energy), charge, spin,
-        int(record.source_index), "".join(dtypes).encode(), len(source),
-    )[8:] + _padded(source) + b"".join(_padded(a.tobytes()) for a in arrays)
-    return MAGIC + struct.pack("<I", zlib.crc32(rest)) + rest
+        magic, 0, natoms, flags | charge_flags | spin_flags, float(record.energy), charge, spin,
+        int(record.source_index), "".join(dtypes).encode(), len(source), len(config_type),
+    )[8:] + _padded(source) + _padded(config_type) + weight + b"".join(_padded(a.tobytes()) for a in arrays)
+    return magic + struct.pack("<I", zlib.crc32(rest)) + rest
 
 
 def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
@@ -128,23 +146,31 @@ def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
     """
     if len(buf) < _HEADER.size:
         raise RecordError(f"{where}: record is {len(buf)} bytes, too short for a header")
-    magic, crc, natoms, flags, energy, charge, spin, source_index, dtypes, source_length = (
+    magic, crc, natoms, flags, energy, charge, spin, source_index, dtypes, source_length, config_length = (
         _HEADER.unpack_from(buf)
     )
-    if magic != MAGIC:
+    if magic not in (MAGIC, MAGIC_WITH_LABELS):
         raise RecordError(f"{where}: not an esen-train record (magic {bytes(magic)!r})")
     # One copy into a bytearray: the arrays below are writable, aligned views into it.
     data = bytearray(buf)
     if zlib.crc32(memoryview(data)[8:]) != crc:
         raise RecordError(f"{where}: checksum mismatch, the record is corrupted")
+    config_start = _HEADER.size + source_length + (-source_length % _ALIGN)
+    position = config_start + config_length + (-config_length % _ALIGN)
+    weight = None
+    if flags & _WEIGHT_PRESENT:
+        if position + _WEIGHT.size > len(data):
+            raise RecordError(f"{where}: field 'weight' runs past the end of the record")
+        (weight,) = _WEIGHT.unpack_from(data, position)
+        position += _WEIGHT.size
     try:
         source_file = data[_HEADER.size : _HEADER.size + source_length].decode()
+        config_type = data[config_start : config_start + config_length].decode() or None
         layout = _array_layout(dtypes, bool(flags & _STRESS))
     except UnicodeDecodeError as error:
         raise RecordError(f"{where}: malformed header ({error})") from None
     except RecordError as error:
         raise RecordError(f"{where}: {error}") from None
-    position = _HEADER.size + source_length + (-source_length % _ALIGN)
     arrays = {}
     for name, dtype, per_atom, shape, elements in layout:
         if per_atom:
@@ -162,6 +188,8 @@ def decode_record(buf: bytes | memoryview, where: str) -> StructureRecord:
         spin=None if not flags & _SPIN else int(spin) if flags & _SPIN_INT else spin,
         source_file=source_file,
         source_index=source_index,
+        config_type=config_type,
+        weight=weight,
         stress=arrays.pop("stress", None),
         **arrays,
     )

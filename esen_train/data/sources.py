@@ -11,13 +11,14 @@ Three kinds of input, each read a chunk at a time so no big file is ever in memo
 * anything else ASE reads (VASP OUTCAR/vasprun.xml, `.traj`, compressed files, ...): one
   chunk per file, streamed with `ase.io.iread`.
 
-The index of a structure is its position in `ase.io.read(file, ":")`.
+The index of a structure is its position in `ase.io.read(file, ":")`. Labels are looked up
+by the names in `LabelKeys` (`--energy-key REF_energy` and so on), as MACE's tools do.
 """
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ase.db
@@ -25,7 +26,8 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.io.formats import filetype, get_compression
-from ase.stress import voigt_6_to_full_3x3_stress
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
 from esen_train.data.records import StructureRecord
 from esen_train.data.validate import InvalidStructure
@@ -34,6 +36,23 @@ EXTXYZ = "extxyz"
 DATABASE = "database"
 ASE_IO = "ase-io"
 _DATABASE_SUFFIXES = {".db", ".json", ".aselmdb"}
+
+
+@dataclass(frozen=True)
+class LabelKeys:
+    """The names a structure's labels have in an input file. Each is looked up in the ASE
+    calculator's results (where ASE's readers put `energy`, `free_energy`, `forces`, `stress`),
+    then in `atoms.info` (per structure: `REF_energy=` on an extxyz comment line, ASE database
+    key-value pairs and data) or, for forces, `atoms.arrays` (per atom: `REF_forces` columns)."""
+
+    energy: str = "energy"
+    forces: str = "forces"
+    stress: str = "stress"  # Voigt 6, 3x3 or 9 values, eV/Å³ in ASE's sign convention
+    config_type: str = "config_type"
+    weight: str = "config_weight"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class InputError(ValueError):
@@ -178,38 +197,84 @@ def _database_atoms(path: Path, start: int, count: int) -> Iterator[Atoms]:
             yield atoms
 
 
-def atoms_to_record(atoms: Atoms, source_file: str, source_index: int) -> StructureRecord:
-    """The labels of `atoms` (from its calculator's results) as a record.
+def atoms_to_record(atoms: Atoms, source_file: str, source_index: int, keys: LabelKeys = LabelKeys()) -> StructureRecord:
+    """The labels of `atoms`, found under `keys`, as a record.
 
-    Missing energy or forces raise `InvalidStructure`; everything else is checked by
-    `validate.check_record`.
+    Missing energy or forces raise `InvalidStructure` naming the keys the structure does
+    have; everything else is checked by `validate.check_record`.
     """
-    results = atoms.calc.results if atoms.calc is not None else {}
-
-    def missing(field: str):
-        return InvalidStructure(source_file, source_index, field, "missing from the input")
-
-    if results.get("energy") is None:
-        raise missing("energy")
-    if results.get("forces") is None:
-        raise missing("forces")
+    energy = _label(atoms, keys.energy, atoms.info)
+    forces = _label(atoms, keys.forces, atoms.arrays, atoms.info)
+    for field, key, value in (("energy", keys.energy, energy), ("forces", keys.forces, forces)):
+        if value is None:
+            raise InvalidStructure(source_file, source_index, field, f"missing from the input: no {key!r} "
+                                   f"({_keys_present(atoms)}); name it with --{field}-key")
     return StructureRecord(
         positions=np.array(atoms.positions),
         atomic_numbers=np.array(atoms.numbers),
         cell=np.array(atoms.cell.array),
         pbc=np.array(atoms.pbc, dtype=bool),
-        energy=float(results["energy"]),
-        forces=np.array(results["forces"]),
-        stress=_full_stress(results.get("stress"), source_file, source_index),
+        energy=_number(energy, "energy", source_file, source_index),
+        forces=np.array(forces),
+        stress=_full_stress(_label(atoms, keys.stress, atoms.info), source_file, source_index),
         charge=_optional_number(atoms.info, "charge", source_file, source_index),
         spin=_optional_number(atoms.info, "spin", source_file, source_index),
         source_file=source_file,
         source_index=source_index,
+        config_type=_optional_text(atoms.info.get(keys.config_type)),
+        weight=_optional_float(atoms.info, keys.weight, source_file, source_index, field="weight"),
     )
 
 
-def _optional_number(info: dict, field: str, source_file: str, source_index: int):
-    value = info.get(field)
+def record_to_atoms(record: StructureRecord, keys: LabelKeys = LabelKeys()) -> Atoms:
+    """The inverse of `atoms_to_record`: the structure with its labels in a
+    SinglePointCalculator, and config type, weight, charge, spin and source in `info`."""
+    atoms = Atoms(record.atomic_numbers, positions=record.positions, cell=record.cell, pbc=record.pbc)
+    labels = {"energy": record.energy, "forces": record.forces}
+    if record.stress is not None:
+        labels["stress"] = full_3x3_to_voigt_6_stress(record.stress)
+    atoms.calc = SinglePointCalculator(atoms, **labels)
+    info = {keys.config_type: record.config_type, keys.weight: record.weight, "charge": record.charge,
+            "spin": record.spin, "source_file": record.source_file, "source_index": record.source_index}
+    atoms.info.update({key: value for key, value in info.items() if value is not None})
+    return atoms
+
+
+def _label(atoms: Atoms, key: str, *places: dict):
+    """The value named `key`: the calculator's result, else the first of `places` that has it."""
+    results = atoms.calc.results if atoms.calc is not None else {}
+    if results.get(key) is not None:
+        return results[key]
+    return next((place[key] for place in places if place.get(key) is not None), None)
+
+
+def _keys_present(atoms: Atoms) -> str:
+    results = sorted(atoms.calc.results) if atoms.calc is not None else []
+    info = sorted(atoms.info)
+    arrays = sorted(set(atoms.arrays) - {"numbers", "positions"})
+    return (f"this structure has calculator results: {', '.join(results) or 'none'}; "
+            f"info: {', '.join(info) or 'none'}; per-atom arrays: {', '.join(arrays) or 'none'}")
+
+
+def _number(value, field: str, source_file: str, source_index: int) -> float:
+    try:
+        return float(np.asarray(value).reshape(()))
+    except (TypeError, ValueError):
+        raise InvalidStructure(source_file, source_index, field, f"not a number: {value!r}") from None
+
+
+def _optional_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value)
+
+
+def _optional_number(info: dict, key: str, source_file: str, source_index: int, field: str | None = None):
+    """`info[key]` as a Python number, None when absent; `field` names it in errors."""
+    field = field or key
+    value = info.get(key)
     if value is None:
         return None
     if isinstance(value, np.ndarray) and value.size == 1:
@@ -219,14 +284,19 @@ def _optional_number(info: dict, field: str, source_file: str, source_index: int
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _optional_float(info: dict, key: str, source_file: str, source_index: int, field: str) -> float | None:
+    value = _optional_number(info, key, source_file, source_index, field)
+    return None if value is None else float(value)
+
+
 def _full_stress(stress, source_file: str, source_index: int) -> np.ndarray | None:
     if stress is None:
         return None
     stress = np.asarray(stress)
     if stress.shape == (6,):
         return voigt_6_to_full_3x3_stress(stress)
-    if stress.shape == (3, 3):
-        return stress.copy()
+    if stress.shape in ((3, 3), (9,)):
+        return stress.reshape(3, 3).copy()
     raise InvalidStructure(
-        source_file, source_index, "stress", f"shape {stress.shape}, expected (6,) or (3, 3)"
+        source_file, source_index, "stress", f"shape {stress.shape}, expected (6,), (9,) or (3, 3)"
     )

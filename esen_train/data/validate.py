@@ -103,10 +103,12 @@ def _check_labels(fail, record, natoms: int) -> None:
     _check_array(fail, "forces", record.forces, (natoms, 3), bound=MAX_FORCE, unit="eV/Å")
     if record.stress is not None:
         _check_array(fail, "stress", record.stress, (3, 3), bound=MAX_STRESS, unit="eV/Å³")
-    for name in ("charge", "spin"):
+    for name in ("charge", "spin", "weight"):
         value = getattr(record, name)
         if value is not None and not np.isfinite(value):
             fail(name, f"not finite ({value})")
+    if record.weight is not None and record.weight < 0:
+        fail("weight", f"negative ({record.weight})")
 
 
 def _check_array(fail, field: str, value, shape: tuple[int, ...], bound: float | None = None, unit: str = "") -> None:

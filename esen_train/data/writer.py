@@ -38,7 +38,7 @@ from esen_train.data.records import StructureRecord, encode_record
 from esen_train.data.shards import ShardReader, ShardWriter
 from esen_train.data.stats import StatsAccumulator
 
-OPTIONAL_PROPERTIES = ("stress", "charge", "spin")
+OPTIONAL_PROPERTIES = ("stress", "charge", "spin", "config_type", "weight")
 # A temporary output in which nothing changed for this long is a dead process's leftover, also
 # where its process cannot be looked up (written from another host).
 STALE_PARTIAL_AGE_S = 24 * 3600
