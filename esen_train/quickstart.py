@@ -5,7 +5,8 @@ commands a user types.
 2. `esen-train fit configs/quickstart.yaml --nproc N`: direct pretraining, then
    conservative fine-tuning from the direct stage's best checkpoint;
 3. `esen-train eval` of both stages on the held-out test split;
-4. `esen-train md`: the NVE test of both models, beside EMT itself (the floor);
+4. `esen-train md`: the NVE test of both models, beside EMT itself (the floor); with wandb on,
+   both add their plots and tables to the training's wandb run (`--wandb`);
 5. OUT/summary.json with errors, drifts, wall time and where every file is.
 """
 from __future__ import annotations
@@ -75,9 +76,11 @@ def _md_structure():
 def _evaluate(checkpoint: Path, test_data: str, out: Path, stage: str, md_settings: list[str]) -> dict:
     _step(f"{stage}: errors on the test split and the NVE test")
     stage_out, forces = out / stage, ["--forces", stage]
-    _esen_train(["eval", str(checkpoint), "--data", test_data, "--out", str(stage_out), *forces])
+    # The test errors and the NVE plot join the training's wandb run, if it has one.
+    wandb = ["--wandb"] if (checkpoint.parents[2] / "wandb_run_id").is_file() else []
+    _esen_train(["eval", str(checkpoint), "--data", test_data, "--out", str(stage_out), *forces, *wandb])
     _esen_train(["md", str(checkpoint), "--structure", str(out / "md_structure.xyz"), *md_settings,
-                 "--out", str(stage_out), *forces])
+                 "--out", str(stage_out), *forces, *wandb])
     errors = json.loads((stage_out / "errors.json").read_text())
     md = json.loads((stage_out / "md.json").read_text())
     keys = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")

@@ -16,8 +16,11 @@ from esen_train.data.emt import generate_emt_dataset
 from esen_train.data.manifest import DatasetDirectory, DatasetError
 from esen_train.evaluation.calculator import ESENCalculator
 from esen_train.evaluation.errors import (
+    ErrorTables,
     compute_errors,
+    error_table_rows,
     format_error_table,
+    full_stress,
     parity_panels,
     predict,
     read_labelled_structures,
@@ -100,6 +103,35 @@ def test_known_offsets_give_known_errors(extxyz):
     assert [line.split()[0] for line in table.splitlines()[2:]] == ["all", "C", "O", "Cu", "Au"]
 
 
+def test_tables_per_config_type_and_per_dataset(extxyz):
+    """Known offsets by config type and dataset give known errors in each group."""
+    tables = ErrorTables()
+    for dataset, offset in (("first", 0.001), ("second", 0.003)):
+        for index, structure in enumerate(read_labelled_structures(extxyz)):
+            structure.config_type = "even" if index % 2 == 0 else None
+            structure.dataset = dataset
+            shift = offset * (2 if structure.config_type else 1)  # eV/atom
+            prediction = {"energy": structure.energy + shift * len(structure.atoms), "forces": structure.forces,
+                          "stress": structure.stress}
+            tables.add(structure, prediction)
+    metrics = tables.result()
+    assert set(metrics["per_dataset"]) == {"first", "second"}
+    assert metrics["per_dataset"]["first"]["num_structures"] == 5
+    assert metrics["per_dataset"]["first"]["energy_mae_mev_per_atom"] == pytest.approx((3 * 2 + 2 * 1) / 5)
+    assert metrics["per_dataset"]["second"]["energy_mae_mev_per_atom"] == pytest.approx(3 * (3 * 2 + 2 * 1) / 5)
+    assert set(metrics["per_config_type"]) == {"even", "(unset)"}
+    assert metrics["per_config_type"]["even"]["num_structures"] == 6
+    assert metrics["per_config_type"]["even"]["energy_mae_mev_per_atom"] == pytest.approx((2 + 6) / 2)
+    assert metrics["per_config_type"]["(unset)"]["energy_mae_mev_per_atom"] == pytest.approx((1 + 3) / 2)
+    assert metrics["per_config_type"]["even"]["force_mae_mev_per_A"] == 0.0
+    text = format_error_table(metrics)
+    assert [table.splitlines()[0].split()[0] for table in text.split("\n\n")] == ["element", "config_type", "dataset"]
+    columns, rows = error_table_rows(metrics)
+    assert columns[:3] == ["group", "name", "num_structures"]
+    assert [row[:2] for row in rows][:1] == [["all", "all"]]
+    assert ["dataset", "second"] in [row[:2] for row in rows] and ["config_type", "even"] in [row[:2] for row in rows]
+
+
 def test_force_cosine_sees_direction_not_size(extxyz):
     structures = read_labelled_structures(extxyz)
     doubled = [{"energy": s.energy, "forces": 2 * s.forces, "stress": s.stress} for s in structures]
@@ -113,7 +145,7 @@ def test_missing_labels_name_the_file_frame_and_field(tmp_path):
     atoms[1].calc = SinglePointCalculator(atoms[1], forces=atoms[1].get_forces())  # energy dropped
     path = tmp_path / "unlabelled.xyz"
     ase.io.write(path, atoms, format="extxyz")
-    with pytest.raises(ValueError, match=r"unlabelled\.xyz:1: field 'energy' is missing"):
+    with pytest.raises(ValueError, match=r"unlabelled\.xyz structure 1: field 'energy': missing from the input"):
         read_labelled_structures(path)
     with pytest.raises(FileNotFoundError, match="absent.xyz"):
         read_labelled_structures(tmp_path / "absent.xyz")
@@ -204,6 +236,68 @@ def test_eval_command_on_a_dataset_directory(tmp_path, capsys):
     for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3"):
         assert np.isfinite(report[key]) and report[key] > 0
     assert_png(tmp_path / "eval" / "parity.png", min_width=600)
+
+
+def test_eval_writes_predictions_and_tables_per_dataset(extxyz, tmp_path, capsys):
+    """Two inputs, a file and a dataset directory: one predictions file with every structure's
+    reference and predicted labels, and error tables per dataset and per config type."""
+    generate_emt_dataset(tmp_path / "emt", num=6, seed=1)
+    checkpoint = write_checkpoint(tmp_path / "run", stage="conservative")
+    predictions_file = tmp_path / "out" / "predictions.extxyz"
+    assert main(["eval", str(tmp_path / "run"), "--data", str(extxyz), str(tmp_path / "emt"), "--json",
+                 "--predictions", str(predictions_file), "--out", str(tmp_path / "eval"), "--dtype", "float64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_structures"] == 11 and report["predictions"] == str(predictions_file)
+    assert {name: row["num_structures"] for name, row in report["per_dataset"].items()} == {"labelled.xyz": 5, "emt": 6}
+    emt_kinds = {r.config_type for r in (DatasetDirectory(tmp_path / "emt").read(i) for i in range(6))}
+    assert set(report["per_config_type"]) == emt_kinds | {"(unset)"}  # the extxyz names no config type
+
+    structures = read_labelled_structures(extxyz) + read_labelled_structures(tmp_path / "emt")
+    calculator = ESENCalculator.from_checkpoint(checkpoint, dtype=torch.float64)
+    frames = ase.io.read(predictions_file, ":")
+    assert len(frames) == len(structures)
+    for frame, structure in zip(frames, structures):
+        (expected,) = calculator.calculate_batch([structure.atoms])
+        assert frame.calc is None  # labels are named, never a calculator's results
+        assert frame.info["REF_energy"] == structure.energy
+        assert frame.info["ESEN_energy"] == pytest.approx(expected["energy"], rel=1e-12)
+        np.testing.assert_allclose(frame.arrays["REF_forces"], structure.forces, atol=1e-8)  # extxyz: 8 decimals
+        np.testing.assert_allclose(frame.arrays["ESEN_forces"], expected["forces"], atol=1e-8)
+        np.testing.assert_allclose(frame.positions, structure.atoms.positions, atol=1e-8)
+        if structure.stress is None:
+            assert "REF_stress" not in frame.info
+        else:
+            np.testing.assert_allclose(frame.info["REF_stress"], structure.stress, rtol=1e-12)
+            np.testing.assert_allclose(frame.info["ESEN_stress"], full_stress(expected["stress"]), rtol=1e-9, atol=1e-15)
+        assert frame.info["dataset"] == structure.source.rsplit(":", 1)[0].split("/")[-1]
+        assert frame.info.get("config_type") == structure.config_type
+
+    assert main(["eval", str(tmp_path / "run"), "--data", str(extxyz), str(tmp_path / "emt"), "--out", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    assert "config_type" in table and "dataset" in table and "labelled.xyz" in table
+
+
+def test_eval_streams_a_dataset_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Structures are read as the batches are predicted, not all first: at any moment at most
+    one batch (plus the structure that did not fit) has been read and not yet predicted."""
+    import esen_train.evaluation.errors as errors
+
+    generate_emt_dataset(tmp_path / "emt", num=30, seed=2)
+    write_checkpoint(tmp_path / "run", stage="conservative")
+    events = []
+    read_record, calculate_batch = errors._from_record, ESENCalculator.calculate_batch
+    monkeypatch.setattr(errors, "_from_record", lambda *a: events.append("read") or read_record(*a))
+    monkeypatch.setattr(ESENCalculator, "calculate_batch",
+                        lambda self, atoms, **kw: events.extend(["predict"] * len(atoms)) or calculate_batch(self, atoms, **kw))
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "emt"), "--max-atoms", "64",
+                 "--json", "--out", str(tmp_path / "eval")]) == 0
+    assert events.count("read") == events.count("predict") == 30
+    waiting, most_waiting = 0, 0
+    for event in events:
+        waiting += 1 if event == "read" else -1
+        most_waiting = max(most_waiting, waiting)
+    atoms = [len(s.atoms) for s in read_labelled_structures(tmp_path / "emt")]
+    assert most_waiting <= 64 // min(atoms) + 1 < 30
 
 
 def test_eval_command_errors_are_one_line(extxyz, tmp_path, capsys):

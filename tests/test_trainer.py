@@ -240,6 +240,46 @@ def test_resumed_run_continues_the_wandb_curves(tmp_path, monkeypatch):
     assert all("best" in a["aliases"] for a in models)
 
 
+def test_eval_and_md_add_their_results_to_the_runs_wandb_run(two_stage_run, tmp_path, capsys, monkeypatch):
+    """`esen-train eval|md --wandb` on a run's checkpoint resume its wandb run and log the
+    parity plot and error table, and the NVE energy plot, at the checkpoint's global step."""
+    import ase.build
+    import ase.io
+
+    from esen_train.cli import main
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_stage_run, run_dir, symlinks=True)
+    cell = tmp_path / "cell.xyz"
+    ase.io.write(cell, ase.build.bulk("Cu", "fcc", a=3.6, cubic=True))
+    assert main(["eval", str(run_dir), "--data", str(run_dir / "data" / "val"), "--out", str(tmp_path / "eval"), "--wandb"]) == 0
+    assert main(["md", str(run_dir), "--structure", str(cell), "--steps", "4", "--timestep", "1", "--temperature", "300",
+                 "--out", str(tmp_path / "md"), "--wandb"]) == 0
+    fit_file, eval_file, md_file = find_run_files(run_dir)
+    best_step = read_model_file(run_dir / "checkpoints" / "conservative" / "best")["step"]
+    evaluation, md = read_offline_run(eval_file), read_offline_run(md_file)
+    assert evaluation["run_id"] == md["run_id"] == read_offline_run(fit_file)["run_id"]
+    (row,) = rows_with(evaluation, "conservative/eval/parity")
+    assert row["global_step"] == 6 + best_step
+    table = json.loads((evaluation["files_dir"] / row["conservative/eval/errors"]["path"]).read_text())
+    report = json.loads((tmp_path / "eval" / "errors.json").read_text())
+    assert table["data"][0][:3] == ["all", "all", report["num_structures"]]
+    assert ["dataset", "val"] in [r[:2] for r in table["data"]]
+    assert evaluation["summary"]["conservative/eval/force_mae_mev_per_A"] == pytest.approx(report["force_mae_mev_per_A"])
+    (row,) = rows_with(md, "conservative/md/energy_vs_time")
+    assert (md["files_dir"] / row["conservative/md/energy_vs_time"]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drift = json.loads((tmp_path / "md" / "md.json").read_text())["drift_mev_per_atom_per_ps"]
+    assert md["summary"]["conservative/md/drift_mev_per_atom_per_ps"] == pytest.approx(drift)
+
+    plain = tmp_path / "plain"  # a run trained with wandb disabled: nothing to add to
+    shutil.copytree(two_stage_run / "checkpoints", plain / "checkpoints", symlinks=True)
+    capsys.readouterr()
+    assert main(["md", str(plain), "--structure", str(cell), "--steps", "2", "--timestep", "1", "--temperature", "300",
+                 "--out", str(tmp_path / "md2"), "--wandb"]) == 0
+    assert "has no wandb run" in capsys.readouterr().err
+
+
 def steps_that_were_best(run_dir: Path, stage: str) -> set[int]:
     """The validations whose checkpoint became the stage's best when it was written."""
     best, steps = math.inf, set()

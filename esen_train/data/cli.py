@@ -52,22 +52,29 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
-    """--energy-key and the other label names of `sources.LabelKeys`."""
+LABEL_HELP = {
+    "energy": "total energy in eV, e.g. REF_energy or free_energy",
+    "forces": "forces in eV/Å, e.g. REF_forces",
+    "stress": "stress in eV/Å³ (ASE's sign), e.g. REF_stress",
+    "config_type": "kind of structure (config type)",
+    "weight": "per-structure weight",
+}
+
+
+def add_label_key_arguments(parser: argparse.ArgumentParser, fields=tuple(LABEL_HELP)) -> None:
+    """--energy-key and the other label names of `sources.LabelKeys` (those in `fields`)."""
     defaults = LabelKeys()
-    for field, what in (("energy", "total energy in eV, e.g. REF_energy or free_energy"),
-                        ("forces", "forces in eV/Å, e.g. REF_forces"),
-                        ("stress", "stress in eV/Å³ (ASE's sign), e.g. REF_stress"),
-                        ("config_type", "kind of structure, kept in each record"),
-                        ("weight", "per-structure weight, kept in each record")):
+    for field in fields:
+        what = LABEL_HELP[field]
         flag = "--" + field.replace("_", "-") + "-key"
         parser.add_argument(flag, dest=f"{field}_key", default=getattr(defaults, field), metavar="KEY",
                             help=f"input name of the {what} (default {getattr(defaults, field)})")
 
 
 def label_keys(args: argparse.Namespace) -> LabelKeys:
-    return LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
-                     config_type=args.config_type_key, weight=args.weight_key)
+    """The LabelKeys of the --*-key options a parser has (defaults for the others)."""
+    given = {field: getattr(args, f"{field}_key") for field in LABEL_HELP if hasattr(args, f"{field}_key")}
+    return LabelKeys(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:

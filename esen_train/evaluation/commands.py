@@ -1,39 +1,56 @@
 """The `esen-train eval` and `esen-train md` subcommands (esen_train/cli.py adds them).
 
-    esen-train eval CHECKPOINT --data DIR_OR_FILE [--json] [--out DIR] [--quiet]
+    esen-train eval CHECKPOINT --data DIR_OR_FILE... [--predictions FILE.extxyz] [--json] [--out DIR] [--quiet]
+                    [--energy-key K] [--forces-key K] [--stress-key K] [--config-type-key K] [--wandb]
     esen-train md CHECKPOINT --structure FILE --steps N --timestep FS --temperature K
                   [--forces conservative|direct] [--max-temperature K] [--max-energy-change EV]
-                  [--json] [--out DIR] [--quiet]
+                  [--json] [--out DIR] [--quiet] [--wandb]
 
 CHECKPOINT is a checkpoint directory or a run directory (its last stage's best checkpoint).
 Without --forces a checkpoint is used the way its stage trained it: direct forces for a
 direct-stage checkpoint, conservative otherwise. Both commands print a table, or one JSON
-object with --json, and write their plots (PNG) to --out. Progress goes to stderr (a bar on a
-terminal, a line per tenth in a file; --quiet: none). Errors in the input (a structure
-with overlapping atoms, a cell in the wrong unit, an element the checkpoint was not trained
-on, ...) end the command with a one-line message and exit code 2. Dynamics that leave their
-bounds (temperature, total energy) stop `md` with a message, exit code 3, and md.json and
-the plot of the trajectory up to there.
+object with --json, and write their plots (PNG) to --out; with --wandb they also add their
+plots, tables and numbers to the wandb run of the checkpoint's run directory. eval streams
+its data (structures are read, checked, predicted and tallied a batch at a time). Progress
+goes to stderr (a bar on a terminal, a line per tenth in a file; --quiet: none). Errors in
+the input (a structure with overlapping atoms, a cell in the wrong unit, an element the
+checkpoint was not trained on, ...) end the command with a one-line message and exit code 2.
+Dynamics that leave their bounds (temperature, total energy) stop `md` with a message, exit
+code 3, and md.json and the plot of the trajectory up to there.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import ase.io
 import torch
 from ase import Atoms
 
+from esen_train.data.cli import add_label_key_arguments, label_keys
 from esen_train.data.manifest import DatasetError
 from esen_train.data.shards import ShardError
 from esen_train.data.validate import UnphysicalGeometry
+from esen_train.engine.tracking import log_to_existing_run
 from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator, UntrainedElements
 from esen_train.evaluation.checkpoint import CheckpointError, load_model
-from esen_train.evaluation.errors import compute_errors, format_error_table, parity_panels, predict, read_labelled_structures
+from esen_train.evaluation.errors import (
+    ErrorTables,
+    LabelledStructure,
+    ParityReservoir,
+    count_structures,
+    error_table_rows,
+    format_error_table,
+    iter_labelled_structures,
+    predict_stream,
+)
 from esen_train.evaluation.md import MAX_ENERGY_CHANGE_EV_PER_ATOM, UnstableDynamics, run_nve
 from esen_train.evaluation.plots import plot_energy_vs_time, plot_parity
+from esen_train.evaluation.predictions import PredictionWriter
 from esen_train.progress import ConsoleProgress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -45,10 +62,14 @@ UNSTABLE_EXIT_CODE = 3
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("eval", help="error tables and parity plots of a checkpoint on labelled data")
     _add_model_arguments(parser, default_dtype="float32")
-    parser.add_argument("--data", required=True, help="dataset directory (esen-data) or ASE-readable file")
+    parser.add_argument("--data", required=True, nargs="+", metavar="DIR_OR_FILE",
+                        help="dataset directories (esen-data) or ASE-readable files; errors are tabled per dataset too")
+    parser.add_argument("--predictions", metavar="FILE.extxyz",
+                        help="write each structure with its reference (REF_*) and predicted (ESEN_*) labels")
     parser.add_argument("--max-atoms", type=int, default=512, help="atoms per forward pass (default 512)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", default="eval", help="directory for parity.png and errors.json (default ./eval)")
+    add_label_key_arguments(parser, fields=("energy", "forces", "stress", "config_type"))
     parser.set_defaults(run=run_eval)
     return parser
 
@@ -81,31 +102,65 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str) ->
                         help=f"model precision (default {default_dtype})")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the results to the wandb run of the checkpoint's run directory")
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    tables, reservoir = ErrorTables(), ParityReservoir()
     try:
         calculator = _calculator(args)
-        structures = read_labelled_structures(args.data)
-        for structure in structures:
-            _check_structure(calculator, structure.atoms, structure.source)
-        with ConsoleProgress("eval", len(structures), "structures", enabled=not args.quiet) as progress:
-            predictions = predict(calculator, structures, max_atoms_per_batch=args.max_atoms, progress=progress)
-        metrics = compute_errors(structures, predictions)
+        keys = label_keys(args)
+        total = _total_structures(args.data)
+        with (PredictionWriter(args.predictions) if args.predictions else nullcontext()) as writer, \
+                ConsoleProgress("eval", total, "structures", every=None if total else 1000,
+                                enabled=not args.quiet) as progress:
+            for path, name in zip(args.data, _dataset_names(args.data)):
+                structures = _checked(calculator, iter_labelled_structures(path, keys, dataset=name))
+                for structure, prediction in predict_stream(calculator, structures, args.max_atoms):
+                    reservoir.add(tables.add(structure, prediction))
+                    if writer is not None:
+                        writer.write(structure, prediction)
+                    progress.update()
+        metrics = tables.result()
     except INPUT_ERRORS as error:
         return _fail("eval", error)
     out = Path(args.out)
-    plot = plot_parity(parity_panels(structures, predictions), out / "parity.png",
-                       title=f"{Path(args.data).name}: {calculator.forces_mode} forces")
-    report = {**_describe(args, calculator), "data": str(args.data), **metrics, "parity_plot": str(plot)}
+    names = ", ".join(Path(path).name for path in args.data)
+    plot = plot_parity(reservoir.panels(), out / "parity.png", title=f"{names}: {calculator.forces_mode} forces")
+    report = {**_describe(args, calculator), "data": list(args.data), **metrics, "parity_plot": str(plot),
+              "predictions": args.predictions}
     _write_json(report, out / "errors.json")
+    if args.wandb:
+        _log_to_wandb("eval", calculator, images={"eval/parity": plot}, tables={"eval/errors": error_table_rows(metrics)},
+                      summary={f"eval/{key}": value for key, value in metrics.items()})
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"checkpoint {report['checkpoint']} ({calculator.forces_mode} forces) on {args.data}")
+        print(f"checkpoint {report['checkpoint']} ({calculator.forces_mode} forces) on {names}")
         print(format_error_table(metrics))
         print(f"parity plot: {plot}")
+        if args.predictions:
+            print(f"predictions: {args.predictions}")
     return 0
+
+
+def _total_structures(paths: list[str]) -> int | None:
+    """The structures of all inputs, for the progress line; None when one input cannot say."""
+    counts = [count_structures(path) for path in paths]
+    return None if None in counts else sum(counts)
+
+
+def _checked(calculator: ESENCalculator, structures: Iterator[LabelledStructure]) -> Iterator[LabelledStructure]:
+    for structure in structures:
+        _check_structure(calculator, structure.atoms, structure.source)
+        yield structure
+
+
+def _dataset_names(paths: list[str]) -> list[str]:
+    """Each input's name in the tables: its file or directory name, or its path where two share a name."""
+    names = [Path(path).name for path in paths]
+    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths)]
 
 
 def run_md(args: argparse.Namespace) -> int:
@@ -135,6 +190,9 @@ def run_md(args: argparse.Namespace) -> int:
     if stopped:
         report["stopped"] = stopped
     _write_json(report, out / "md.json")
+    if args.wandb:
+        _log_to_wandb("md", calculator, images={"md/energy_vs_time": plot}, tables={},
+                      summary={f"md/{key}": value for key, value in summary.items()})
     if stopped:
         print(f"esen-train md: {stopped}; the trajectory up to there is in {out / 'md.json'} and {plot}", file=sys.stderr)
         return UNSTABLE_EXIT_CODE
@@ -163,6 +221,17 @@ def _calculator(args: argparse.Namespace) -> ESENCalculator:
     model, info = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype], use_ema=not args.no_ema)
     forces = args.forces or ("direct" if info.stage == "direct" else "conservative")
     return ESENCalculator(model, forces=forces, device=args.device, dtype=DTYPES[args.dtype], checkpoint=info)
+
+
+def _log_to_wandb(command: str, calculator: ESENCalculator, images: dict, tables: dict, summary: dict) -> None:
+    """Add the results to the wandb run of the run directory the checkpoint belongs to
+    (RUN/checkpoints/<stage>/<name>/model.pt), at the checkpoint's step."""
+    info = calculator.checkpoint
+    parents = info.path.parents
+    run_dir = parents[3] if len(parents) > 3 else parents[0]
+    if not log_to_existing_run(run_dir, info.stage, info.step, images, tables, summary):
+        print(f"esen-train {command}: --wandb: {run_dir} has no wandb run (trained with wandb disabled, "
+              "or the checkpoint is not inside its run directory); nothing logged", file=sys.stderr)
 
 
 def _read_structure(path: str) -> Atoms:

@@ -2,13 +2,18 @@
 
 The numbers are the ones papers report: energy MAE and RMSE per atom (meV/atom), force MAE
 and RMSE over Cartesian components (meV/Å), stress MAE over the 3x3 components (meV/Å³) and
-the mean cosine between predicted and reference force vectors; the same again per element.
-Per element, force metrics use the atoms of that element; energy and stress, which belong to
-a whole structure, use the structures that contain the element.
+the mean cosine between predicted and reference force vectors; the same again per element,
+per config type and per dataset. Per element, force metrics use the atoms of that element;
+energy and stress, which belong to a whole structure, use the structures that contain it.
+
+Everything streams: structures are read one at a time (`iter_labelled_structures`),
+predicted in batches (`predict_stream`), and added to running sums (`ErrorTables`), so a
+test set of any size is evaluated in constant memory. `ParityReservoir` keeps a bounded
+random sample of structures for the parity plot.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +24,15 @@ from ase.calculators.calculator import Calculator
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from esen_train.data.manifest import DatasetDirectory
+from esen_train.data.manifest import DatasetDirectory, Manifest
 from esen_train.data.records import StructureRecord
-from esen_train.progress import ConsoleProgress
+from esen_train.data.sources import InputError, LabelKeys, atoms_to_record, plan_chunks
 
 MEV = 1000.0
 # Force vectors shorter than this (eV/Å) have no direction worth comparing.
 COSINE_MIN_FORCE = 1e-6
+# The group of structures whose input names no config type.
+NO_CONFIG_TYPE = "(unset)"
 
 
 @dataclass
@@ -37,80 +44,100 @@ class LabelledStructure:
     forces: np.ndarray
     stress: np.ndarray | None
     source: str  # "file:index", for messages
+    config_type: str | None = None
+    dataset: str = ""  # which of the evaluated inputs it came from
 
 
-def read_labelled_structures(path: str | Path) -> list[LabelledStructure]:
+def iter_labelled_structures(path: str | Path, keys: LabelKeys = LabelKeys(), dataset: str = "") -> Iterator[LabelledStructure]:
     """Every structure of a dataset directory (LMDB shards, see esen_train.data) or of an
-    ASE-readable file (extxyz, ASE db, ...), with its labels."""
+    ASE-readable file (extxyz, ASE db, ...; labels found under `keys`), one at a time."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data not found: {path}")
     if path.is_dir():
-        return _read_dataset_directory(path)
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as error:  # ASE raises many types for unreadable input
-        raise ValueError(f"{path}: not readable by ase.io.read ({type(error).__name__}: {error})") from None
-    if not frames:
+        yield from _dataset_directory_structures(path, dataset)
+        return
+    count = 0
+    for index, atoms in enumerate(_read_frames(path)):
+        if len(atoms) == 0:
+            raise ValueError(f"{path}:{index}: the structure has 0 atoms (a structure needs at least one)")
+        record = atoms_to_record(atoms, str(path), index, keys)
+        yield _from_record(record, f"{path}:{index}", dataset)
+        count += 1
+    if count == 0:
         raise ValueError(f"{path}: contains no structures")
-    return [_labels_of(atoms, f"{path}:{index}") for index, atoms in enumerate(frames)]
 
 
-def _read_dataset_directory(path: Path) -> list[LabelledStructure]:
-    dataset = DatasetDirectory(path)
+def count_structures(path: str | Path) -> int | None:
+    """How many structures `iter_labelled_structures` will yield, where that is cheap to know
+    (a dataset's manifest, an extended XYZ file's atom-count lines, an ASE database); else None."""
+    path = Path(path)
+    if path.is_dir():
+        return Manifest.load(path, check_shards=False).num_structures
     try:
-        return [_from_record(dataset.read(index), f"{path}:{index}") for index in range(len(dataset))]
+        chunks = plan_chunks(path, chunk_size=1_000_000)
+    except InputError:
+        return None
+    counts = [chunk.count for chunk in chunks]
+    return sum(counts) if None not in counts else None
+
+
+def read_labelled_structures(path: str | Path, keys: LabelKeys = LabelKeys()) -> list[LabelledStructure]:
+    """`iter_labelled_structures` as a list, for sets small enough to hold."""
+    return list(iter_labelled_structures(path, keys))
+
+
+def _read_frames(path: Path) -> Iterator[Atoms]:
+    frames = ase.io.iread(path, index=":")
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as error:  # ASE raises many types for unreadable input
+            raise ValueError(f"{path}: not readable by ase.io.read ({type(error).__name__}: {error})") from None
+        yield atoms
+
+
+def _dataset_directory_structures(path: Path, dataset: str) -> Iterator[LabelledStructure]:
+    directory = DatasetDirectory(path)
+    try:
+        index = 0
+        for reader in directory.readers:  # shard order is the global order
+            for record in reader:
+                yield _from_record(record, f"{path}:{index}", dataset)
+                index += 1
     finally:
-        dataset.close()
+        directory.close()
 
 
-def _from_record(record: StructureRecord, source: str) -> LabelledStructure:
+def _from_record(record: StructureRecord, source: str, dataset: str) -> LabelledStructure:
     atoms = Atoms(record.atomic_numbers, positions=record.positions, cell=record.cell, pbc=record.pbc)
     atoms.info.update({name: value for name, value in (("charge", record.charge), ("spin", record.spin))
                        if value is not None})
     stress = None if record.stress is None else np.asarray(record.stress, dtype=float)
-    return LabelledStructure(atoms, float(record.energy), np.asarray(record.forces, dtype=float), stress, source)
+    return LabelledStructure(atoms, float(record.energy), np.asarray(record.forces, dtype=float), stress, source,
+                             record.config_type, dataset)
 
 
-def _labels_of(atoms: Atoms, source: str) -> LabelledStructure:
-    if len(atoms) == 0:
-        raise ValueError(f"{source}: the structure has 0 atoms (a structure needs at least one)")
-    results = atoms.calc.results if atoms.calc is not None else {}
-    for name in ("energy", "forces"):
-        if name not in results:
-            raise ValueError(f"{source}: field '{name}' is missing (reference labels are needed)")
-    forces = np.asarray(results["forces"], dtype=float)
-    if forces.shape != (len(atoms), 3):
-        raise ValueError(f"{source}: field 'forces' has shape {forces.shape}, expected ({len(atoms)}, 3)")
-    stress = results.get("stress")
-    if stress is not None:
-        stress = _full_stress(stress)
-    bare = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    bare.info.update({name: atoms.info[name] for name in ("charge", "spin") if name in atoms.info})
-    return LabelledStructure(bare, float(results["energy"]), forces, stress, source)
+def predict_stream(
+    calculator: Calculator, structures: Iterable[LabelledStructure], max_atoms_per_batch: int = 512
+) -> Iterator[tuple[LabelledStructure, dict]]:
+    """(structure, prediction) pairs: energy, forces and (where labelled) stress as numpy in
+    eV units. A calculator with `calculate_batch` (ESENCalculator) gets batches of at most
+    `max_atoms_per_batch` atoms, read only as they are needed; any other ASE calculator is
+    called structure by structure."""
+    if not hasattr(calculator, "calculate_batch"):
+        for structure in structures:
+            yield structure, _predict_one(calculator, structure)
+        return
+    for chunk in _chunks_by_atoms(structures, max_atoms_per_batch):
+        yield from zip(chunk, calculator.calculate_batch([s.atoms for s in chunk]))
 
 
-def predict(
-    calculator: Calculator, structures: Sequence[LabelledStructure], max_atoms_per_batch: int = 512,
-    progress: ConsoleProgress | None = None,
-) -> list[dict]:
-    """Energy, forces and (where labelled) stress for every structure, as numpy in eV units.
-
-    A calculator with `calculate_batch` (ESENCalculator) gets batches of at most
-    `max_atoms_per_batch` atoms; any other ASE calculator is called structure by structure.
-    `progress` counts the structures done.
-    """
-    progress = progress or ConsoleProgress("predict", len(structures), "structures", enabled=False)
-    predictions = []
-    if hasattr(calculator, "calculate_batch"):
-        for chunk in _chunks_by_atoms(structures, max_atoms_per_batch):
-            predictions.extend(calculator.calculate_batch([s.atoms for s in chunk]))
-            progress.update(len(chunk))
-        return predictions
-    for structure in structures:
-        predictions.append(_predict_one(calculator, structure))
-        progress.update()
-    return predictions
+def predict(calculator: Calculator, structures: Sequence[LabelledStructure], max_atoms_per_batch: int = 512) -> list[dict]:
+    """The predictions of `predict_stream` as a list."""
+    return [prediction for _, prediction in predict_stream(calculator, structures, max_atoms_per_batch)]
 
 
 def _predict_one(calculator: Calculator, structure: LabelledStructure) -> dict:
@@ -122,9 +149,7 @@ def _predict_one(calculator: Calculator, structure: LabelledStructure) -> dict:
     return result
 
 
-def _chunks_by_atoms(
-    structures: Sequence[LabelledStructure], max_atoms: int
-) -> Iterator[list[LabelledStructure]]:
+def _chunks_by_atoms(structures: Iterable[LabelledStructure], max_atoms: int) -> Iterator[list[LabelledStructure]]:
     chunk: list[LabelledStructure] = []
     atoms_in_chunk = 0
     for structure in structures:
@@ -137,112 +162,174 @@ def _chunks_by_atoms(
         yield chunk
 
 
-def compute_errors(structures: Sequence[LabelledStructure], predictions: Sequence[dict]) -> dict:
-    """The error metrics over all structures, plus `per_element` keyed by chemical symbol."""
-    if len(structures) != len(predictions) or not structures:
-        raise ValueError(f"need one prediction per structure, got {len(predictions)} for {len(structures)}")
-    pairs = _Pairs.collect(structures, predictions)
-    metrics = pairs.metrics(np.ones(len(structures), bool), np.ones(len(pairs.atom_numbers), bool))
-    metrics["per_element"] = {
-        chemical_symbols[z]: pairs.metrics(
-            np.array([z in s.atoms.numbers for s in structures]), pairs.atom_numbers == z
-        )
-        for z in np.unique(pairs.atom_numbers)
-    }
-    return metrics
-
-
 @dataclass
-class _Pairs:
-    """Reference and predicted values flattened across structures."""
+class Comparison:
+    """One structure's reference and predicted values, checked and in plain arrays."""
 
-    natoms: np.ndarray  # [S]
-    energy_ref: np.ndarray  # [S] eV
-    energy_pred: np.ndarray
-    atom_numbers: np.ndarray  # [N]
-    forces_ref: np.ndarray  # [N, 3] eV/Å
-    forces_pred: np.ndarray
-    has_stress: np.ndarray  # [S] bool
-    stress_ref: np.ndarray  # [S, 3, 3] eV/Å³, zeros where unlabelled
-    stress_pred: np.ndarray
+    structure: LabelledStructure
+    energy_error_per_atom: float  # eV/atom
+    forces_reference: np.ndarray  # [N, 3] eV/Å
+    forces_predicted: np.ndarray
+    stress_reference: np.ndarray | None  # [3, 3] eV/Å³, None where unlabelled
+    stress_predicted: np.ndarray | None
 
     @classmethod
-    def collect(cls, structures: Sequence[LabelledStructure], predictions: Sequence[dict]) -> _Pairs:
-        has_stress = np.array([s.stress is not None for s in structures])
-        for structure, prediction, labelled in zip(structures, predictions, has_stress):
-            if np.shape(prediction["forces"]) != structure.forces.shape:
-                raise ValueError(
-                    f"{structure.source}: predicted forces have shape {np.shape(prediction['forces'])}, "
-                    f"expected {structure.forces.shape}"
-                )
-            if labelled and "stress" not in prediction:
+    def of(cls, structure: LabelledStructure, prediction: dict) -> Comparison:
+        forces = np.asarray(prediction["forces"], dtype=float)
+        if forces.shape != structure.forces.shape:
+            raise ValueError(f"{structure.source}: predicted forces have shape {forces.shape}, "
+                             f"expected {structure.forces.shape}")
+        stress = None
+        if structure.stress is not None:
+            if prediction.get("stress") is None:
                 raise ValueError(f"{structure.source}: stress is labelled but was not predicted")
-        zeros = np.zeros((3, 3))
-        return cls(
-            natoms=np.array([len(s.atoms) for s in structures]),
-            energy_ref=np.array([s.energy for s in structures]),
-            energy_pred=np.array([float(p["energy"]) for p in predictions]),
-            atom_numbers=np.concatenate([s.atoms.numbers for s in structures]),
-            forces_ref=np.concatenate([s.forces for s in structures]),
-            forces_pred=np.concatenate([np.asarray(p["forces"]) for p in predictions]),
-            has_stress=has_stress,
-            stress_ref=np.stack([s.stress if s.stress is not None else zeros for s in structures]),
-            stress_pred=np.stack(
-                [_full_stress(p["stress"]) if s.stress is not None else zeros
-                 for s, p in zip(structures, predictions)]
-            ),
-        )
+            stress = full_stress(prediction["stress"])
+        energy_error = (float(prediction["energy"]) - structure.energy) / len(structure.atoms)
+        return cls(structure, energy_error, structure.forces, forces, structure.stress, stress)
 
-    def metrics(self, structure_mask: np.ndarray, atom_mask: np.ndarray) -> dict:
-        energy_error = (self.energy_pred - self.energy_ref)[structure_mask] / self.natoms[structure_mask]
-        force_error = (self.forces_pred - self.forces_ref)[atom_mask]
+
+class ErrorTally:
+    """Running sums of the error metrics over a group of structures (and of their atoms)."""
+
+    def __init__(self) -> None:
+        self.structures = self.atoms = self.stressed = self.cosines = 0
+        self.energy_abs = self.energy_sq = self.force_abs = self.force_sq = self.cosine_sum = self.stress_abs = 0.0
+
+    def add(self, comparison: Comparison, atom_mask: np.ndarray | None = None) -> None:
+        """The structure's energy and stress errors, and the force errors of the atoms in
+        `atom_mask` (all atoms when None)."""
+        self.structures += 1
+        self.energy_abs += abs(comparison.energy_error_per_atom)
+        self.energy_sq += comparison.energy_error_per_atom**2
+        reference, predicted = comparison.forces_reference, comparison.forces_predicted
+        if atom_mask is not None:
+            reference, predicted = reference[atom_mask], predicted[atom_mask]
+        error = predicted - reference
+        self.atoms += len(reference)
+        self.force_abs += float(np.abs(error).sum())
+        self.force_sq += float((error**2).sum())
+        cosines = _cosines(predicted, reference)
+        self.cosine_sum += float(cosines.sum())
+        self.cosines += len(cosines)
+        if comparison.stress_reference is not None:
+            self.stressed += 1
+            self.stress_abs += float(np.abs(comparison.stress_predicted - comparison.stress_reference).sum())
+
+    def metrics(self) -> dict:
         result = {
-            "num_structures": int(structure_mask.sum()),
-            "num_atoms": int(atom_mask.sum()),
-            "energy_mae_mev_per_atom": MEV * float(np.mean(np.abs(energy_error))),
-            "energy_rmse_mev_per_atom": MEV * float(np.sqrt(np.mean(energy_error**2))),
-            "force_mae_mev_per_A": MEV * float(np.mean(np.abs(force_error))),
-            "force_rmse_mev_per_A": MEV * float(np.sqrt(np.mean(force_error**2))),
-            "force_cosine": _mean_cosine(self.forces_pred[atom_mask], self.forces_ref[atom_mask]),
+            "num_structures": self.structures,
+            "num_atoms": self.atoms,
+            "energy_mae_mev_per_atom": MEV * self.energy_abs / self.structures,
+            "energy_rmse_mev_per_atom": MEV * np.sqrt(self.energy_sq / self.structures),
+            "force_mae_mev_per_A": MEV * self.force_abs / (3 * self.atoms),
+            "force_rmse_mev_per_A": MEV * np.sqrt(self.force_sq / (3 * self.atoms)),
+            "force_cosine": self.cosine_sum / self.cosines if self.cosines else None,
         }
-        stress_mask = structure_mask & self.has_stress
-        if stress_mask.any():
-            stress_error = (self.stress_pred - self.stress_ref)[stress_mask]
-            result["num_structures_with_stress"] = int(stress_mask.sum())
-            result["stress_mae_mev_per_A3"] = MEV * float(np.mean(np.abs(stress_error)))
-        return result
+        if self.stressed:
+            result["num_structures_with_stress"] = self.stressed
+            result["stress_mae_mev_per_A3"] = MEV * self.stress_abs / (9 * self.stressed)
+        return {key: float(value) if isinstance(value, np.floating) else value for key, value in result.items()}
 
 
-def _full_stress(stress: np.ndarray) -> np.ndarray:
+class ErrorTables:
+    """Error metrics over all structures, per element, per config type and per dataset, from
+    structures and predictions added one at a time."""
+
+    def __init__(self) -> None:
+        self.all = ErrorTally()
+        self.per_element: dict[int, ErrorTally] = {}
+        self.per_config_type: dict[str, ErrorTally] = {}
+        self.per_dataset: dict[str, ErrorTally] = {}
+
+    def add(self, structure: LabelledStructure, prediction: dict) -> Comparison:
+        comparison = Comparison.of(structure, prediction)
+        self.all.add(comparison)
+        numbers = structure.atoms.numbers
+        for element in np.unique(numbers):
+            self.per_element.setdefault(int(element), ErrorTally()).add(comparison, numbers == element)
+        self.per_config_type.setdefault(structure.config_type or NO_CONFIG_TYPE, ErrorTally()).add(comparison)
+        self.per_dataset.setdefault(structure.dataset, ErrorTally()).add(comparison)
+        return comparison
+
+    def result(self) -> dict:
+        """The metrics of all structures, with `per_element` (by chemical symbol, in order of
+        atomic number), `per_config_type` and `per_dataset`."""
+        if not self.all.structures:
+            raise ValueError("no structures to compute errors on")
+        return {
+            **self.all.metrics(),
+            "per_element": {chemical_symbols[z]: self.per_element[z].metrics() for z in sorted(self.per_element)},
+            "per_config_type": {name: tally.metrics() for name, tally in sorted(self.per_config_type.items())},
+            "per_dataset": {name: tally.metrics() for name, tally in self.per_dataset.items()},
+        }
+
+
+def compute_errors(structures: Sequence[LabelledStructure], predictions: Sequence[dict]) -> dict:
+    """`ErrorTables.result()` of structures and their predictions in two lists."""
+    if len(structures) != len(predictions) or not structures:
+        raise ValueError(f"need one prediction per structure, got {len(predictions)} for {len(structures)}")
+    tables = ErrorTables()
+    for structure, prediction in zip(structures, predictions):
+        tables.add(structure, prediction)
+    return tables.result()
+
+
+def full_stress(stress: np.ndarray) -> np.ndarray:
     """3x3 from ASE's Voigt order [xx, yy, zz, yz, xz, xy] or from a 3x3."""
     stress = np.asarray(stress, dtype=float)
     return voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
 
 
-def _mean_cosine(predicted: np.ndarray, reference: np.ndarray) -> float | None:
-    """Mean cosine of the angle between force vectors, over atoms where both are non-zero."""
+def _cosines(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cosine of the angle between force vectors, for atoms where both are non-zero."""
     norm_pred = np.linalg.norm(predicted, axis=1)
     norm_ref = np.linalg.norm(reference, axis=1)
     usable = (norm_pred > COSINE_MIN_FORCE) & (norm_ref > COSINE_MIN_FORCE)
-    if not usable.any():
-        return None
-    cosine = np.sum(predicted[usable] * reference[usable], axis=1) / (norm_pred[usable] * norm_ref[usable])
-    return float(np.mean(cosine))
+    return np.sum(predicted[usable] * reference[usable], axis=1) / (norm_pred[usable] * norm_ref[usable])
+
+
+class ParityReservoir:
+    """A uniform random sample of at most `capacity` structures' comparisons (reservoir
+    sampling with a fixed seed), for the parity plot of a test set of any size."""
+
+    def __init__(self, capacity: int = 2000, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.kept: list[Comparison] = []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, comparison: Comparison) -> None:
+        self.seen += 1
+        if len(self.kept) < self.capacity:
+            self.kept.append(comparison)
+            return
+        slot = int(self.rng.integers(self.seen))
+        if slot < self.capacity:
+            self.kept[slot] = comparison
+
+    def panels(self) -> list[tuple]:
+        """(label, reference, predicted) for `plots.plot_parity`: energy per atom, force
+        components, and stress components where labelled."""
+        kept = self.kept
+        energy_reference = np.array([c.structure.energy / len(c.structure.atoms) for c in kept])
+        panels = [
+            ("energy (eV/atom)", energy_reference, energy_reference + np.array([c.energy_error_per_atom for c in kept])),
+            ("force components (eV/Å)", np.concatenate([c.forces_reference for c in kept]),
+             np.concatenate([c.forces_predicted for c in kept])),
+        ]
+        stressed = [c for c in kept if c.stress_reference is not None]
+        if stressed:
+            panels.append(("stress components (eV/Å³)", np.stack([c.stress_reference for c in stressed]),
+                           np.stack([c.stress_predicted for c in stressed])))
+        return panels
 
 
 def parity_panels(structures: Sequence[LabelledStructure], predictions: Sequence[dict]) -> list[tuple]:
-    """(label, reference, predicted) for `plots.plot_parity`: energy per atom, force components,
-    and stress components where labelled."""
-    pairs = _Pairs.collect(structures, predictions)
-    panels = [
-        ("energy (eV/atom)", pairs.energy_ref / pairs.natoms, pairs.energy_pred / pairs.natoms),
-        ("force components (eV/Å)", pairs.forces_ref, pairs.forces_pred),
-    ]
-    if pairs.has_stress.any():
-        panels.append(
-            ("stress components (eV/Å³)", pairs.stress_ref[pairs.has_stress], pairs.stress_pred[pairs.has_stress])
-        )
-    return panels
+    """The parity panels of every structure (sets small enough to plot whole)."""
+    reservoir = ParityReservoir(capacity=len(structures))
+    for structure, prediction in zip(structures, predictions):
+        reservoir.add(Comparison.of(structure, prediction))
+    return reservoir.panels()
 
 
 _TABLE_COLUMNS = (
@@ -255,12 +342,28 @@ _TABLE_COLUMNS = (
     ("F cos", "force_cosine", "{:.4f}"),
     ("S MAE meV/Å³", "stress_mae_mev_per_A3", "{:.3f}"),
 )
+# The groups of a report after its "all" row: (key in the metrics, table heading).
+_GROUPS = (("per_element", "element"), ("per_config_type", "config_type"), ("per_dataset", "dataset"))
 
 
 def format_error_table(metrics: dict) -> str:
-    """A fixed-width table: one row for all structures, then one per element."""
-    rows = [("all", metrics)] + list(metrics.get("per_element", {}).items())
-    header = ["element"] + [title for title, _, _ in _TABLE_COLUMNS]
+    """Fixed-width tables: all structures and one row per element; then, where there is more
+    than one, one row per config type and one per dataset."""
+    tables = []
+    for key, heading in _GROUPS:
+        groups = metrics.get(key, {})
+        if key == "per_element":
+            rows = [("all", metrics)] + list(groups.items())
+        elif len(groups) > 1:
+            rows = list(groups.items())
+        else:
+            continue
+        tables.append(_fixed_width(heading, rows))
+    return "\n\n".join(tables)
+
+
+def _fixed_width(heading: str, rows: list[tuple[str, dict]]) -> str:
+    header = [heading] + [title for title, _, _ in _TABLE_COLUMNS]
     body = [
         [name] + [fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in _TABLE_COLUMNS]
         for name, row in rows
@@ -269,3 +372,14 @@ def format_error_table(metrics: dict) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + body]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def error_table_rows(metrics: dict) -> tuple[list[str], list[list]]:
+    """Columns and rows of every group (all, each element, config type and dataset), as a
+    wandb table: `group`, `name`, then the metrics."""
+    columns = ["group", "name"] + [key for _, key, _ in _TABLE_COLUMNS]
+    rows = [["all", "all"] + [metrics.get(key) for _, key, _ in _TABLE_COLUMNS]]
+    for group_key, heading in _GROUPS:
+        for name, row in metrics.get(group_key, {}).items():
+            rows.append([heading, name] + [row.get(key) for _, key, _ in _TABLE_COLUMNS])
+    return columns, rows
