@@ -169,6 +169,8 @@ def test_wandb_summary_holds_each_stages_best_values(two_stage_run):
         assert summary[f"{stage}/best/global_step"] == offset + best["step"]
         for metric, value in best["metrics"].items():
             assert summary[f"{stage}/best/{metric}"] == pytest.approx(value)
+        assert summary[f"{stage}/end/reason"] == "max_steps"
+    assert summary["conservative/val/loaded_from"].endswith("checkpoints/direct/best")
 
 
 def test_wandb_config_describes_model_data_code_and_cluster(two_stage_run):

@@ -13,7 +13,8 @@ What the wandb run holds:
 - `<stage>/val/parity`, a parity plot at each validation; at the end of the fit
   `fit/learning_curves` and `fit/best_errors` (each stage's best validation errors);
 - in the summary, each stage's best validation metrics as `<stage>/best/<metric>`, with
-  `<stage>/best/step` and `<stage>/best/global_step`;
+  `<stage>/best/step` and `<stage>/best/global_step`, and the text of the rows, such as why a
+  stage ended (`<stage>/end/reason`);
 - in the config, the resolved training config plus `model_parameters`, `datasets` (each
   dataset's manifest: counts, elements, properties, provenance, shard checksums), `code`
   (version, git commit) and `cluster` (SLURM job, nodes, world size);
@@ -147,6 +148,10 @@ class RunLogger:
             numbers = {f"{prefix}/{k}": v for k, v in clean.items()
                        if isinstance(v, (int, float)) and k not in ("step", GLOBAL_STEP)}
             self._call(lambda run: run.log({**numbers, GLOBAL_STEP: record[GLOBAL_STEP]}))
+            # Text (why a stage ended, the checkpoint a stage loaded) is no chart: it goes to the summary.
+            text = {f"{prefix}/{k}": v for k, v in clean.items() if isinstance(v, str) and k not in ("stage", "split")}
+            if text:
+                self._call(lambda run: run.summary.update(text))
 
     def log_datasets(self, train_dirs: list[str], val_dirs: list[str]) -> None:
         """The manifests of the training and validation datasets, into the config."""
