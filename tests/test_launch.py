@@ -435,6 +435,11 @@ def test_scontrol_requeue_loses_no_step(cluster, reference_run, tmp_path, capsys
     wandb_id = (run_dir / "wandb_run_id").read_text().strip()
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(wandb_id) for p in offline_runs)  # one wandb run, resumed
+    # The requeued run's curves go on from the step it resumed at, on the global_step axis.
+    requeued = read_offline_run(offline_runs[1] / f"run-{wandb_id}.wandb")
+    assert {"name": "", "glob_name": "*", "step_metric": "global_step"} in requeued["metrics"]
+    steps = [row["global_step"] for row in requeued["history"] if "direct/train/loss" in row]
+    assert steps == [step for step in range(resumes[0] + 1, MAX_STEPS + 1) if step % 2 == 0]  # direct.log_every=2
 
 
 # USR2 during a validation long enough (400 structures) for the signal to land in it;
