@@ -90,8 +90,8 @@ def complex_linear(x: torch.Tensor, w_real: torch.Tensor, w_imag: torch.Tensor) 
 
     One matmul by the real matrix [[W_r, -W_i], [W_i, W_r]]: the same FLOPs as four matmuls
     by W_r and W_i, but one output of twice the size instead of four halves. In conservative
-    training (a double backward) the four halves were mid-size blocks that glibc keeps in its
-    heap and fragments: peak RSS was 1.12x fairchem's eSEN on Cu (benchmarks/README.md).
+    training (a double backward) four halves would be mid-size blocks that glibc keeps in its
+    heap and fragments, raising peak memory on Cu above fairchem's (benchmarks/README.md).
     Gauss's three-matmul form saves a quarter of the FLOPs but keeps x_+ + x_- alive for the
     backward pass, which cost more memory still."""
     real_form = torch.cat([torch.cat([w_real, -w_imag], dim=1), torch.cat([w_imag, w_real], dim=1)], dim=0)
