@@ -53,6 +53,7 @@ def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
         ("stages=[direct,fancy]", "stages"),
         ("direct.precision=fp8", "direct.precision"),
         ("model=huge", "no model preset 'huge'"),
+        ("conservative.max_minutes=-1", "conservative.max_minutes"),
     ],
 )
 def test_bad_values_are_rejected(override, message):

@@ -36,6 +36,11 @@ class DataConfig:
 @dataclass
 class StageConfig:
     max_steps: int = 100
+    # > 0: the stage also stops once it has trained this many minutes of wall clock (its
+    # validation and checkpoints included), and the cosine schedule runs on the fraction of
+    # that time used, so a stage stopped by the clock has decayed its learning rate. The stage
+    # ends at max_steps or max_minutes, whichever comes first.
+    max_minutes: float = 0.0
     max_atoms: int = 256  # atoms per optimizer step, summed over all ranks
     grad_accum_steps: int = 1
     lr: float = 4e-4
@@ -57,8 +62,9 @@ class StageConfig:
     keep_last: int = 2  # step_<n> checkpoints kept besides `last` and `best`
     best_metric: str = "force_mae_mev_per_A"
     max_nonfinite_in_row: int = 5
-    # Weights to start from: a checkpoint or run directory. Empty: a fresh model for the
-    # direct stage; for the conservative stage, this run's direct `best` checkpoint.
+    # Weights to start from: a checkpoint or run directory, or `none` for fresh weights (a
+    # conservative model trained from scratch). Empty: a fresh model for the direct stage;
+    # for the conservative stage, this run's direct `best` checkpoint.
     init_from: str = ""
 
 
@@ -156,6 +162,8 @@ def _check_values(config: TrainConfig, path: Path) -> None:
             )
         if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
             raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
+        if settings.max_minutes < 0:
+            raise ConfigError(f"{path}: {stage}.max_minutes must be >= 0 (0: no time limit), got {settings.max_minutes}")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
         raise ConfigError(f"{path}: logging.wandb.mode must be online, offline or disabled")
     if not config.data.train and config.data.emt_structures <= 0:

@@ -27,6 +27,9 @@ from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolv
 from esen_train.model import ESEN, compile_model
 
 
+FRESH_WEIGHTS = "none"  # init_from value: start from freshly initialised weights
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
@@ -50,6 +53,7 @@ class Progress:
     best_value: float = math.inf
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    train_seconds: float = 0.0  # wall clock of the stage so far, as all ranks agree on it
 
 
 class StageTrainer:
@@ -88,6 +92,8 @@ class StageTrainer:
         self.strategy.attach_ema(self.ema)
 
     def _initial_checkpoint(self) -> Path | None:
+        if self.settings.init_from == FRESH_WEIGHTS:
+            return None
         if self.settings.init_from:
             return resolve_checkpoint(self.settings.init_from)
         if self.conservative:
@@ -95,7 +101,8 @@ class StageTrainer:
             if not direct_best.exists():
                 raise FileNotFoundError(
                     f"the conservative stage starts from a direct checkpoint, but {direct_best} does not exist: "
-                    "run the direct stage first or set conservative.init_from=CHECKPOINT"
+                    "run the direct stage first, set conservative.init_from=CHECKPOINT, or "
+                    f"conservative.init_from={FRESH_WEIGHTS} to train from fresh weights"
                 )
             return direct_best
         return None
@@ -114,17 +121,21 @@ class StageTrainer:
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
+        started = time.perf_counter()
         self.build()
         if self.checkpoints.has_last():
             self._resume()
         elif self.init_checkpoint is not None:
             self._check_loaded_weights()
+        self._clock_origin = started - self.progress.train_seconds
         preemption.register_checkpoint_callback(self._save_on_preemption)
         try:
-            while self.progress.step < self.settings.max_steps:
+            out_of_time = self.progress.step > 0 and self._out_of_time()  # a fresh stage takes one step at least
+            while self.progress.step < self.settings.max_steps and not out_of_time:
                 self._train_step()
+                out_of_time = self._out_of_time()
                 step = self.progress.step
-                if step % self.settings.val_every == 0 or step == self.settings.max_steps:
+                if step % self.settings.val_every == 0 or step == self.settings.max_steps or out_of_time:
                     metrics = self.validate()
                     self._log("val", metrics)
                     self._checkpoint(metrics)
@@ -134,9 +145,20 @@ class StageTrainer:
             preemption.clear()
         return self.checkpoints.best
 
+    def _out_of_time(self) -> bool:
+        """Update the stage's wall clock and say whether `max_minutes` is used up. The slowest
+        rank's clock counts, so every rank stops after the same step."""
+        if self.settings.max_minutes <= 0:
+            return False
+        elapsed = torch.tensor([time.perf_counter() - self._clock_origin], dtype=torch.float64)
+        self.progress.train_seconds = float(distributed.all_reduce_max(elapsed))
+        return self.progress.train_seconds >= 60 * self.settings.max_minutes
+
     def _train_step(self) -> None:
         settings, strategy = self.settings, self.strategy
-        strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps, settings.min_lr_ratio))
+        time_fraction = self.progress.train_seconds / (60 * settings.max_minutes) if settings.max_minutes > 0 else 0.0
+        strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps,
+                              settings.min_lr_ratio, time_fraction))
         started, atoms, shares = time.perf_counter(), 0, {}
         self._in_step = True
         for micro in range(settings.grad_accum_steps):
@@ -199,8 +221,11 @@ class StageTrainer:
         run validated on the same data (fine-tuning usually brings other data). Otherwise the
         error is logged and not compared."""
         expected = read_model_file(self.init_checkpoint / MODEL_FILE)["metrics"].get("energy_mae_mev_per_atom")
-        measured = self.validate(forces="none")["energy_mae_mev_per_atom"]
-        self._log("val", {"energy_mae_mev_per_atom": measured, "loaded_from": str(self.init_checkpoint)})
+        # The stage's own forces too: where this stage's learning curve starts (for the
+        # conservative stage, the gradient of the energy the direct stage left behind).
+        loaded = self.validate()
+        measured = loaded["energy_mae_mev_per_atom"]
+        self._log("val", {**loaded, "loaded_from": str(self.init_checkpoint)})
         if self.settings.init_from and not self._checkpoint_validated_on_our_data():
             return
         if expected is not None and not math.isclose(measured, expected, rel_tol=1e-4, abs_tol=1e-6):
