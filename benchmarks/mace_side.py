@@ -57,11 +57,12 @@ from esen_train.evaluation.errors import compute_errors, read_labelled_structure
 
 VENV = REPO_ROOT / ".venvs" / "mace"
 PROBE_STRUCTURES = 10
+BATCH_SIZE = 5
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (Started training|Initial|Epoch \d+|Training complete)")
 
 COMMON = [
     "--model=MACE", "--num_interactions=2", "--correlation=3", "--max_ell=3", "--r_max=5.0",
-    "--num_radial_basis=8", "--E0s=average", "--energy_weight=1.0", "--lr=0.01", "--batch_size=5",
+    "--num_radial_basis=8", "--E0s=average", "--energy_weight=1.0", "--lr=0.01", f"--batch_size={BATCH_SIZE}",
     "--valid_batch_size=5", "--ema", "--ema_decay=0.99", "--amsgrad", "--device=cpu", "--seed=123",
     "--error_table=TotalMAE", "--energy_key=REF_energy", "--forces_key=REF_forces", "--save_cpu",
     "--eval_interval=1",
@@ -163,7 +164,8 @@ def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_v
     if available >= epoch:
         return {**plan, "epochs": int(available / epoch), "train_structures": n_train}
     fitting = int((available - n_val * per_val) / per_train)
-    return {**plan, "epochs": 1, "train_structures": max(1, min(n_train, fitting))}
+    # mace-torch drops an incomplete last batch: fewer than a batch would train nothing
+    return {**plan, "epochs": 1, "train_structures": max(BATCH_SIZE, min(n_train, fitting))}
 
 
 def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None, dtype: str) -> dict:

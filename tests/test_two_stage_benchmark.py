@@ -1,4 +1,5 @@
-"""benchmarks/two_stage.py: what each arm trains, and the mean and spread over seeds."""
+"""benchmarks/two_stage.py: what each arm trains, and the mean and spread over seeds;
+benchmarks/mace_side.py: the two MACE sizes and the epochs a budget buys."""
 from __future__ import annotations
 
 import importlib.util
@@ -65,3 +66,31 @@ def test_arms_are_aggregated_per_arm_and_share_with_mean_and_sample_spread():
     assert scratch["seeds"] == [0, 1]
     assert arms[("two_stage", 0.5)]["force_mae_mev_per_A"]["std"] is None  # one seed: no spread
     assert "nve_drift_mev_per_atom_per_ps" not in arms[("two_stage", 0.3)]
+
+
+MACE = _benchmark("mace_side")
+
+
+def test_mace_is_trained_at_a_small_cpu_size_and_at_the_paper_size():
+    small, paper = MACE.recipe("small"), MACE.recipe("paper")
+    assert {"--num_channels=32", "--max_L=1", "--default_dtype=float32", "--forces_weight=100.0"} <= set(small)
+    assert {"--hidden_irreps=128x0e + 128x1o", "--default_dtype=float64", "--forces_weight=1000.0"} <= set(paper)
+    for recipe in (small, paper):
+        assert {"--num_interactions=2", "--correlation=3", "--batch_size=5", "--lr=0.01", "--ema_decay=0.99",
+                "--amsgrad", "--E0s=average"} <= set(recipe)
+    assert (MACE.dtype_of("small"), MACE.dtype_of("paper")) == ("float32", "float64")
+
+
+def test_mace_plan_fits_whole_epochs_or_one_epoch_of_at_least_a_batch():
+    from datetime import datetime, timedelta
+
+    start = datetime(2026, 1, 1)
+    # Probe on 10 + 10 structures: 5 s of validation, then an epoch of 25 s (20 s of training).
+    times = {"Started training": start, "Initial": start + timedelta(seconds=5),
+             "Epoch 0": start + timedelta(seconds=30)}
+    plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=1000.0)
+    assert plan["seconds_per_train_structure"] == pytest.approx(2.0)
+    assert plan["fixed_s"] == pytest.approx(10.0)
+    assert (plan["epochs"], plan["train_structures"]) == (4, 100)  # (1000 - 10 - 5) // (200 + 5)
+    plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=30.0)
+    assert (plan["epochs"], plan["train_structures"]) == (1, MACE.BATCH_SIZE)
