@@ -109,18 +109,19 @@ def summarise(records: list[dict]) -> list[dict]:
         direct = [r["direct"]["test"]["force_mae_mev_per_A"] for r in group if "direct" in r]
         if direct:
             row["direct_test_force_mae_mev_per_A"] = float(np.mean(direct))
-        row["start_val_force_mae_mev_per_A"] = float(np.mean([r["curve"][0]["force_mae_mev_per_A"] for r in group]))
+        starts = [r["curve"][0]["force_mae_mev_per_A"] for r in group if r["curve"][0]["step"] == 0]
+        row["start_val_force_mae_mev_per_A"] = float(np.mean(starts)) if starts else None  # none from scratch
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'variant':>24}  {'test F':>14}  {'test E':>14}  {'direct F':>9}  {'F at step 0/first val':>22}"]
+    lines = [f"{'variant':>24}  {'test F':>14}  {'test E':>14}  {'direct F':>9}  {'val F at step 0':>16}"]
     for row in rows:
         force, energy = row["test_force_mae_mev_per_A"], row["test_energy_mae_mev_per_atom"]
         lines.append(f"{row['variant']:>24}  {_cell(force):>14}  {_cell(energy):>14}  "
                      f"{row.get('direct_test_force_mae_mev_per_A', float('nan')):>9.2f}  "
-                     f"{row['start_val_force_mae_mev_per_A']:>22.1f}")
+                     f"{row['start_val_force_mae_mev_per_A'] or float('nan'):>16.1f}")
     return "\n".join(lines)
 
 
