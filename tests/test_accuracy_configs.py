@@ -39,8 +39,9 @@ def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
     for stage in (config.direct, config.conservative):
         assert stage.force_weight > 0 and stage.energy_weight > 0
         assert stage.warmup_steps < stage.max_steps
-    # The conservative stage is the fine-tuning: a lower learning rate than pretraining.
-    assert config.conservative.lr < config.direct.lr
+    # The conservative stage learns its energy gradient almost from scratch: at half the direct
+    # learning rate its forces ended worse (benchmarks/README.md, the hand-over), so the same rate.
+    assert config.conservative.lr == config.direct.lr
 
 
 def test_budget_gives_each_stage_its_share_of_the_wall_clock():
