@@ -44,6 +44,13 @@ def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
     assert config.conservative.lr == config.direct.lr
 
 
+@pytest.mark.parametrize("name", ["tiny", "quickstart"])
+def test_emt_configs_train_the_conservative_stage_at_the_direct_learning_rate(name):
+    config = load_train_config(name, ["data.emt_structures=10"])
+    assert config.stages == ["direct", "conservative"]
+    assert config.conservative.lr == config.direct.lr
+
+
 def test_budget_gives_each_stage_its_share_of_the_wall_clock():
     dataset = ACCURACY.DATASETS["rmd17-aspirin"]
     overrides = ACCURACY.stage_overrides({"direct": 6.0, "conservative": 4.0})
