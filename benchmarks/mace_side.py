@@ -1,29 +1,38 @@
-"""MACE beside eSEN: mace-torch trained on the same split for the same wall-clock budget.
+"""MACE beside eSEN: mace-torch trained on the same split for the same wall-clock budget, at
+two model sizes; the comparison is against the better of them.
 
     python benchmarks/mace_side.py DATASET --budget-minutes M --train DIR --val DIR --test DIR --out DIR
+                                   [--sizes small paper] [--test-structures N]
 
 benchmarks/accuracy.py --mace calls this with its own dataset directories, so both models see
 the same structures. mace-torch lives in its own virtualenv, .venvs/mace in the checkout (ignored by
 git), made on first use: `python -m venv`, then `pip install torch==2.13.0` first (the CPU wheel
-on this disk; an unpinned torch pulls a multi-GB CUDA build), then `pip install mace-torch`.
+on this disk; an unpinned torch pulls a multi-GB CUDA build), then `pip install mace-torch==0.3.16`.
 
-Recipe: the training example of the MACE README (github.com/ACEsuit/mace, "Training":
-`mace_run_train` with model MACE, hidden_irreps '128x0e + 128x1o', r_max 5 Å, EMA 0.99,
-AMSGrad, SWA ("stage two") over the last quarter, float64), with the rMD17 settings the MACE
-work uses on top: batch size 5, learning rate 0.01, forces weight 1000 against energy weight 1
-(the paper's rMD17 models are larger than the README example; on this CPU even this size
-trains for only a few epochs). Stage two keeps mace-torch's default weights (energy 1000,
-forces 100). Periodic data with stress adds `--loss=stress`.
+Sizes (each trains for the whole budget, one after the other; `--sizes` picks them):
+- `small`, the size for a CPU budget: 32 channels with max_L 1 (hidden irreps 32x0e + 32x1o),
+  2 interactions, correlation 3, float32 (MACE's README: "float32 gives a significant speed-up,
+  usually a factor of x2 in training"), forces weight 100 against energy 1 (mace-torch's
+  default), batch 5, lr 0.01, EMA 0.99, AMSGrad, E0s average. On rMD17 aspirin with one core and
+  35 minutes this size trains about 24 epochs, against 1-7 for the paper size.
+- `paper`: the training example of the MACE README (github.com/ACEsuit/mace, "Training":
+  hidden irreps 128x0e + 128x1o, max_ell 3, r_max 5 Å, EMA 0.99, AMSGrad, float64) with the
+  rMD17 settings of the MACE work on top: batch 5, lr 0.01, forces weight 1000 against energy 1.
+Both: r_max 5 Å, 8 radial functions, SWA ("stage two", mace-torch's default stage-two weights,
+energy 1000 and forces 100) over the last quarter when there are at least 4 epochs; periodic
+data with stress adds `--loss=stress` with stress weight 100.
 
-Budget: a probe run (one epoch on 10 training and 10 validation structures, not counted) gives,
-from MACE's own log timestamps, the seconds per validation structure (start of training to the
-"Initial" validation line) and per training structure (the epoch minus its validation), and the
-fixed cost (start-up, model saving). The real run gets as many epochs as fit the budget. When
-not even one epoch fits (MACE of this size on a loaded 2-core CPU), it trains one epoch on as
-many training structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples
-seen. Prints one JSON object (last line):
-test errors computed with esen_train.evaluation.errors from `mace_eval_configs` predictions,
-so the numbers are defined exactly as `esen-train eval`'s.
+Budget: a probe run per size (one epoch on 10 training and 10 validation structures, not
+counted) gives, from MACE's own log timestamps, the seconds per validation structure (start of
+training to the "Initial" validation line) and per training structure (the epoch minus its
+validation), and the fixed cost (start-up, model saving). The real run gets as many epochs as
+fit the budget. When not even one epoch fits, it trains one epoch on as many training
+structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples seen.
+
+Prints one JSON object (last line): per size its plan, wall clock, load and test errors
+(computed with esen_train.evaluation.errors from `mace_eval_configs` predictions, so the numbers
+are defined exactly as `esen-train eval`'s); `best_size` is the size with the lower test force
+MAE, and `test` / `train_wall_s` at the top level are that size's.
 """
 from __future__ import annotations
 
@@ -48,17 +57,29 @@ from esen_train.evaluation.errors import compute_errors, read_labelled_structure
 
 VENV = REPO_ROOT / ".venvs" / "mace"
 PROBE_STRUCTURES = 10
+BATCH_SIZE = 5
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (Started training|Initial|Epoch \d+|Training complete)")
 
-RECIPE = [
-    "--model=MACE", "--num_interactions=2", "--hidden_irreps=128x0e + 128x1o", "--correlation=3",
-    "--max_ell=3", "--r_max=5.0", "--num_radial_basis=8", "--E0s=average",
-    "--energy_weight=1.0", "--forces_weight=1000.0", "--lr=0.01", "--batch_size=5", "--valid_batch_size=5",
-    "--ema", "--ema_decay=0.99", "--amsgrad", "--default_dtype=float64", "--device=cpu", "--seed=123",
+COMMON = [
+    "--model=MACE", "--num_interactions=2", "--correlation=3", "--max_ell=3", "--r_max=5.0",
+    "--num_radial_basis=8", "--E0s=average", "--energy_weight=1.0", "--lr=0.01", f"--batch_size={BATCH_SIZE}",
+    "--valid_batch_size=5", "--ema", "--ema_decay=0.99", "--amsgrad", "--device=cpu", "--seed=123",
     "--error_table=TotalMAE", "--energy_key=REF_energy", "--forces_key=REF_forces", "--save_cpu",
     "--eval_interval=1",
     "--plot=False",  # the plots re-evaluate the whole training set after training, on our clock
 ]
+SIZES = {
+    "small": ["--num_channels=32", "--max_L=1", "--default_dtype=float32", "--forces_weight=100.0"],
+    "paper": ["--hidden_irreps=128x0e + 128x1o", "--default_dtype=float64", "--forces_weight=1000.0"],
+}
+
+
+def recipe(size: str) -> list[str]:
+    return [*COMMON, *SIZES[size]]
+
+
+def dtype_of(size: str) -> str:
+    return next(arg.split("=", 1)[1] for arg in SIZES[size] if arg.startswith("--default_dtype="))
 
 
 def ensure_venv() -> Path:
@@ -68,7 +89,7 @@ def ensure_venv() -> Path:
         return bin_dir
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(bin_dir / "pip"), "install", "-q", "torch==2.13.0"], check=True)
-    subprocess.run([str(bin_dir / "pip"), "install", "-q", "mace-torch"], check=True)
+    subprocess.run([str(bin_dir / "pip"), "install", "-q", "mace-torch==0.3.16"], check=True)
     return bin_dir
 
 
@@ -97,12 +118,13 @@ def random_subset(structures: list, limit: int | None) -> list:
     return [structures[i] for i in sorted(chosen)]
 
 
-def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: int, stress: bool) -> float:
-    """One `mace_run_train` in work/ (replaced); returns its wall seconds."""
+def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: int, stress: bool,
+          size: str) -> float:
+    """One `mace_run_train` of a size in work/ (replaced); returns its wall seconds."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     args = [str(bin_dir / "mace_run_train"), "--name=mace", f"--train_file={train_file}", f"--valid_file={val_file}",
-            f"--max_num_epochs={epochs}", "--skip_evaluate_heads=Default", *RECIPE]
+            f"--max_num_epochs={epochs}", "--skip_evaluate_heads=Default", *recipe(size)]
     if epochs >= 4:  # stage two over the last quarter; a shorter run has no last quarter
         args += ["--swa", f"--start_swa={epochs - max(1, epochs // 4)}"]
     if stress:
@@ -142,10 +164,11 @@ def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_v
     if available >= epoch:
         return {**plan, "epochs": int(available / epoch), "train_structures": n_train}
     fitting = int((available - n_val * per_val) / per_train)
-    return {**plan, "epochs": 1, "train_structures": max(1, min(n_train, fitting))}
+    # mace-torch drops an incomplete last batch: fewer than a batch would train nothing
+    return {**plan, "epochs": 1, "train_structures": max(BATCH_SIZE, min(n_train, fitting))}
 
 
-def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None) -> dict:
+def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None, dtype: str) -> dict:
     """Test errors of the trained model (the stage-two model when there is one) on the test
     set, or on `limit` of its structures (random, seed 0; the file test.xyz says which)."""
     model = work / "mace_stagetwo.model"
@@ -154,7 +177,7 @@ def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None) -> di
     test_file, predicted = work / "test.xyz", work / "test_predicted.xyz"
     _, stress = write_extxyz(test_dir, test_file, limit)
     subprocess.run([str(bin_dir / "mace_eval_configs"), f"--configs={test_file}", f"--model={model}",
-                    f"--output={predicted}", "--device=cpu", "--default_dtype=float64", "--batch_size=20",
+                    f"--output={predicted}", "--device=cpu", f"--default_dtype={dtype}", "--batch_size=20",
                     *(["--compute_stress"] if stress else [])],
                    check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     structures = random_subset(read_labelled_structures(test_dir), limit)
@@ -173,14 +196,38 @@ def evaluate(bin_dir: Path, work: Path, test_dir: Path, limit: int | None) -> di
     return {**metrics, "model": str(model), "test_file": str(test_file)}
 
 
+def run_size(bin_dir: Path, size: str, args: argparse.Namespace, out: Path, n_train: int, n_val: int,
+             stress: bool) -> dict:
+    """Probe, plan, train and test one size in out/size/."""
+    work = out / size
+    load_probe = list(os.getloadavg())
+    probe_wall = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress, size)
+    plan = plan_epochs(probe_wall, log_times(work / "probe"), n_train, n_val, 60 * args.budget_minutes)
+    train_file = out / "train.xyz"
+    if plan["train_structures"] < n_train:
+        train_file = work / "train_subset.xyz"
+        write_extxyz(args.train, train_file, limit=plan["train_structures"])
+    load_before = list(os.getloadavg())
+    train_wall = train(bin_dir, work / "run", train_file, out / "val.xyz", plan["epochs"], stress, size)
+    load_after = list(os.getloadavg())
+    run_times = log_times(work / "run")
+    train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
+    test = evaluate(bin_dir, work / "run", args.test, args.test_structures, dtype_of(size))
+    return {"plan": plan, "train_wall_s": train_wall, "train_loop_s": train_loop_s, "test": test,
+            "recipe": recipe(size), "load_average": {"probe": load_probe, "training_start": load_before,
+                                                     "training_end": load_after}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="a name for the report (the data comes from --train/--val/--test)")
-    parser.add_argument("--budget-minutes", type=float, required=True)
+    parser.add_argument("--budget-minutes", type=float, required=True, help="per size")
     parser.add_argument("--train", type=Path, required=True, help="training dataset directory (esen-data)")
     parser.add_argument("--val", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "mace_side")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "paper"],
+                        help="model sizes, trained one after the other (default both)")
     parser.add_argument("--test-structures", type=int, default=None,
                         help="evaluate on this many test structures (random, seed 0; default all)")
     args = parser.parse_args(argv)
@@ -191,23 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     n_val, _ = write_extxyz(args.val, out / "val.xyz")
     write_extxyz(args.train, out / "probe_train.xyz", limit=PROBE_STRUCTURES)
     write_extxyz(args.val, out / "probe_val.xyz", limit=PROBE_STRUCTURES)
-
-    load_probe = list(os.getloadavg())
-    probe_wall = train(bin_dir, out / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress)
-    plan = plan_epochs(probe_wall, log_times(out / "probe"), n_train, n_val, 60 * args.budget_minutes)
-    if plan["train_structures"] < n_train:
-        write_extxyz(args.train, out / "train.xyz", limit=plan["train_structures"])
-    load_before = list(os.getloadavg())
-    train_wall = train(bin_dir, out / "run", out / "train.xyz", out / "val.xyz", plan["epochs"], stress)
-    load_after = list(os.getloadavg())
-    run_times = log_times(out / "run")
-    train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
-    test = evaluate(bin_dir, out / "run", args.test, args.test_structures)
+    sizes = {size: run_size(bin_dir, size, args, out, n_train, n_val, stress) for size in args.sizes}
+    best = min(sizes, key=lambda size: sizes[size]["test"]["force_mae_mev_per_A"])
     report = {
         "dataset": args.dataset, "budget_minutes": args.budget_minutes, "train_structures_available": n_train,
-        "val_structures": n_val, "plan": plan, "train_wall_s": train_wall, "train_loop_s": train_loop_s, "test": test,
-        "recipe": RECIPE, "load_average": {"probe": load_probe, "training_start": load_before,
-                                           "training_end": load_after},
+        "val_structures": n_val, "sizes": sizes, "best_size": best, "test": sizes[best]["test"],
+        "train_wall_s": sizes[best]["train_wall_s"],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

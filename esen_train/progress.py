@@ -39,6 +39,7 @@ METRIC_FORMATS = (
 # Why a stage ended, as `esen-train status` and the console say it.
 END_REASONS = {
     "max_steps": "reached max_steps",
+    "max_minutes": "used up max_minutes",
     "early_stopping": "early stopping",
     "preempted": "preempted by SLURM (requeued: resumes from the last checkpoint)",
     "failed": "failed",

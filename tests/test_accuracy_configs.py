@@ -39,19 +39,26 @@ def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
     for stage in (config.direct, config.conservative):
         assert stage.force_weight > 0 and stage.energy_weight > 0
         assert stage.warmup_steps < stage.max_steps
-    # The conservative stage is the fine-tuning: a lower learning rate than pretraining.
-    assert config.conservative.lr < config.direct.lr
+    # The conservative stage learns its energy gradient almost from scratch: at half the direct
+    # learning rate its forces ended worse (benchmarks/README.md, the hand-over), so the same rate.
+    assert config.conservative.lr == config.direct.lr
 
 
-def test_budget_plan_gives_each_stage_its_share_of_the_step_time():
+@pytest.mark.parametrize("name", ["tiny", "quickstart"])
+def test_emt_configs_train_the_conservative_stage_at_the_direct_learning_rate(name):
+    config = load_train_config(name, ["data.emt_structures=10"])
+    assert config.stages == ["direct", "conservative"]
+    assert config.conservative.lr == config.direct.lr
+
+
+def test_budget_gives_each_stage_its_share_of_the_wall_clock():
     dataset = ACCURACY.DATASETS["rmd17-aspirin"]
-    timing = {"direct_step_s": 1.0, "conservative_step_s": 2.5, "fixed_s": 60.0}
-    overrides, plan = ACCURACY.budget_overrides(dataset, timing, budget_s=660.0)
-    assert plan == {"direct": 360, "conservative": 96}  # 600 s of steps: 60% direct, 40% conservative
-    assert "direct.max_steps=360" in overrides and "conservative.val_every=96" in overrides
-    # A budget smaller than the fixed cost still trains a step of each stage.
-    _, plan = ACCURACY.budget_overrides(dataset, timing, budget_s=10.0)
-    assert plan == {"direct": 1, "conservative": 1}
+    overrides = ACCURACY.stage_overrides({"direct": 6.0, "conservative": 4.0})
+    config = load_train_config(dataset.config, overrides)
+    assert config.stages == ["direct", "conservative"]
+    assert (config.direct.max_minutes, config.conservative.max_minutes) == (6.0, 4.0)
+    for stage in (config.direct, config.conservative):  # the clock, not the step count, ends each stage
+        assert stage.max_steps == stage.val_every == stage.checkpoint_every == ACCURACY.UNLIMITED_STEPS
 
 
 def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeypatch):

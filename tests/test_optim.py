@@ -29,6 +29,17 @@ def test_cosine_from_peak_to_minimum_then_flat():
     assert lr(7) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 16)))
 
 
+def test_time_fraction_moves_the_cosine_when_it_is_ahead_of_the_steps():
+    def lr(step, time_fraction):
+        return lr_at(step, 1e-3, warmup_steps=4, total_steps=1000, min_lr_ratio=0.1, time_fraction=time_fraction)
+
+    assert lr(10, 0.5) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half the time: half-way down
+    assert lr(10, 1.0) == pytest.approx(1e-4)
+    assert lr(10, 0.0) == lr_at(10, 1e-3, warmup_steps=4, total_steps=1000, min_lr_ratio=0.1)  # steps alone
+    assert lr(900, 0.01) < lr(10, 0.5)  # whichever is further along
+    assert lr(1, 0.9) == pytest.approx(0.5e-3)  # the warm-up is in steps
+
+
 def test_no_warmup():
     assert lr_at(0, 2e-3, warmup_steps=0, total_steps=10, min_lr_ratio=0.0) == pytest.approx(2e-3)
     assert lr_at(10, 2e-3, warmup_steps=0, total_steps=10, min_lr_ratio=0.0) == pytest.approx(0.0)

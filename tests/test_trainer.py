@@ -94,6 +94,8 @@ def test_conservative_stage_starts_from_direct_best(two_stage_run):
     assert len(handover) == 1 and handover[0]["step"] == 0
     direct_best = read_model_file(two_stage_run / "checkpoints" / "direct" / "best")
     assert handover[0]["energy_mae_mev_per_atom"] == pytest.approx(direct_best["metrics"]["energy_mae_mev_per_atom"], rel=1e-4)
+    # Where the conservative learning curve starts: the gradient of the direct stage's energy.
+    assert math.isfinite(handover[0]["force_mae_mev_per_A"]) and "force_cosine" in handover[0]
     conservative = read_model_file(two_stage_run / "checkpoints" / "conservative" / "last")
     assert not any(k.startswith("direct_heads.") for k in conservative["model"])
     assert conservative["model_config"]["direct_forces"] is False
@@ -376,3 +378,35 @@ def test_compile_setting_compiles_the_model_of_that_stage_only(tmp_path, monkeyp
 def test_compile_with_a_sharding_strategy_is_rejected():
     with pytest.raises(ValueError, match="direct.compile is supported with the single and ddp"):
         load_train_config(TINY, ["strategy.name=fsdp", "direct.compile=true"])
+
+
+def test_wall_clock_limit_ends_each_stage_validated_and_a_rerun_adds_no_steps(tmp_path):
+    """max_minutes shorter than any step: each stage stops after its first step, validates and
+    checkpoints there; the same command again resumes both stages and finds their time used up."""
+    run = tmp_path / "run"
+    overrides = FAST + [f"run_dir={run}", "direct.max_minutes=1e-6", "conservative.max_minutes=1e-6",
+                        "direct.max_steps=50", "conservative.max_steps=50"]
+    fit(load_train_config(TINY, overrides))
+    fit(load_train_config(TINY, overrides))
+    rows = read_metrics(run)
+    for stage in ("direct", "conservative"):
+        assert [r["step"] for r in rows if r["stage"] == stage and r["split"] == "train"] == [1]
+        val = [r for r in rows if r["stage"] == stage and r["split"] == "val" and "loaded_from" not in r]
+        assert [r["step"] for r in val] == [1]
+        assert read_model_file(run / "checkpoints" / stage / "best")["step"] == 1
+
+
+def test_conservative_stage_from_fresh_weights(two_stage_run, tmp_path):
+    """init_from=none: a conservative model from scratch, although the run directory could
+    offer a direct checkpoint; nothing is loaded, so there is no hand-over row."""
+    run = tmp_path / "run"
+    shutil.copytree(two_stage_run / "checkpoints" / "direct", run / "checkpoints" / "direct", symlinks=True)
+    shutil.copytree(two_stage_run / "data", run / "data")
+    overrides = FAST + [f"run_dir={run}", "stages=[conservative]", "conservative.init_from=none"]
+    fit(load_train_config(TINY, overrides))
+    rows = [r for r in read_metrics(run) if r["stage"] == "conservative"]
+    assert not any("loaded_from" in r for r in rows)
+    fresh = read_model_file(run / "checkpoints" / "conservative" / "last")
+    handed_over = read_model_file(two_stage_run / "checkpoints" / "conservative" / "last")
+    assert fresh["step"] == handed_over["step"] == 4
+    assert not torch.equal(fresh["ema"]["energy_head.mlp.0.weight"], handed_over["ema"]["energy_head.mlp.0.weight"])

@@ -44,6 +44,11 @@ class DataConfig:
 @dataclass
 class StageConfig:
     max_steps: int = 100
+    # > 0: the stage also stops once it has trained this many minutes of wall clock (its
+    # validation and checkpoints included), and the cosine schedule runs on the fraction of
+    # that time used, so a stage stopped by the clock has decayed its learning rate. The stage
+    # ends at max_steps or max_minutes, whichever comes first.
+    max_minutes: float = 0.0
     max_atoms: int = 256  # atoms per optimizer step, summed over all ranks
     grad_accum_steps: int = 1
     lr: float = 4e-4
@@ -67,8 +72,9 @@ class StageConfig:
     patience: int = 0  # stop the stage after this many validations in a row without a new best; 0: never
     max_nonfinite_in_row: int = 5
     # Weights to start from: a checkpoint or run directory (e.g. one `esen-train
-    # import-fairchem` wrote). Empty: a fresh model for the direct stage; for the
-    # conservative stage, this run's direct `best` checkpoint.
+    # import-fairchem` wrote), or `none` for fresh weights (a conservative model trained from
+    # scratch). Empty: a fresh model for the direct stage; for the conservative stage, this
+    # run's direct `best` checkpoint.
     init_from: str = ""
     # Starting from a checkpoint, the per-element reference energies: "keep" the checkpoint's;
     # "refit": the checkpoint's plus the per-element least-squares correction of what the
@@ -129,6 +135,7 @@ class TrainConfig:
 
 
 STAGES = ("direct", "conservative")
+FRESH_WEIGHTS = "none"  # init_from value: start from freshly initialised weights
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 REFERENCE_CHOICES = ("keep", "refit", "given")
 # The validation metrics (ErrorAccumulator.result) that can pick the best checkpoint: lower is better.
@@ -269,6 +276,7 @@ _STAGE_RANGES = {
     "keep_last": _at_least(0),
     "max_nonfinite_in_row": _at_least(1),
     "patience": (lambda value: value >= 0, "0 (no early stopping) or positive"),
+    "max_minutes": (lambda value: value >= 0, ">= 0 (0: no time limit)"),
     "freeze_blocks": _at_least(0),
     "backbone_lr_scale": _positive(),
 }
@@ -287,7 +295,7 @@ def _check_stage(stage: str, settings: StageConfig, strategy: str, where) -> Non
         raise ConfigError(f"{where}: {stage}.best_metric must be one of {', '.join(BEST_METRICS)}; got {settings.best_metric!r}")
     if settings.compile and strategy not in ("single", "ddp"):
         raise ConfigError(f"{where}: {stage}.compile is supported with the single and ddp strategies, not {strategy!r}")
-    if settings.init_from and not Path(settings.init_from).exists():
+    if settings.init_from not in ("", FRESH_WEIGHTS) and not Path(settings.init_from).exists():
         raise ConfigError(f"{where}: {stage}.init_from: {settings.init_from} does not exist")
 
 

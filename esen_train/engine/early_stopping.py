@@ -7,7 +7,8 @@ a stage ends once `patience` validations in a row brought no new best. The count
 of the trainer's Progress, which every checkpoint saves, so a resumed stage stops where an
 uninterrupted one would, and a stage that stopped early stays stopped when started again.
 
-`end_reason` says whether the loop is over: `max_steps` or `early_stopping` (None: go on).
+`end_reason` says whether the loop is over: `max_steps`, `max_minutes` (the stage's wall-clock
+budget is used up) or `early_stopping` (None: go on).
 The other reasons a stage ends are `preempted` (SLURM stops the job and requeues it) and
 `failed` (an exception), recorded by the trainer and RUN/status.json.
 """
@@ -29,9 +30,11 @@ def record_validation(progress, metrics: dict, best_metric: str) -> bool:
     return False
 
 
-def end_reason(progress, max_steps: int, patience: int) -> str | None:
+def end_reason(progress, max_steps: int, patience: int, out_of_time: bool = False) -> str | None:
     if progress.step >= max_steps:
         return "max_steps"
+    if out_of_time:
+        return "max_minutes"
     if patience > 0 and progress.validations_since_best >= patience:
         return "early_stopping"
     return None

@@ -23,12 +23,15 @@ class OptimSettings:
     backbone_lr_scale: float = 1.0  # learning rate of the module named "backbone", relative to lr
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+          time_fraction: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     Linear warm-up from base_lr / warmup_steps to base_lr over the first `warmup_steps`
     steps (never zero, so step 0 already learns), then a cosine from base_lr down to
-    base_lr * min_lr_ratio at step `total_steps`; constant after that.
+    base_lr * min_lr_ratio at step `total_steps`; constant after that. A stage with a
+    wall-clock limit passes the fraction of that time used: the cosine then stands at the
+    further along of the two, steps or time.
     """
     if total_steps < 1 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(
@@ -37,7 +40,7 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
         )
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_fraction))
     min_lr = base_lr * min_lr_ratio
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -11,7 +11,7 @@ earlier start keep their record.
      "run_dir", "started_at", "updated_at" (ISO 8601, UTC),
      "host", "pid", "slurm_job_id": the process writing it (to tell a killed run from a live one),
      "last_checkpoint": the newest checkpoint directory of any stage,
-     "stages": {"<stage>": {"state": "waiting" | "running" | "ended", "end_reason": null | "max_steps" |
+     "stages": {"<stage>": {"state": "waiting" | "running" | "ended", "end_reason": null | "max_steps" | "max_minutes" |
                             "early_stopping" | "preempted" | "failed", "step", "max_steps", "best_metric",
                             "train": last train row, "val": last validation row,
                             "best": {"metric", "value", "step", "checkpoint"}, "last_checkpoint",

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from esen_train.engine import distributed, early_stopping, preemption
 from esen_train.engine.checkpoint import STATE_DIR, CheckpointManager
-from esen_train.engine.config import StageConfig, TrainConfig
+from esen_train.engine.config import FRESH_WEIGHTS, StageConfig, TrainConfig
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, ParitySample, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
@@ -33,6 +33,8 @@ from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolv
 from esen_train.model import ESEN, compile_model
 from esen_train.model.esen import DIRECT_HEADS_PREFIX
 from esen_train.progress import StageConsole
+
+
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,6 +65,7 @@ class Progress:
     validations_since_best: int = 0  # early stopping (esen_train.engine.early_stopping)
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    train_seconds: float = 0.0  # wall clock of the stage so far, as all ranks agree on it
 
 
 class StageTrainer:
@@ -125,6 +128,8 @@ class StageTrainer:
             print(f"[{self.stage}] {message}", flush=True)
 
     def _initial_checkpoint(self) -> Path | None:
+        if self.settings.init_from == FRESH_WEIGHTS:
+            return None
         if self.settings.init_from:
             return resolve_checkpoint(self.settings.init_from)
         if self.conservative:
@@ -132,7 +137,8 @@ class StageTrainer:
             if not direct_best.exists():
                 raise FileNotFoundError(
                     f"the conservative stage starts from a direct checkpoint, but {direct_best} does not exist: "
-                    "run the direct stage first or set conservative.init_from=CHECKPOINT"
+                    "run the direct stage first, set conservative.init_from=CHECKPOINT, or "
+                    f"conservative.init_from={FRESH_WEIGHTS} to train from fresh weights"
                 )
             return direct_best
         return None
@@ -151,16 +157,21 @@ class StageTrainer:
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
+        started = time.perf_counter()
         self.build()
         self._resume_or_start()
+        self._clock_origin = started - self.progress.train_seconds
         self.console.start(self.progress.step)
         self.status.start_stage(self.stage, self.progress.step)
         try:
-            while not (end := early_stopping.end_reason(self.progress, self.settings.max_steps, self.settings.patience)):
+            out_of_time = self.progress.step > 0 and self._out_of_time()  # a fresh stage takes one step at least
+            while not (end := early_stopping.end_reason(self.progress, self.settings.max_steps, self.settings.patience,
+                                                        out_of_time)):
                 self._stop_if_asked()
                 self._train_step()
+                out_of_time = self._out_of_time()
                 step = self.progress.step
-                if step % self.settings.val_every == 0 or step == self.settings.max_steps:
+                if step % self.settings.val_every == 0 or step == self.settings.max_steps or out_of_time:
                     metrics = self.validate()
                     is_best = early_stopping.record_validation(self.progress, metrics, self.settings.best_metric)
                     self._log("val", metrics)
@@ -199,9 +210,20 @@ class StageTrainer:
         self.console.write(message)
         raise preemption.Preempted(message)
 
+    def _out_of_time(self) -> bool:
+        """Update the stage's wall clock and say whether `max_minutes` is used up. The slowest
+        rank's clock counts, so every rank stops after the same step."""
+        if self.settings.max_minutes <= 0:
+            return False
+        elapsed = torch.tensor([time.perf_counter() - self._clock_origin], dtype=torch.float64)
+        self.progress.train_seconds = float(distributed.all_reduce_max(elapsed))
+        return self.progress.train_seconds >= 60 * self.settings.max_minutes
+
     def _train_step(self) -> None:
         settings, strategy = self.settings, self.strategy
-        strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps, settings.min_lr_ratio))
+        time_fraction = self.progress.train_seconds / (60 * settings.max_minutes) if settings.max_minutes > 0 else 0.0
+        strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps,
+                              settings.min_lr_ratio, time_fraction))
         started, atoms, shares = time.perf_counter(), 0, {}
         for micro in range(settings.grad_accum_steps):
             batch = self.data.train_loader.next_batch().to(self.dist.device)
@@ -264,8 +286,11 @@ class StageTrainer:
         run validated on the same data (fine-tuning usually brings other data). Otherwise the
         error is logged and not compared."""
         expected = read_model_file(self.init_checkpoint / MODEL_FILE)["metrics"].get("energy_mae_mev_per_atom")
-        measured = self.validate(forces="none")["energy_mae_mev_per_atom"]
-        self._log("val", {"energy_mae_mev_per_atom": measured, "loaded_from": str(self.init_checkpoint)})
+        # The stage's own forces too: where this stage's learning curve starts (for the
+        # conservative stage, the gradient of the energy the direct stage left behind).
+        loaded = self.validate()
+        measured = loaded["energy_mae_mev_per_atom"]
+        self._log("val", {**loaded, "loaded_from": str(self.init_checkpoint)})
         if self.settings.references != "keep":  # the energies changed on purpose
             return
         if self.settings.init_from and not self._checkpoint_validated_on_our_data():

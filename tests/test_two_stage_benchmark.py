@@ -1,0 +1,96 @@
+"""benchmarks/two_stage.py: what each arm trains, and the mean and spread over seeds;
+benchmarks/mace_side.py: the two MACE sizes and the epochs a budget buys."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from esen_train.engine.config import load_train_config
+from tests.conftest import REPO_ROOT
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TWO_STAGE = _benchmark("two_stage")
+CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def arm_config(arm: str, share: float | None = None):
+    return load_train_config(CONFIG, ["strategy.name=single", "data.emt_structures=10",
+                                      *TWO_STAGE.arm_overrides(arm, 10.0, share)])
+
+
+def test_scratch_is_a_conservative_stage_from_fresh_weights_for_the_whole_budget():
+    config = arm_config("scratch")
+    assert config.stages == ["conservative"]
+    assert config.conservative.init_from == "none"
+    assert config.conservative.max_minutes == 10.0
+
+
+def test_two_stage_splits_the_budget_by_the_direct_share():
+    config = arm_config("two_stage", 0.3)
+    assert config.stages == ["direct", "conservative"]
+    assert config.direct.max_minutes == pytest.approx(3.0)
+    assert config.conservative.max_minutes == pytest.approx(7.0)
+    assert config.conservative.init_from == ""  # this run's direct checkpoint
+
+
+def test_direct_is_the_direct_stage_for_the_whole_budget():
+    config = arm_config("direct")
+    assert config.stages == ["direct"] and config.direct.max_minutes == 10.0
+
+
+def record(arm, share, seed, force, drift=None):
+    test = {"force_mae_mev_per_A": force, "energy_mae_mev_per_atom": 2 * force}
+    return {"arm": arm, "direct_share": share, "seed": seed, "test": test, "fit_wall_s": 60.0,
+            "steps": {"conservative": 10}, **({"nve": {"drift_mev_per_atom_per_ps": drift}} if drift is not None else {})}
+
+
+def test_arms_are_aggregated_per_arm_and_share_with_mean_and_sample_spread():
+    records = [record("scratch", None, 0, 10.0, 0.1), record("scratch", None, 1, 14.0, 0.3),
+               record("two_stage", 0.3, 0, 8.0), record("two_stage", 0.5, 0, 9.0), record("two_stage", 0.3, 1, 12.0)]
+    arms = {(a["arm"], a["direct_share"]): a for a in TWO_STAGE.aggregate(records)}
+    assert set(arms) == {("scratch", None), ("two_stage", 0.3), ("two_stage", 0.5)}
+    scratch = arms[("scratch", None)]
+    assert scratch["force_mae_mev_per_A"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5 * 2), "min": 10.0, "max": 14.0}
+    assert scratch["nve_drift_mev_per_atom_per_ps"]["mean"] == pytest.approx(0.2)
+    assert scratch["seeds"] == [0, 1]
+    assert arms[("two_stage", 0.5)]["force_mae_mev_per_A"]["std"] is None  # one seed: no spread
+    assert "nve_drift_mev_per_atom_per_ps" not in arms[("two_stage", 0.3)]
+
+
+MACE = _benchmark("mace_side")
+
+
+def test_mace_is_trained_at_a_small_cpu_size_and_at_the_paper_size():
+    small, paper = MACE.recipe("small"), MACE.recipe("paper")
+    assert {"--num_channels=32", "--max_L=1", "--default_dtype=float32", "--forces_weight=100.0"} <= set(small)
+    assert {"--hidden_irreps=128x0e + 128x1o", "--default_dtype=float64", "--forces_weight=1000.0"} <= set(paper)
+    for recipe in (small, paper):
+        assert {"--num_interactions=2", "--correlation=3", "--batch_size=5", "--lr=0.01", "--ema_decay=0.99",
+                "--amsgrad", "--E0s=average"} <= set(recipe)
+    assert (MACE.dtype_of("small"), MACE.dtype_of("paper")) == ("float32", "float64")
+
+
+def test_mace_plan_fits_whole_epochs_or_one_epoch_of_at_least_a_batch():
+    from datetime import datetime, timedelta
+
+    start = datetime(2026, 1, 1)
+    # Probe on 10 + 10 structures: 5 s of validation, then an epoch of 25 s (20 s of training).
+    times = {"Started training": start, "Initial": start + timedelta(seconds=5),
+             "Epoch 0": start + timedelta(seconds=30)}
+    plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=1000.0)
+    assert plan["seconds_per_train_structure"] == pytest.approx(2.0)
+    assert plan["fixed_s"] == pytest.approx(10.0)
+    assert (plan["epochs"], plan["train_structures"]) == (4, 100)  # (1000 - 10 - 5) // (200 + 5)
+    plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=30.0)
+    assert (plan["epochs"], plan["train_structures"]) == (1, MACE.BATCH_SIZE)
