@@ -152,11 +152,13 @@ def fit(config: Path, run_dir: Path, overrides: list[str]) -> float:
     return seconds
 
 
-def stage_overrides(minutes: dict[str, float]) -> list[str]:
-    """`stages` and each stage's wall clock; validation and checkpoint only at a stage's end."""
+def stage_overrides(minutes: dict[str, float], clock: str = "wall") -> list[str]:
+    """`stages` and each stage's time on `clock` (wall or cpu); validation and checkpoint only
+    at a stage's end."""
     overrides = [f"stages=[{','.join(minutes)}]"]
     for stage, stage_minutes in minutes.items():
-        overrides += [f"{stage}.max_minutes={stage_minutes:.6g}", f"{stage}.max_steps={UNLIMITED_STEPS}",
+        overrides += [f"{stage}.max_minutes={stage_minutes:.6g}", f"{stage}.clock={clock}",
+                      f"{stage}.max_steps={UNLIMITED_STEPS}",
                       f"{stage}.val_every={UNLIMITED_STEPS}", f"{stage}.checkpoint_every={UNLIMITED_STEPS}"]
     return overrides
 

@@ -54,6 +54,7 @@ def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
         ("direct.precision=fp8", "direct.precision"),
         ("model=huge", "no model preset 'huge'"),
         ("conservative.max_minutes=-1", "conservative.max_minutes"),
+        ("direct.clock=sundial", "direct.clock"),
     ],
 )
 def test_bad_values_are_rejected(override, message):

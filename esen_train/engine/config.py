@@ -41,6 +41,10 @@ class StageConfig:
     # that time used, so a stage stopped by the clock has decayed its learning rate. The stage
     # ends at max_steps or max_minutes, whichever comes first.
     max_minutes: float = 0.0
+    # What max_minutes counts: `wall` clock, or `cpu`, this process's CPU time (user +
+    # system; data-loader workers not included), which stays a fair budget on a machine that
+    # other work slows down.
+    clock: str = "wall"
     max_atoms: int = 256  # atoms per optimizer step, summed over all ranks
     grad_accum_steps: int = 1
     lr: float = 4e-4
@@ -103,6 +107,7 @@ class TrainConfig:
 
 STAGES = ("direct", "conservative")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+CLOCKS = ("wall", "cpu")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -162,6 +167,8 @@ def _check_values(config: TrainConfig, path: Path) -> None:
             )
         if settings.max_steps < 1 or settings.max_atoms < 1 or settings.grad_accum_steps < 1:
             raise ConfigError(f"{path}: {stage}.max_steps, max_atoms and grad_accum_steps must be positive")
+        if settings.clock not in CLOCKS:
+            raise ConfigError(f"{path}: {stage}.clock must be one of {CLOCKS}, got {settings.clock!r}")
         if settings.max_minutes < 0:
             raise ConfigError(f"{path}: {stage}.max_minutes must be >= 0 (0: no time limit), got {settings.max_minutes}")
     if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):

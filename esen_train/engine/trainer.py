@@ -53,7 +53,7 @@ class Progress:
     best_value: float = math.inf
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
-    train_seconds: float = 0.0  # wall clock of the stage so far, as all ranks agree on it
+    train_seconds: float = 0.0  # the stage's clock so far (wall or CPU), as all ranks agree on it
 
 
 class StageTrainer:
@@ -121,7 +121,7 @@ class StageTrainer:
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
-        started = time.perf_counter()
+        started = self._clock()
         self.build()
         if self.checkpoints.has_last():
             self._resume()
@@ -145,12 +145,15 @@ class StageTrainer:
             preemption.clear()
         return self.checkpoints.best
 
+    def _clock(self) -> float:
+        return time.process_time() if self.settings.clock == "cpu" else time.perf_counter()
+
     def _out_of_time(self) -> bool:
-        """Update the stage's wall clock and say whether `max_minutes` is used up. The slowest
+        """Update the stage's clock and say whether `max_minutes` is used up. The slowest
         rank's clock counts, so every rank stops after the same step."""
         if self.settings.max_minutes <= 0:
             return False
-        elapsed = torch.tensor([time.perf_counter() - self._clock_origin], dtype=torch.float64)
+        elapsed = torch.tensor([self._clock() - self._clock_origin], dtype=torch.float64)
         self.progress.train_seconds = float(distributed.all_reduce_max(elapsed))
         return self.progress.train_seconds >= 60 * self.settings.max_minutes
 
