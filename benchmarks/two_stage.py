@@ -1,13 +1,16 @@
-"""The two-stage recipe at equal wall clock: conservative from scratch, direct then
-conservative, direct only.
+"""The two-stage recipe at equal time: conservative from scratch, direct then conservative,
+direct only.
 
     OMP_NUM_THREADS=1 python benchmarks/two_stage.py DATASET --budget-minutes M --seeds S
-                      [--direct-share F [F ...]] [--arms scratch two_stage direct]
+                      [--direct-share F [F ...]] [--clock wall|cpu] [--arms scratch two_stage direct]
                       [--set KEY=VALUE ...] [--nve-steps N] [--out DIR]
 
-Every arm trains for the same M minutes of wall clock, ended by the stages' `max_minutes`
-(max_steps is lifted out of the way, and the cosine schedule runs on the fraction of the time
-used, so each arm ends with its learning rate decayed). All through the user-facing commands:
+Every arm trains for the same M minutes, ended by the stages' `max_minutes`: of wall clock, or
+with `--clock cpu` of the training process's CPU time (on a machine shared with other work, a
+wall-clock minute bought 2-4x more or fewer steps from one hour to the next; a CPU minute is
+what the process got). max_steps is lifted out of the way, and the cosine schedule runs on the
+fraction of the time used, so each arm ends with its learning rate decayed. All through the
+user-facing commands:
 - `scratch`: `esen-train fit CONFIG stages=[conservative] conservative.init_from=none
   conservative.max_minutes=M`, a conservative model from fresh weights;
 - `two_stage`: `stages=[direct,conservative]`, direct.max_minutes = F M, conservative.max_minutes
@@ -78,13 +81,13 @@ def prepare(dataset: str, out: Path) -> dict:
 
 
 # ----- one run --------------------------------------------------------------------------
-def arm_overrides(arm: str, budget_minutes: float, direct_share: float | None) -> list[str]:
-    """The stages and wall-clock limits of an arm (accuracy.stage_overrides)."""
+def arm_overrides(arm: str, budget_minutes: float, direct_share: float | None, clock: str = "wall") -> list[str]:
+    """The stages and time limits of an arm (accuracy.stage_overrides)."""
     if arm == "two_stage":
         minutes = {"direct": direct_share * budget_minutes, "conservative": (1 - direct_share) * budget_minutes}
     else:
         minutes = {"scratch": {"conservative": budget_minutes}, "direct": {"direct": budget_minutes}}[arm]
-    return accuracy.stage_overrides(minutes) + (["conservative.init_from=none"] if arm == "scratch" else [])
+    return accuracy.stage_overrides(minutes, clock) + (["conservative.init_from=none"] if arm == "scratch" else [])
 
 
 def handover_start(run_dir: Path) -> dict | None:
@@ -116,7 +119,7 @@ def one_run(prepared: dict, arm: str, direct_share: float | None, seed: int, arg
     run_dir = out / f"seed{seed}" / name
     overrides = [*prepared["base"], f"seed={seed}", f"data.train=[{prepared['dirs']['train']}]",
                  f"data.val=[{prepared['dirs']['val']}]",
-                 *arm_overrides(arm, args.budget_minutes, direct_share), *args.set]
+                 *arm_overrides(arm, args.budget_minutes, direct_share, args.clock), *args.set]
     load_before = load_average()
     wall = accuracy.fit(prepared["config"], run_dir / "run", overrides)
     record = {"arm": arm, "direct_share": direct_share, "seed": seed, "overrides": overrides,
@@ -192,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
     parser.add_argument("--direct-share", type=float, nargs="+", default=[0.5],
                         help="share(s) of the budget for the direct stage of two_stage (default 0.5)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what the budget counts: wall clock, or each process's CPU time (equal "
+                             "compute on a machine whose load from other work changes)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     parser.add_argument("--nve-steps", type=int, default=200, help="NVE steps per run (0: none)")
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args.dataset, out)
     plan = [(arm, share) for arm in args.arms for share in (args.direct_share if arm == "two_stage" else [None])]
-    report = {"dataset": args.dataset, "budget_minutes": args.budget_minutes, "seeds": args.seeds,
+    report = {"dataset": args.dataset, "budget_minutes": args.budget_minutes, "clock": args.clock, "seeds": args.seeds,
               "direct_shares": args.direct_share, "set": args.set, "config": str(prepared["config"]),
               "data": {part: str(path) for part, path in prepared["dirs"].items()},
               "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -61,6 +61,7 @@ def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
         ("model=huge", "no model preset 'huge'"),
         ("direct.patience=-1", "direct.patience"),
         ("conservative.max_minutes=-1", "conservative.max_minutes"),
+        ("direct.clock=sundial", "direct.clock"),
     ],
 )
 def test_bad_values_are_rejected(override, message):

@@ -380,12 +380,14 @@ def test_compile_with_a_sharding_strategy_is_rejected():
         load_train_config(TINY, ["strategy.name=fsdp", "direct.compile=true"])
 
 
-def test_wall_clock_limit_ends_each_stage_validated_and_a_rerun_adds_no_steps(tmp_path):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_limit_ends_each_stage_validated_and_a_rerun_adds_no_steps(tmp_path, clock):
     """max_minutes shorter than any step: each stage stops after its first step, validates and
     checkpoints there; the same command again resumes both stages and finds their time used up."""
     run = tmp_path / "run"
     overrides = FAST + [f"run_dir={run}", "direct.max_minutes=1e-6", "conservative.max_minutes=1e-6",
-                        "direct.max_steps=50", "conservative.max_steps=50"]
+                        "direct.max_steps=50", "conservative.max_steps=50", f"direct.clock={clock}",
+                        f"conservative.clock={clock}"]
     fit(load_train_config(TINY, overrides))
     fit(load_train_config(TINY, overrides))
     rows = read_metrics(run)

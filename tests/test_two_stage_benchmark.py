@@ -94,3 +94,10 @@ def test_mace_plan_fits_whole_epochs_or_one_epoch_of_at_least_a_batch():
     assert (plan["epochs"], plan["train_structures"]) == (4, 100)  # (1000 - 10 - 5) // (200 + 5)
     plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=30.0)
     assert (plan["epochs"], plan["train_structures"]) == (1, MACE.BATCH_SIZE)
+
+
+def test_the_budget_can_count_cpu_time():
+    config = load_train_config(CONFIG, ["strategy.name=single", "data.emt_structures=10",
+                                        *TWO_STAGE.arm_overrides("two_stage", 10.0, 0.5, clock="cpu")])
+    assert config.direct.clock == config.conservative.clock == "cpu"
+    assert arm_config("direct").direct.clock == "wall"

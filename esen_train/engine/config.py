@@ -49,6 +49,10 @@ class StageConfig:
     # that time used, so a stage stopped by the clock has decayed its learning rate. The stage
     # ends at max_steps or max_minutes, whichever comes first.
     max_minutes: float = 0.0
+    # What max_minutes counts: `wall` clock, or `cpu`, this process's CPU time (user +
+    # system; data-loader workers not included), which stays a fair budget on a machine that
+    # other work slows down.
+    clock: str = "wall"
     max_atoms: int = 256  # atoms per optimizer step, summed over all ranks
     grad_accum_steps: int = 1
     lr: float = 4e-4
@@ -143,6 +147,7 @@ BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_me
 # The data settings a resumed run must share with the run it resumes.
 DATA_IDENTITY = ("train", "val", "emt_structures", "emt_seed")
 CHECKPOINT_LOGGING = ("none", "best", "all")
+CLOCKS = ("wall", "cpu")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -291,6 +296,8 @@ def _check_stage(stage: str, settings: StageConfig, strategy: str, where) -> Non
         raise ConfigError(f"{where}: {stage}: energy_weight, force_weight and stress_weight are all 0: nothing to train")
     if settings.precision not in ("fp32", "bf16"):
         raise ConfigError(f"{where}: {stage}.precision must be fp32 or bf16, got {settings.precision!r}")
+    if settings.clock not in CLOCKS:
+        raise ConfigError(f"{where}: {stage}.clock must be one of {CLOCKS}, got {settings.clock!r}")
     if settings.best_metric not in BEST_METRICS:
         raise ConfigError(f"{where}: {stage}.best_metric must be one of {', '.join(BEST_METRICS)}; got {settings.best_metric!r}")
     if settings.compile and strategy not in ("single", "ddp"):

@@ -65,7 +65,7 @@ class Progress:
     validations_since_best: int = 0  # early stopping (esen_train.engine.early_stopping)
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
-    train_seconds: float = 0.0  # wall clock of the stage so far, as all ranks agree on it
+    train_seconds: float = 0.0  # the stage's clock so far (wall or CPU), as all ranks agree on it
 
 
 class StageTrainer:
@@ -157,7 +157,7 @@ class StageTrainer:
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
-        started = time.perf_counter()
+        started = self._clock()
         self.build()
         self._resume_or_start()
         self._clock_origin = started - self.progress.train_seconds
@@ -210,12 +210,15 @@ class StageTrainer:
         self.console.write(message)
         raise preemption.Preempted(message)
 
+    def _clock(self) -> float:
+        return time.process_time() if self.settings.clock == "cpu" else time.perf_counter()
+
     def _out_of_time(self) -> bool:
-        """Update the stage's wall clock and say whether `max_minutes` is used up. The slowest
+        """Update the stage's clock and say whether `max_minutes` is used up. The slowest
         rank's clock counts, so every rank stops after the same step."""
         if self.settings.max_minutes <= 0:
             return False
-        elapsed = torch.tensor([time.perf_counter() - self._clock_origin], dtype=torch.float64)
+        elapsed = torch.tensor([self._clock() - self._clock_origin], dtype=torch.float64)
         self.progress.train_seconds = float(distributed.all_reduce_max(elapsed))
         return self.progress.train_seconds >= 60 * self.settings.max_minutes
 
