@@ -96,7 +96,7 @@ def test_wheel_trains_and_launches_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("esen_train/configs/tiny.yaml", "esen_train/configs/model/esen-sm.yaml",
-                    "esen_train/configs/cluster/local-slurm.yaml", "esen_train/launch/cli.py"):
+                    "esen_train/configs/cluster/local-slurm.yaml", "esen_train/cli/launch.py"):
         assert shipped in names
     assert not [name for name in names if name.split("/")[0] in ("launch", "configs", "tests")], \
         "no generic top-level package may be installed"
