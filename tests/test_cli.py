@@ -4,6 +4,7 @@ errors do). Run in-process through the `main` each pyproject console script name
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import tomllib
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from esen_train import __version__
+from tests.conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 SUBCOMMANDS = {
     "esen-train": ["fit", "status", "config", "eval", "md", "quickstart", "import-fairchem", "export-fairchem"],
     "esen-data": ["convert", "export", "inspect", "verify", "split", "stats", "emt"],
@@ -92,3 +93,19 @@ def test_bad_input_exits_2_naming_the_problem(script, argv, problem, tmp_path, m
     error = capsys.readouterr().err
     assert f"{prog(script, argv)}: error: " in error and problem in error, error
     assert list(tmp_path.iterdir()) == [], "bad input leaves nothing behind"
+
+
+def test_no_package_below_the_commands_imports_them():
+    """Dependencies run one way, data -> model -> engine -> evaluation -> cli: nothing outside
+    esen_train/cli/ imports esen_train.cli."""
+    package = REPO_ROOT / "esen_train"
+    importers = []
+    for path in package.rglob("*.py"):
+        if package / "cli" in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name == "esen_train.cli" or name.startswith("esen_train.cli.") for name in names):
+                importers.append(str(path.relative_to(REPO_ROOT)))
+    assert importers == []

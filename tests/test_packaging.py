@@ -117,6 +117,9 @@ def test_wheel_trains_and_launches_outside_the_checkout(tmp_path):
 
     location = run(str(python), "-c", "import esen_train; print(esen_train.__file__)").strip()
     assert location.startswith(str(tmp_path / "venv")), location
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for script in project["scripts"]:
+        assert run(str(bin_dir / script), "--version") == f"{script} {project['version']}\n"
     run(str(bin_dir / "esen-train"), "fit", "tiny", "run_dir=run", "data.emt_structures=24",
         "direct.max_steps=2", "direct.val_every=2", "direct.checkpoint_every=2",
         "conservative.max_steps=2", "conservative.val_every=2", "conservative.checkpoint_every=2",
