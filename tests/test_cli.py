@@ -7,7 +7,6 @@ import argparse
 import ast
 import importlib
 import tomllib
-from pathlib import Path
 
 import pytest
 
