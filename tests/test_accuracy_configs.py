@@ -11,7 +11,7 @@ import sys
 import ase.io
 import pytest
 
-from esen_train.data.cli import main as esen_data
+from esen_train.cli.data import main as esen_data
 from esen_train.engine.config import load_train_config
 from esen_train.engine.fit import fit
 from tests.conftest import REPO_ROOT, shared_data

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.engine.config import (
     ConfigError, DataConfig, LoggingConfig, StageConfig, StrategyConfig, TrainConfig, WandbConfig, load_train_config,
 )

@@ -16,7 +16,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.data.convert import convert
 from esen_train.data.emt import MAX_ATOMS, generate_emt_dataset
 from esen_train.data.manifest import Manifest, load_natoms
@@ -101,7 +101,7 @@ def test_max_atoms_below_the_largest_structure_is_refused(tmp_path, capsys):
 
 
 def test_esen_launch_checks_the_data_before_submitting(tmp_path, capsys):
-    from esen_train.launch.cli import main as launch
+    from esen_train.cli.launch import main as launch
 
     data = tmp_path / "emt"
     generate_emt_dataset(data, num=30, seed=0)

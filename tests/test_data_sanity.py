@@ -11,7 +11,7 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from esen_train.data.cli import main
+from esen_train.cli.data import main
 from esen_train.data.convert import convert
 from esen_train.data.manifest import DatasetDirectory, Manifest
 from esen_train.data.outliers import MIN_OUTLIER_EV_PER_ATOM, fit_robust_references

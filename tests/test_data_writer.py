@@ -19,7 +19,8 @@ from esen_train.data.writer import STALE_PARTIAL_AGE_S, remove_stale_partials
 
 
 def convert_command(source: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "esen_train.data.cli", "convert", str(source), "--out", str(out)]
+    esen_data = "import sys; from esen_train.cli.data import main; sys.exit(main())"
+    return [sys.executable, "-c", esen_data, "convert", str(source), "--out", str(out)]
 
 
 def test_partial_output_of_a_killed_convert_is_removed_by_the_next(tmp_path):

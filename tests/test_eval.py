@@ -11,7 +11,7 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from PIL import Image
 
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.data.emt import generate_emt_dataset
 from esen_train.data.manifest import DatasetDirectory, DatasetError
 from esen_train.evaluation.calculator import ESENCalculator

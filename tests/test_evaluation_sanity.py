@@ -13,7 +13,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 import esen_train.evaluation.calculator as calculator_module
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.data.validate import UnphysicalGeometry
 from esen_train.evaluation.calculator import ESENCalculator, UntrainedElements
 from esen_train.evaluation.checkpoint import CheckpointError

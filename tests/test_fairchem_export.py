@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from esen_train.calculator import ESENCalculator
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.fairchem.exporter import export_fairchem
 from esen_train.fairchem.files import FairchemFormatError, write_inference_checkpoint
 from esen_train.fairchem.importer import import_fairchem, write_imported

@@ -21,7 +21,7 @@ import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from esen_train.calculator import ESENCalculator
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.fairchem.files import (
     FairchemFormatError,
     InferenceCheckpoint,

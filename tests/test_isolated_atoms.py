@@ -20,8 +20,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from esen_train.cli import main as train_main
-from esen_train.data.cli import main as data_main
+from esen_train.cli.train import main as train_main
+from esen_train.cli.data import main as data_main
 from esen_train.data.dataset import LMDBDataset
 from esen_train.data.manifest import Manifest
 from esen_train.data.sampler import AtomBalancedBatchSampler

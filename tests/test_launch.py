@@ -27,7 +27,8 @@ import torch
 
 from esen_train.engine.status import read_status
 from esen_train.engine.wandb_offline import find_run_files, read_offline_run
-from esen_train.launch.cli import expand_sweep, main, plan_launch, split_overrides, sweep_dir_name
+from esen_train.cli.launch import main
+from esen_train.launch.launcher import expand_sweep, plan_launch, split_overrides, sweep_dir_name
 from esen_train.launch.job import TrainingJob
 from esen_train.launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit

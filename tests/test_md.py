@@ -17,7 +17,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from PIL import Image
 
-from esen_train.cli import main
+from esen_train.cli.train import main
 from esen_train.evaluation.calculator import ESENCalculator
 from esen_train.evaluation.md import energy_drift, run_nve
 from esen_train.evaluation.plots import plot_energy_vs_time

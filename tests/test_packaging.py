@@ -96,7 +96,7 @@ def test_wheel_trains_and_launches_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("esen_train/configs/tiny.yaml", "esen_train/configs/model/esen-sm.yaml",
-                    "esen_train/configs/cluster/local-slurm.yaml", "esen_train/launch/cli.py"):
+                    "esen_train/configs/cluster/local-slurm.yaml", "esen_train/cli/launch.py"):
         assert shipped in names
     assert not [name for name in names if name.split("/")[0] in ("launch", "configs", "tests")], \
         "no generic top-level package may be installed"
@@ -117,6 +117,9 @@ def test_wheel_trains_and_launches_outside_the_checkout(tmp_path):
 
     location = run(str(python), "-c", "import esen_train; print(esen_train.__file__)").strip()
     assert location.startswith(str(tmp_path / "venv")), location
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for script in project["scripts"]:
+        assert run(str(bin_dir / script), "--version") == f"{script} {project['version']}\n"
     run(str(bin_dir / "esen-train"), "fit", "tiny", "run_dir=run", "data.emt_structures=24",
         "direct.max_steps=2", "direct.val_every=2", "direct.checkpoint_every=2",
         "conservative.max_steps=2", "conservative.val_every=2", "conservative.checkpoint_every=2",

@@ -9,8 +9,8 @@ import re
 
 import ase.io
 
-from esen_train.cli import main as esen_train
-from esen_train.data.cli import main as esen_data
+from esen_train.cli.train import main as esen_train
+from esen_train.cli.data import main as esen_data
 from esen_train.progress import ConsoleProgress, StageConsole, format_duration
 from tests.evaluation_helpers import labelled_copper_structures, write_checkpoint
 

@@ -2,7 +2,7 @@
 fine-tuning, evaluation, NVE test, plots and summary.json."""
 import json
 
-from esen_train.cli import main
+from esen_train.cli.train import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from esen_train.cli import main as esen_train
+from esen_train.cli.train import main as esen_train
 from esen_train.data.manifest import DatasetError
 from esen_train.engine import preemption
 from esen_train.engine.config import load_train_config

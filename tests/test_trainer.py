@@ -250,7 +250,7 @@ def test_eval_and_md_add_their_results_to_the_runs_wandb_run(two_stage_run, tmp_
     import ase.build
     import ase.io
 
-    from esen_train.cli import main
+    from esen_train.cli.train import main
 
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     run_dir = tmp_path / "run"

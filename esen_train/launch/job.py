@@ -1,4 +1,4 @@
-"""The function each SLURM (or local) task runs: `esen-train fit` in-process, requeueable.
+"""The function each SLURM (or local) task runs: what `esen-train fit` runs, in-process, requeueable.
 
 submitit pickles a `TrainingJob` at submission and calls it once per task. Every task exports
 the torch.distributed environment from SLURM's (MASTER_ADDR is the first host of the job's
@@ -32,8 +32,9 @@ import sys
 
 import submitit
 
-from esen_train.cli import main as esen_train_main
 from esen_train.engine import preemption
+from esen_train.engine.config import load_train_config
+from esen_train.engine.fit import fit
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         if self.local_master_port is not None:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.local_master_port))
         try:
-            status = esen_train_main(["fit", self.config, *self.overrides])
+            run_dir = fit(load_train_config(self.config, self.overrides))
         except preemption.Preempted:  # the trainer saved the step it was at and said so
             _run_submitit_handler(submitit_handlers)
             sys.exit(1)  # no result: the requeued job, or SLURM's accounting, tells the outcome
@@ -63,8 +64,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 raise
             log.exception("training stopped by SLURM; leaving no result for this run")
             sys.exit(1)
-        if status:
-            raise RuntimeError(f"esen-train fit {self.config} {' '.join(self.overrides)} exited with status {status}")
+        print(f"run directory: {run_dir}")
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """What submitit requeues: this same job (the trainer has saved its checkpoint)."""

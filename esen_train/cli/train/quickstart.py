@@ -1,5 +1,6 @@
-"""`esen-train quickstart`: the whole recipe on built-in EMT data, through the same
-commands a user types.
+"""The whole recipe on built-in EMT data, through the same commands a user types.
+
+    esen-train quickstart [--out DIR] [--nproc N] [--structures N] [--md-steps N] [key=value ...]
 
 1. make EMT-labelled structures (extended XYZ), convert them to LMDB shards, split, stats;
 2. `esen-train fit configs/quickstart.yaml --nproc N`: direct pretraining, then
@@ -11,6 +12,7 @@ commands a user types.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -22,12 +24,35 @@ import ase.io
 from ase.calculators.emt import EMT
 
 from esen_train import CONFIG_DIR
-from esen_train.data import cli as data_cli
+from esen_train.cli import data as esen_data
+from esen_train.cli.common import fail
 from esen_train.data.emt import write_emt_extxyz
+from esen_train.engine.config import ConfigError, load_train_config
 from esen_train.evaluation.md import run_nve
 
+HELP = "the whole recipe on built-in EMT data"
 CONFIG = CONFIG_DIR / "quickstart.yaml"
+DATA = Path("data", "emt")  # OUT/data/emt, then OUT/data/emt_train, _val and _test
 MD_TIMESTEP_FS, MD_TEMPERATURE_K = 2.0, 300.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/quickstart", help="output directory")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    parser.add_argument("--structures", type=int, default=800, help="EMT structures to make (default 800)")
+    parser.add_argument("--md-steps", type=int, default=400, help="NVE steps of 2 fs (default 400)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings for the training, e.g. direct.max_steps=50")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        # A wrong setting stops here, before any data is made.
+        load_train_config(CONFIG, _training_settings(Path(args.out).resolve(), args.overrides))
+    except ConfigError as error:
+        return fail("esen-train quickstart", error)
+    run_quickstart(args.out, nproc=args.nproc, structures=args.structures, md_steps=args.md_steps,
+                   overrides=args.overrides)
+    return 0
 
 
 def run_quickstart(out: str | Path, nproc: int = 2, structures: int = 800, md_steps: int = 400,
@@ -39,8 +64,7 @@ def run_quickstart(out: str | Path, nproc: int = 2, structures: int = 800, md_st
     data = _make_data(out, structures)
     run_dir = out / "run"
     _step(f"training: direct pretraining then conservative fine-tuning on {nproc} process(es)")
-    _esen_train(["fit", str(CONFIG), f"run_dir={run_dir}", f"data.train=[{data}_train]", f"data.val=[{data}_val]",
-                 *overrides, f"--nproc={nproc}"])
+    _esen_train(["fit", str(CONFIG), *_training_settings(out, overrides), f"--nproc={nproc}"])
     summary = {"run_dir": str(run_dir), "learning_curves": str(run_dir / "learning_curves.png")}
     md_settings = ["--steps", str(md_steps), "--timestep", str(MD_TIMESTEP_FS), "--temperature", str(MD_TEMPERATURE_K)]
     for stage in ("direct", "conservative"):
@@ -52,11 +76,17 @@ def run_quickstart(out: str | Path, nproc: int = 2, structures: int = 800, md_st
     return summary
 
 
+def _training_settings(out: Path, overrides: list[str]) -> list[str]:
+    """The key=value settings of the training: where its run and data are, then the user's."""
+    data = out / DATA
+    return [f"run_dir={out / 'run'}", f"data.train=[{data}_train]", f"data.val=[{data}_val]", *overrides]
+
+
 def _make_data(out: Path, structures: int) -> Path:
     raw = out / "emt.xyz"
     _step(f"making {structures} EMT-labelled structures: {raw}")
     write_emt_extxyz(raw, structures, seed=0)
-    data = out / "data" / "emt"
+    data = out / DATA
     _step(f"converting to LMDB shards: {data}")
     _esen_data(["convert", str(raw), "--out", str(data), "--shards", "2", "--overwrite"])
     _esen_data(["split", str(data), "--out", str(data), "--fractions", "0.8,0.1,0.1", "--seed", "0", "--overwrite"])
@@ -101,7 +131,7 @@ def _emt_floor(structure: Path, steps: int) -> dict:
 
 
 def _esen_data(argv: list[str]) -> None:
-    if data_cli.main(argv) != 0:
+    if esen_data.main(argv) != 0:
         raise SystemExit(f"quickstart: esen-data {' '.join(argv)} failed")
 
 

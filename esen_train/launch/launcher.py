@@ -1,22 +1,10 @@
-"""`esen-launch`: submit `esen-train fit` to SLURM (or run it locally) with submitit.
-
-    esen-launch CONFIG cluster=NAME [launch key=value ...] [training key=value ...]
-                [--sweep KEY=V1,V2,...]... [--dry-run] [--wait]
-
-Launch keys (cluster=NAME and the profile fields: nodes, tasks_per_node, cpus_per_task,
-gpus_per_node, mem_gb, time_min, partition, account, qos, constraint, signal_delay_s,
-max_requeues) override the cluster profile configs/cluster/NAME.yaml; every other key=value is a
-training override passed to `esen-train fit`. Each --sweep KEY=V1,V2 varies one training key;
-several --sweep options combine as a grid, and the grid is submitted as one SLURM job array
-with one run directory per point: <run_dir>/<index>-<key>=<value>... (commas inside [...] stay
-part of a value).
-
-The profile, the training config and every override are checked before anything is
-submitted; the partition and the resources are checked against the cluster when SLURM answers.
+"""What `esen-launch` does (esen_train/cli/launch.py parses its arguments): split the key=value
+arguments into launch keys and training overrides, expand the sweeps, check the profile, every
+run's config and the cluster before anything is submitted, print the plan or the submitted jobs,
+and wait for them.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import sys
@@ -26,43 +14,13 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from esen_train import shipped_config
-from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
+from esen_train.engine.config import check_against_data, check_resume, load_train_config
 from esen_train.engine.tracking import resolve_wandb_mode
 from esen_train.launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import SlurmUnreachable, query_cluster
-from esen_train.launch.submission import LaunchPlan, Run, sbatch_script, submit
+from esen_train.launch.submission import LaunchPlan, Run, sbatch_script
 
 WANDB_ID_FILE = "wandb_run_id"  # kept in the run directory by esen_train.engine.tracking
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        plan = plan_launch(args.config, args.overrides, args.sweep)
-        _check_cluster(plan, required=not args.dry_run)
-    except (ProfileError, ConfigError, SlurmUnreachable) as error:
-        print(f"esen-launch: error: {error}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        _print_dry_run(plan)
-        return 0
-    jobs = submit(plan)
-    _print_jobs(plan, jobs)
-    if args.wait:
-        return _wait(jobs)
-    return 0
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="esen-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("config", help="training config: a YAML path, or a shipped config by name (tiny, quickstart)")
-    parser.add_argument("overrides", nargs="*", help="cluster=NAME, launch keys and training overrides (key=value)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="vary a training key (repeat for a grid)")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit non-zero if it failed")
-    return parser.parse_intermixed_args(argv)
 
 
 def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchPlan:
@@ -132,7 +90,7 @@ def sweep_dir_name(index: int, point: list[str]) -> str:
     return f"{index:03d}-" + re.sub(r"[^A-Za-z0-9.=_+-]", "-", readable)[:100]
 
 
-def _check_cluster(plan: LaunchPlan, required: bool) -> None:
+def check_cluster(plan: LaunchPlan, required: bool) -> None:
     """Ask SLURM whether the partition exists and can hold the job; a dry run may go without."""
     if plan.profile.executor != "slurm":
         return
@@ -146,7 +104,7 @@ def _check_cluster(plan: LaunchPlan, required: bool) -> None:
     check_against_cluster(plan.profile, cluster, f"cluster profile {plan.cluster!r}")
 
 
-def _print_dry_run(plan: LaunchPlan) -> None:
+def print_dry_run(plan: LaunchPlan) -> None:
     if plan.profile.executor == "slurm":
         print(sbatch_script(plan))
     else:
@@ -156,7 +114,7 @@ def _print_dry_run(plan: LaunchPlan) -> None:
         print(f"# {task} runs: esen-train fit {plan.config_file} {' '.join(run.overrides)}")
 
 
-def _print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:
+def print_jobs(plan: LaunchPlan, jobs: list[submitit.Job]) -> None:
     profile = plan.profile
     for job, run in zip(jobs, plan.runs):
         print(f"job {job.job_id}: {profile.nodes} node(s) x {profile.tasks_per_node} task(s) ({profile.executor})")
@@ -182,7 +140,7 @@ def _describe_wandb_run(run: Run) -> str:
     return f"{run_id}; {where}"
 
 
-def _wait(jobs: list[submitit.Job]) -> int:
+def wait_for(jobs: list[submitit.Job]) -> int:
     failed = 0
     for job in jobs:
         try:
@@ -194,6 +152,3 @@ def _wait(jobs: list[submitit.Job]) -> int:
             print(f"job {job.job_id}: completed")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Train the stages of a config: `esen-train fit CONFIG [key=value ...] [--nproc N] [--quiet]`.
+
+With --nproc N (N > 1) the command starts N local processes through torch.distributed.run,
+each running this same command; a config that is wrong stops it before any process starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from esen_train.cli.common import fail
+from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
+from esen_train.engine.config_keys import config_keys_help
+
+HELP = "train the stages of a config"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = config_keys_help()
+    parser.add_argument("config", help="a YAML path (configs/tiny.yaml) or a shipped config by name (tiny)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. direct.max_steps=100")
+    parser.add_argument("--nproc", type=int, default=1, help="start N local processes (torch.distributed.run)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines (same as logging.progress=false)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quiet:
+        args.overrides = [*args.overrides, "logging.progress=false"]
+    try:
+        config = load_train_config(args.config, args.overrides)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            check_against_data(config)  # once here, rather than once per process
+            check_resume(config)
+            return _launch_local_processes(args, config.run_dir)
+        from esen_train.engine.fit import fit
+
+        run_dir = fit(config)
+    except ConfigError as error:
+        return fail("esen-train fit", error)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _launch_local_processes(args: argparse.Namespace, run_dir: str) -> int:
+    """Re-run this command under torch's launcher with N processes on this machine.
+    The run directory is fixed here so every process agrees on it."""
+    overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    if not any(o.startswith("strategy.name=") for o in overrides) and load_train_config(args.config, overrides).strategy.name == "single":
+        overrides.append("strategy.name=ddp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        "-m", "esen_train.cli", "fit", args.config, *overrides,
+    ]
+    return subprocess.call(command)
