@@ -3,12 +3,12 @@ deterministic batches, and one training scenario driven through the Strategy int
 as the trainer drives it (`optimizer_step` with loss shares and accumulation, EMA, save/load).
 
 The toy potential has what the strategies care about: an embedding (no weight decay), a
-LayerNorm, blocks (FSDP's per-block units, named by `fsdp_units`), an energy head, and either direct heads (a
-force head, and a stress head that goes unused, like ESEN's on data without stress) or
-conservative forces = -autograd.grad(E, pos, create_graph=True) inside forward. Scenarios
-with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni clusters instead;
-with `isolated=True` every other structure has no neighbour within the cutoff, so on two
-ranks rank 1 trains on batches without a single edge.
+LayerNorm, blocks (FSDP's per-block units, which `fsdp_units` names), an energy head, and
+either direct heads (a force head, and a stress head that goes unused, like ESEN's on data
+without stress) or conservative forces = -autograd.grad(E, pos, create_graph=True) inside
+forward. Scenarios with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni
+clusters instead; with `isolated=True` every other structure has no neighbour within the
+cutoff, so on two ranks rank 1 trains on batches without a single edge.
 """
 from __future__ import annotations
 

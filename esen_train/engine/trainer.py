@@ -1,9 +1,9 @@
 """One training stage (direct or conservative) from first step to last checkpoint.
 
-The loop is: set the learning rate, run `grad_accum_steps` micro-batches forward and
-backward, clip and step (a non-finite gradient skips the step on every rank), update the
-EMA, then log, validate and checkpoint on their schedules, until `max_steps` or early
-stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
+The loop is: set the learning rate, one `Strategy.optimizer_step` (`grad_accum_steps`
+micro-batches forward and backward, clip and step, where a non-finite gradient skips the
+step on every rank, and update the EMA), then log, validate and checkpoint on their
+schedules, until `max_steps` or early stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
 sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
 goes to the console (esen_train.progress) and RUN/status.json (engine/status.py). At each
 step boundary the ranks agree on whether the job was told to stop (engine/preemption.py):
