@@ -2,8 +2,9 @@
 
 `CheckpointManager` alone creates, publishes, checks and prunes them; the strategy only writes
 its files into the `train_state/` folder it is given. A checkpoint is built in a hidden
-temporary directory and renamed into place, so a crash never leaves one that looks valid. `last` and `best` are relative symlinks to step
-directories, swapped atomically with `os.replace`. Each checkpoint holds:
+temporary directory and renamed into place, so a crash never leaves one that looks valid.
+`last` and `best` are relative symlinks to step directories, swapped atomically with
+`os.replace`. Each checkpoint holds:
 - `model.pt`: the full model and EMA weights with the model config and the elements of the
   training data (what inference reads, whatever the strategy), loadable with
   `torch.load(weights_only=True)`;
