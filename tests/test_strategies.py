@@ -43,6 +43,7 @@ from tests.strategy_harness import (
     run_scenario,
     single_process_dist,
     train_scenarios,
+    write_training_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +228,15 @@ def test_two_rank_zero_checkpoint_loads_on_one_rank(deepspeed_two_ranks, checkpo
         assert_equal_weights(result["weights"], rank0["saved_weights"])
         assert_equal_weights(result["ema"], rank0["saved_ema"])
         assert any("AdamW moments start afresh" in message for message in result["warnings"])
+
+
+@pytest.mark.parametrize("writer, reader", [("ddp", "single"), ("single", "ddp")])
+def test_single_and_ddp_read_each_others_state(tmp_path, writer, reader):
+    written = build(Scenario(writer, conservative=False), single_process_dist(), seed=0)
+    write_training_state(written, tmp_path / "state", extra={"step": 3})
+    loaded = build(Scenario(reader, conservative=False), single_process_dist(), seed=1)
+    assert loaded.load_from(tmp_path / "state") == {"step": 3}
+    assert_equal_weights(loaded.full_state_dict(use_ema=False), written.full_state_dict(use_ema=False))
 
 
 def test_loading_another_strategys_state_fails_clearly(torch_two_ranks, checkpoint_root):

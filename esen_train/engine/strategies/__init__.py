@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from esen_train.engine.config import StageConfig, StrategyConfig
 from esen_train.engine.distributed import DistInfo
-from esen_train.engine.strategies.base import StepResult, Strategy
+from esen_train.engine.strategies.base import Strategy
 from esen_train.engine.strategies.ddp import DDPStrategy
 from esen_train.engine.strategies.fsdp import FSDPStrategy
 from esen_train.engine.strategies.single import SingleStrategy
@@ -39,4 +39,4 @@ def build_strategy(config: StrategyConfig, stage: StageConfig, dist: DistInfo) -
     return STRATEGIES[config.name](**settings)
 
 
-__all__ = ["STRATEGIES", "StepResult", "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "build_strategy"]
