@@ -42,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
 from esen_train.engine import distributed  # noqa: E402
 from esen_train.engine.config import StageConfig, StrategyConfig  # noqa: E402
-from esen_train.engine.ema import ExponentialMovingAverage  # noqa: E402
 from esen_train.engine.optim import OptimSettings  # noqa: E402
-from esen_train.engine.strategy import Strategy, build_strategy  # noqa: E402
+from esen_train.engine.strategies import Strategy, build_strategy  # noqa: E402
 from esen_train.model import ESEN, load_model_config  # noqa: E402
 
 RUNS = [("single", 1), ("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2),
@@ -124,21 +123,19 @@ def measure_stage(name: str, zero_stage: int, conservative: bool, args, dist) ->
     model = ESEN(config).to(dist.device)
     parameters = sum(p.numel() for p in model.parameters())
     strategy = build_strategy(StrategyConfig(name=name, zero_stage=zero_stage), StageConfig(precision=args.precision), dist)
-    strategy.setup(model, OptimSettings(lr=1e-4, weight_decay=1e-3), conservative=conservative)
-    ema = ExponentialMovingAverage(strategy.module, 0.999)
-    strategy.attach_ema(ema)
+    strategy.setup(model, OptimSettings(lr=1e-4, weight_decay=1e-3), conservative=conservative, ema_decay=0.999)
     resident = ResidentParameters(strategy.module)
     structures = synthetic_structures(args.structures, config.cutoff, seed=1)
     batch = Batch.from_data_list(structures[dist.rank :: dist.world_size]).to(dist.device)
     global_atoms = sum(int(s.natoms) for s in structures)
     forces = "conservative" if conservative else "direct"
 
+    def loss_of(model, micro_batch) -> torch.Tensor:
+        out = model(micro_batch, forces=forces, stress=False, create_graph=conservative)
+        return loss_share(out, micro_batch, dist.world_size)
+
     def step() -> None:
-        with strategy.autocast():
-            out = strategy.model(batch, forces=forces, stress=False, create_graph=conservative)
-            strategy.backward(loss_share(out, batch, dist.world_size))
-        if not strategy.step(100.0).skipped:
-            ema.update()
+        strategy.optimizer_step([batch], loss_of, max_grad_norm=100.0)
 
     for _ in range(args.warmup):
         step()

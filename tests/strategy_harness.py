@@ -1,14 +1,14 @@
 """What tests/test_strategies.py runs in each process: a small potential with a double backward,
 deterministic batches, and one training scenario driven through the Strategy interface exactly
-as the trainer drives it (loss shares, accumulation, no_sync, clipping, skip, EMA, save/load).
+as the trainer drives it (`optimizer_step` with loss shares and accumulation, EMA, save/load).
 
 The toy potential has what the strategies care about: an embedding (no weight decay), a
-LayerNorm, `blocks` (FSDP's per-block units), an energy head, and either direct heads (a
-force head, and a stress head that goes unused, like ESEN's on data without stress) or
-conservative forces = -autograd.grad(E, pos, create_graph=True) inside forward. Scenarios
-with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni clusters instead;
-with `isolated=True` every other structure has no neighbour within the cutoff, so on two
-ranks rank 1 trains on batches without a single edge.
+LayerNorm, blocks (FSDP's per-block units, which `fsdp_units` names), an energy head, and
+either direct heads (a force head, and a stress head that goes unused, like ESEN's on data
+without stress) or conservative forces = -autograd.grad(E, pos, create_graph=True) inside
+forward. Scenarios with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni
+clusters instead; with `isolated=True` every other structure has no neighbour within the
+cutoff, so on two ranks rank 1 trains on batches without a single edge.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch_geometric.data import Batch
 
 from esen_train.engine import distributed
+from esen_train.engine.checkpoint import CheckpointManager
 from esen_train.engine.config import StageConfig, StrategyConfig
 from esen_train.engine.distributed import DistInfo
-from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.optim import OptimSettings
-from esen_train.engine.strategy import Strategy, build_strategy
+from esen_train.engine.strategies import Strategy, build_strategy
 from esen_train.model import ESEN
 from tests.model_helpers import tiny_config, to_data
 
@@ -65,6 +65,9 @@ class ToyPotential(nn.Module):
         self.force_head = nn.Linear(width, 3) if direct_forces else None
         self.stress_head = nn.Linear(width, 9) if direct_forces else None  # unused: no stress here
         self.register_buffer("centers", torch.linspace(0.5, 3.0, NUM_GAUSSIANS))
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def forward(self, batch: dict, forces: str, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
         pos = batch["pos"]
@@ -212,8 +215,8 @@ def build(scenario: Scenario, dist: DistInfo, seed: int) -> Strategy:
         StageConfig(grad_accum_steps=scenario.grad_accum_steps, precision="fp32"),
         dist,
     )
-    strategy.setup(model, OptimSettings(lr=scenario.lr, weight_decay=0.01), conservative=scenario.conservative)
-    strategy.attach_ema(ExponentialMovingAverage(strategy.module, scenario.ema_decay))
+    strategy.setup(model, OptimSettings(lr=scenario.lr, weight_decay=0.01), conservative=scenario.conservative,
+                   ema_decay=scenario.ema_decay)
     return strategy
 
 
@@ -221,20 +224,21 @@ def train_step(strategy: Strategy, scenario: Scenario, step: int, dist: DistInfo
     """One optimizer step as the trainer does it; returns (global loss, skipped, grad norm)."""
     accum = scenario.grad_accum_steps
     strategy.set_lr(scenario.lr * (1.0 - 0.05 * step))
+    losses = []
+
+    def loss_of(model: nn.Module, batch) -> torch.Tensor:
+        out = model(batch, forces=scenario.forces, stress=False, create_graph=scenario.conservative)
+        loss = loss_share(out, batch, dist)
+        if step == scenario.nonfinite_step and dist.rank == dist.world_size - 1:
+            loss = loss * float("nan")
+        losses.append(loss.detach())
+        return loss
+
+    micro_batches = (rank_batch(step, micro, dist, scenario) for micro in range(accum))
+    result = strategy.optimizer_step(micro_batches, loss_of, scenario.max_grad_norm)
     total = torch.zeros((), dtype=torch.float64)
-    for micro in range(accum):
-        batch = rank_batch(step, micro, dist, scenario)
-        sync = strategy.no_sync() if micro < accum - 1 else nullcontext()
-        with sync, strategy.autocast():
-            out = strategy.model(batch, forces=scenario.forces, stress=False, create_graph=scenario.conservative)
-            loss = loss_share(out, batch, dist) / accum
-            if step == scenario.nonfinite_step and dist.rank == dist.world_size - 1:
-                loss = loss * float("nan")
-            strategy.backward(loss)
-        total += loss.detach().double()
-    result = strategy.step(scenario.max_grad_norm)
-    if not result.skipped:
-        strategy.ema.update()
+    for loss in losses:
+        total += (loss / accum).double()
     return float(distributed.all_reduce_sum(total) / dist.world_size), result.skipped, result.grad_norm
 
 
@@ -267,7 +271,7 @@ def run_scenario(scenario: Scenario, dist: DistInfo, checkpoint_dir: Path) -> di
     for step in range(scenario.steps):
         if step == scenario.save_after:
             result["val_loss"] = validation_loss(strategy, scenario, dist)
-            strategy.save(checkpoint_dir, extra={"step": step, "rank": dist.rank, "rng": torch.get_rng_state()})
+            write_training_state(strategy, checkpoint_dir, extra={"step": step, "rank": dist.rank, "rng": torch.get_rng_state()})
             result["saved_weights"] = strategy.full_state_dict(use_ema=False)
             result["saved_ema"] = strategy.full_state_dict(use_ema=True)
         loss, skipped, norm = train_step(strategy, scenario, step, dist)
@@ -280,7 +284,7 @@ def run_scenario(scenario: Scenario, dist: DistInfo, checkpoint_dir: Path) -> di
     )
 
     resumed = build(scenario, dist, seed=1)
-    extra = resumed.load(checkpoint_dir)
+    extra = resumed.load_from(checkpoint_dir)
     result["loaded_extra"] = {"step": extra["step"], "rank": extra["rank"]}
     result["resumed_losses"] = [train_step(resumed, scenario, step, dist)[0] for step in range(scenario.save_after, scenario.steps)]
     result["resumed_final_weights"] = resumed.full_state_dict(use_ema=False)
@@ -296,7 +300,7 @@ def load_on_this_world(scenarios: list[Scenario], checkpoint_root: Path, dist: D
         strategy = build(scenario, dist, seed=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            extra = strategy.load(checkpoint_root / scenario.key)
+            extra = strategy.load_from(checkpoint_root / scenario.key)
         results[scenario.key] = {
             "weights": strategy.full_state_dict(use_ema=False),
             "ema": strategy.full_state_dict(use_ema=True),
@@ -307,16 +311,32 @@ def load_on_this_world(scenarios: list[Scenario], checkpoint_root: Path, dist: D
     return results
 
 
-def save_then_die(directory: Path) -> None:
-    """Write a checkpoint of step 1, then die by SIGKILL half-way through writing step 2's."""
+def write_training_state(strategy: Strategy, directory: Path, extra: dict) -> None:
+    """What CheckpointManager.save does around `save_into`: rank 0 creates the directory, then
+    every rank writes into it."""
+    if distributed.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    strategy.save_into(directory, extra)
+    distributed.barrier()
+
+
+def save_checkpoint(manager: CheckpointManager, strategy: Strategy, step: int, extra: dict) -> Path:
+    """A checkpoint of the tiny eSEN (a `model="esen"` scenario without conservative forces)."""
+    return manager.save(strategy, tiny_config(direct_forces=True), "direct", step, {}, extra=extra, is_best=False)
+
+
+def save_then_die(stage_dir: Path) -> None:
+    """Save the checkpoint of step 1, then die by SIGKILL half-way through writing step 2's."""
 
     class KillsWhilePickled:
         def __reduce__(self):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
-    strategy.save(directory, extra={"step": 1})
-    strategy.save(directory, extra={"step": 2, "payload": KillsWhilePickled()})
+    strategy = build(Scenario("single", conservative=False, model="esen"), single_process_dist(), seed=0)
+    manager = CheckpointManager(stage_dir, keep_last=2, elements=[28, 29])
+    save_checkpoint(manager, strategy, 1, extra={"step": 1})
+    save_checkpoint(manager, strategy, 2, extra={"step": 2, "payload": KillsWhilePickled()})
 
 
 # ----- processes ------------------------------------------------------------------

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from esen_train.engine.ddp import DataParallelStrategy
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.optim import OptimSettings, build_adamw, lr_at, param_groups
+from esen_train.engine.strategies.single import SingleStrategy
 from esen_train.model import ESEN
 from tests.model_helpers import tiny_config
 
@@ -93,8 +93,8 @@ def test_the_backbone_can_learn_slower_than_the_heads():
     strategy reports the schedule's learning rate. Frozen parameters are in no group."""
     model = ESEN(tiny_config())
     model.backbone.blocks[0].requires_grad_(False)
-    strategy = DataParallelStrategy(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), name="single")
-    strategy.setup(model, OptimSettings(lr=1e-3, weight_decay=0.01, backbone_lr_scale=0.1), conservative=False)
+    strategy = SingleStrategy(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    strategy.setup(model, OptimSettings(lr=1e-3, weight_decay=0.01, backbone_lr_scale=0.1), conservative=False, ema_decay=0.99)
     names = {id(p): name for name, p in model.named_parameters()}
     groups = strategy.optimizer.param_groups
     assert [(g["lr_scale"], g["weight_decay"], g["lr"]) for g in groups] == [

@@ -9,6 +9,8 @@ continues where it stopped and ends with the weights of a run that was never int
   stops at the next step boundary with that step saved (the raw weights, not the EMA weights
   that validation swaps in). Several processes under SLURM: tests/test_launch.py.
 - A damaged training state raises an error naming the file.
+- A checkpoint save that raises, or is killed with SIGKILL, half-way leaves the checkpoint
+  before it intact and nothing that looks like a checkpoint.
 """
 import os
 import random
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from esen_train.engine import preemption
 from esen_train.engine.checkpoint import CheckpointManager, damage_in
@@ -32,7 +35,7 @@ from esen_train.engine.tracking import read_metrics
 from esen_train.engine.trainer import StageTrainer
 from esen_train.evaluation.checkpoint import CheckpointError, read_model_file
 from esen_train.model.config import load_model_config
-from tests.strategy_harness import Scenario, build, single_process_dist
+from tests.strategy_harness import Scenario, build, save_checkpoint, save_then_die, single_process_dist, write_training_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 12
@@ -229,8 +232,53 @@ def test_a_checkpoint_is_never_written_over(crashed_copy):
     strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
     before = (checkpoint_dir(crashed_copy, 8) / "model.pt").read_bytes()
     with pytest.raises(CheckpointError, match="step_00000008 already exists: a checkpoint is never written over"):
-        manager.save(strategy, None, load_model_config("tiny"), "direct", 8, {}, extra={}, is_best=False)
+        manager.save(strategy, load_model_config("tiny"), "direct", 8, {}, extra={}, is_best=False)
     assert (checkpoint_dir(crashed_copy, 8) / "model.pt").read_bytes() == before
+
+
+# ----- a save that fails or is killed half-way -------------------------------------------------
+class _FailsWhilePickled:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def esen_strategy(seed: int):
+    return build(Scenario("single", conservative=False, model="esen"), single_process_dist(), seed=seed)
+
+
+def assert_only_checkpoint_is_step_1(run_dir: Path) -> None:
+    """Step 1 is intact and is where the stage resumes; the broken save left nothing that
+    looks like a checkpoint, only a hidden temporary directory."""
+    stage_dir = run_dir / "checkpoints" / "direct"
+    manager = CheckpointManager(stage_dir, keep_last=2, elements=[28, 29])
+    assert manager.find_resume_point(torch.device("cpu")) == checkpoint_dir(run_dir, 1)
+    assert sorted(path.name for path in stage_dir.iterdir() if not path.name.startswith(".")) == ["last", "step_00000001"]
+    strategy = esen_strategy(seed=3)
+    assert manager.load(strategy, checkpoint_dir(run_dir, 1))["step"] == 1
+    hidden = list(stage_dir.glob(".*"))
+    assert [path.name for path in hidden] == [".step_00000002.tmp"]
+    assert "contents.json is missing" in damage_in(hidden[0])
+    with pytest.raises(FileNotFoundError, match="not a training-state directory"):
+        manager.load(strategy, hidden[0])
+
+
+def test_exception_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    stage_dir = tmp_path / "checkpoints" / "direct"
+    manager = CheckpointManager(stage_dir, keep_last=2, elements=[28, 29])
+    strategy = esen_strategy(seed=0)
+    save_checkpoint(manager, strategy, 1, extra={"step": 1})
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(manager, strategy, 2, extra={"step": 2, "payload": _FailsWhilePickled()})
+    assert_only_checkpoint_is_step_1(tmp_path)
+
+
+def test_sigkill_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    stage_dir = tmp_path / "checkpoints" / "direct"
+    process = mp.get_context("fork").Process(target=save_then_die, args=(stage_dir,))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == -9
+    assert_only_checkpoint_is_step_1(tmp_path)
 
 
 # ----- signals in one process ----------------------------------------------------------------
@@ -305,8 +353,8 @@ def test_signal_during_a_training_step_saves_that_step(tmp_path, reference, monk
 def test_damaged_training_state_errors_name_the_file(tmp_path, name, damage, message):
     strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
     directory = tmp_path / "train_state"
-    strategy.save(directory, extra={"step": 1})
+    write_training_state(strategy, directory, extra={"step": 1})
     damage(directory / name)
     with pytest.raises(CheckpointError, match=message) as error:
-        strategy.load(directory)
+        strategy.load_from(directory)
     assert str(directory / name) in str(error.value)

@@ -12,9 +12,8 @@ and without gradient accumulation, on a toy potential and on the real tiny eSEN:
 - a checkpoint saved on 2 ranks and loaded by a fresh model on 2 ranks continues bit for bit;
   loaded on 1 rank it gives the same weights and EMA (and, except for ZeRO whose optimizer
   partitions cannot be re-split, the same continuation);
-- FSDP and ZeRO hold about half the optimizer state per rank;
-- a save killed or failing half-way leaves the previous checkpoint valid and nothing that
-  looks like a checkpoint.
+- FSDP and ZeRO hold about half the optimizer state per rank.
+(A checkpoint save killed or failing half-way: tests/test_resume.py.)
 
 Processes: all torch-strategy scenarios run in one pair of processes, the DeepSpeed ones in
 another pair, and the one-rank DeepSpeed loads in one more process. DeepSpeed's first start on
@@ -22,26 +21,32 @@ a machine compiles a C++ extension (about 80 s, cached in ~/.cache/torch_extensi
 """
 from __future__ import annotations
 
+import ast
 import math
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from esen_train.engine.config import StageConfig, StrategyConfig
-from esen_train.engine.strategy import build_strategy
+from esen_train.engine.config import ConfigError, StageConfig, StrategyConfig, load_train_config
+from esen_train.engine.strategies import STRATEGIES, build_strategy
 from tests.strategy_harness import (
     Scenario,
     build,
     load_on_this_world,
+    loss_share,
+    rank_batch,
     run_in_processes,
     run_scenario,
-    save_then_die,
     single_process_dist,
     train_scenarios,
+    write_training_state,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 F32 = torch.float32
 ESEN_LR = 5e-3  # the toy's 3e-2 is too much for eSEN
 TORCH_SCENARIOS = [
@@ -225,44 +230,19 @@ def test_two_rank_zero_checkpoint_loads_on_one_rank(deepspeed_two_ranks, checkpo
         assert any("AdamW moments start afresh" in message for message in result["warnings"])
 
 
+@pytest.mark.parametrize("writer, reader", [("ddp", "single"), ("single", "ddp")])
+def test_single_and_ddp_read_each_others_state(tmp_path, writer, reader):
+    written = build(Scenario(writer, conservative=False), single_process_dist(), seed=0)
+    write_training_state(written, tmp_path / "state", extra={"step": 3})
+    loaded = build(Scenario(reader, conservative=False), single_process_dist(), seed=1)
+    assert loaded.load_from(tmp_path / "state") == {"step": 3}
+    assert_equal_weights(loaded.full_state_dict(use_ema=False), written.full_state_dict(use_ema=False))
+
+
 def test_loading_another_strategys_state_fails_clearly(torch_two_ranks, checkpoint_root):
     fsdp = build(Scenario("fsdp", conservative=True), single_process_dist(), seed=0)
     with pytest.raises(ValueError, match="written by strategy 'ddp'"):
-        fsdp.load(checkpoint_root / TORCH_SCENARIOS[0].key)
-
-
-class _FailsWhilePickled:
-    def __reduce__(self):
-        raise RuntimeError("disk full (simulated)")
-
-
-def _assert_only_checkpoint_is_step_1(directory) -> None:
-    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=3)
-    assert strategy.load(directory)["step"] == 1
-    visible = [path.name for path in directory.parent.iterdir() if not path.name.startswith(".")]
-    assert visible == [directory.name]
-    for hidden in directory.parent.glob(".*"):
-        with pytest.raises(FileNotFoundError, match="not a training-state directory"):
-            strategy.load(hidden)
-
-
-def test_exception_mid_save_keeps_the_previous_checkpoint(tmp_path):
-    directory = tmp_path / "checkpoints" / "last"
-    strategy = build(Scenario("single", conservative=False), single_process_dist(), seed=0)
-    strategy.save(directory, extra={"step": 1})
-    with pytest.raises(RuntimeError, match="disk full"):
-        strategy.save(directory, extra={"step": 2, "payload": _FailsWhilePickled()})
-    _assert_only_checkpoint_is_step_1(directory)
-
-
-def test_sigkill_mid_save_keeps_the_previous_checkpoint(tmp_path):
-    directory = tmp_path / "checkpoints" / "last"
-    process = mp.get_context("fork").Process(target=save_then_die, args=(directory,))
-    process.start()
-    process.join(timeout=120)
-    assert process.exitcode == -9
-    assert (directory.parent / f".{directory.name}.tmp").is_dir()  # it did die half-way
-    _assert_only_checkpoint_is_step_1(directory)
+        fsdp.load_from(checkpoint_root / TORCH_SCENARIOS[0].key)
 
 
 def test_bf16_on_cpu_warns_and_stays_float32():
@@ -276,3 +256,46 @@ def test_single_strategy_refuses_several_processes():
     two = replace(single_process_dist(), world_size=2)
     with pytest.raises(ValueError, match="use ddp, fsdp or deepspeed"):
         build_strategy(StrategyConfig(name="single"), StageConfig(), two)
+
+
+# ----- the table of strategies ----------------------------------------------------------
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_config_accepts_each_strategy_in_the_table(name):
+    assert load_train_config(ROOT / "configs" / "tiny.yaml", [f"strategy.name={name}"]).strategy.name == name
+
+
+def test_config_rejects_a_strategy_outside_the_table_naming_the_table():
+    with pytest.raises(ConfigError, match=r"strategy.name must be one of \('single', 'ddp', 'fsdp', 'deepspeed'\)"):
+        load_train_config(ROOT / "configs" / "tiny.yaml", ["strategy.name=horovod"])
+
+
+@pytest.mark.parametrize("name", [name for name in STRATEGIES if name != "deepspeed"])  # DeepSpeed: in its processes
+def test_build_strategy_makes_the_strategy_of_each_name(name):
+    assert build_strategy(StrategyConfig(name=name), StageConfig(), single_process_dist()).name == name
+
+
+def test_the_base_imports_no_strategy():
+    """No import cycle: base.py imports none of the modules that subclass it."""
+    tree = ast.parse((ROOT / "esen_train" / "engine" / "strategies" / "base.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {module for module in imported if module and module.startswith("esen_train.engine.strategies")}
+
+
+def test_checking_a_deepspeed_config_does_not_import_deepspeed():
+    """The table names deepspeed without importing it: only building the strategy does."""
+    code = ("import sys; from esen_train.engine.config import load_train_config; "
+            "load_train_config('tiny', ['strategy.name=deepspeed']); print('deepspeed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "False"
+
+
+# ----- the step protocol ----------------------------------------------------------------
+def test_optimizer_step_needs_grad_accum_steps_micro_batches():
+    scenario = Scenario("single", conservative=False, grad_accum_steps=2)
+    strategy, dist = build(scenario, single_process_dist(), seed=0), single_process_dist()
+
+    def loss_of(model, batch):
+        return loss_share(model(batch, forces="direct"), batch, dist)
+
+    with pytest.raises(ValueError, match="needs grad_accum_steps=2 micro-batches, got 1"):
+        strategy.optimizer_step([rank_batch(0, 0, dist, scenario)], loss_of, max_grad_norm=1.0)

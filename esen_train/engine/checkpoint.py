@@ -1,8 +1,10 @@
 """Checkpoint directories of one stage: RUN/checkpoints/<stage>/{step_<n>, last, best}.
 
-A checkpoint is built in a hidden temporary directory and renamed into place, so a crash
-never leaves one that looks valid. `last` and `best` are relative symlinks to step
-directories, swapped atomically with `os.replace`. Each checkpoint holds:
+`CheckpointManager` alone creates, publishes, checks and prunes them; the strategy only writes
+its files into the `train_state/` folder it is given. A checkpoint is built in a hidden
+temporary directory and renamed into place, so a crash never leaves one that looks valid.
+`last` and `best` are relative symlinks to step directories, swapped atomically with
+`os.replace`. Each checkpoint holds:
 - `model.pt`: the full model and EMA weights with the model config and the elements of the
   training data (what inference reads, whatever the strategy), loadable with
   `torch.load(weights_only=True)`;
@@ -58,8 +60,9 @@ class CheckpointManager:
     def best(self) -> Path:
         return self.stage_dir / "best"
 
-    def save(self, strategy, ema, model_config: ModelConfig, stage: str, step: int, metrics: dict, extra: dict, is_best: bool) -> Path:
-        """Collective: every rank calls it. Returns the new step directory."""
+    def save(self, strategy, model_config: ModelConfig, stage: str, step: int, metrics: dict, extra: dict, is_best: bool) -> Path:
+        """Write the checkpoint of `step`: `model.pt` and the strategy's training state with this
+        rank's `extra`. Collective: every rank calls it. Returns the new step directory."""
         final = self.stage_dir / step_dir_name(step)
         if final.exists():  # every rank sees the same file system, so every rank raises
             raise CheckpointError(
@@ -68,10 +71,10 @@ class CheckpointManager:
         tmp = self.stage_dir / f".{final.name}.tmp"
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distributed.barrier()
+            (tmp / STATE_DIR).mkdir(parents=True)
+        distributed.barrier()  # the directory exists for every rank
         weights = strategy.full_state_dict(use_ema=False)
-        ema_weights = strategy.full_state_dict(use_ema=True) if ema is not None else None
+        ema_weights = strategy.full_state_dict(use_ema=True)
         if distributed.is_main():
             payload = {
                 "format_version": FORMAT_VERSION,
@@ -85,8 +88,8 @@ class CheckpointManager:
             }
             torch.save(payload, tmp / MODEL_FILE)
             (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
-        strategy.save(tmp / STATE_DIR, extra)
-        distributed.barrier()
+        strategy.save_into(tmp / STATE_DIR, extra)
+        distributed.barrier()  # every rank's files are written
         if distributed.is_main():
             write_contents(tmp, step)
             os.replace(tmp, final)
@@ -97,6 +100,11 @@ class CheckpointManager:
         distributed.barrier()
         self.saved_step = step
         return final
+
+    def load(self, strategy, checkpoint: Path) -> dict:
+        """Restore the strategy's training state from a step directory; returns this rank's
+        `extra`. Collective."""
+        return strategy.load_from(checkpoint / STATE_DIR)
 
     def find_resume_point(self, device: torch.device) -> Path | None:
         """The newest intact step directory, or None to start afresh. Collective: rank 0 looks

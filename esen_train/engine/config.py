@@ -140,7 +140,6 @@ class TrainConfig:
 
 STAGES = ("direct", "conservative")
 FRESH_WEIGHTS = "none"  # init_from value: start from freshly initialised weights
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 REFERENCE_CHOICES = ("keep", "refit", "given")
 # The validation metrics (ErrorAccumulator.result) that can pick the best checkpoint: lower is better.
 BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
@@ -206,8 +205,12 @@ def _describe(error: OmegaConfBaseException) -> str:
 
 def check_values(config: TrainConfig, where: str | Path = "config") -> None:
     """Raise ConfigError naming the first key whose value is out of its range."""
+    # Imported here, not with this module: the strategies import torch's distributed
+    # checkpointing (about 0.1 s), which reading the config's dataclasses does not need.
+    from esen_train.engine.strategies import STRATEGIES
+
     if config.strategy.name not in STRATEGIES:
-        raise ConfigError(f"{where}: strategy.name must be one of {STRATEGIES}, got {config.strategy.name!r}")
+        raise ConfigError(f"{where}: strategy.name must be one of {tuple(STRATEGIES)}, got {config.strategy.name!r}")
     if config.strategy.zero_stage not in (1, 2):
         raise ConfigError(f"{where}: strategy.zero_stage must be 1 or 2 (ZeRO-3 breaks double backward)")
     if not config.stages or len(set(config.stages)) != len(config.stages):

@@ -1,9 +1,9 @@
 """One training stage (direct or conservative) from first step to last checkpoint.
 
-The loop is: set the learning rate, run `grad_accum_steps` micro-batches forward and
-backward, clip and step (a non-finite gradient skips the step on every rank), update the
-EMA, then log, validate and checkpoint on their schedules, until `max_steps` or early
-stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
+The loop is: set the learning rate, one `Strategy.optimizer_step` (`grad_accum_steps`
+micro-batches forward and backward, clip and step, where a non-finite gradient skips the
+step on every rank, and update the EMA), then log, validate and checkpoint on their
+schedules, until `max_steps` or early stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
 sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
 goes to the console (esen_train.progress) and RUN/status.json (engine/status.py). At each
 step boundary the ranks agree on whether the job was told to stop (engine/preemption.py):
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from esen_train.engine import distributed, early_stopping, preemption
-from esen_train.engine.checkpoint import STATE_DIR, CheckpointManager
+from esen_train.engine.checkpoint import CheckpointManager
 from esen_train.engine.config import FRESH_WEIGHTS, StageConfig, TrainConfig
-from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, ParitySample, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.references import describe_changes, given_references, refit_references
-from esen_train.engine.strategy import build_strategy
+from esen_train.engine.strategies import build_strategy
 from esen_train.engine.tracking import global_step
 from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN, compile_model
@@ -110,9 +108,7 @@ class StageTrainer:
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay,
                               backbone_lr_scale=self.settings.backbone_lr_scale)
-        self.strategy.setup(model, optim, conservative=self.conservative)
-        self.ema = ExponentialMovingAverage(self.strategy.module, self.settings.ema_decay)
-        self.strategy.attach_ema(self.ema)
+        self.strategy.setup(model, optim, conservative=self.conservative, ema_decay=self.settings.ema_decay)
 
     def _set_references(self, model: ESEN) -> None:
         """references=refit or given: replace the checkpoint's reference energies."""
@@ -228,21 +224,21 @@ class StageTrainer:
         strategy.set_lr(lr_at(self.progress.step, settings.lr, settings.warmup_steps, settings.max_steps,
                               settings.min_lr_ratio, time_fraction))
         started, atoms, shares = time.perf_counter(), 0, {}
-        for micro in range(settings.grad_accum_steps):
-            batch = self.data.train_loader.next_batch().to(self.dist.device)
+
+        def loss_of(model, batch) -> torch.Tensor:
+            """This rank's share of the micro-batch's loss; tallies atoms and loss terms for the log."""
+            nonlocal atoms
             counts = distributed.all_reduce_sum(batch_counts(batch))
             atoms += int(counts[1])
-            sync = strategy.no_sync() if micro < settings.grad_accum_steps - 1 else nullcontext()
-            with sync, strategy.autocast():
-                out = strategy.model(batch, forces=self.forces_mode, stress=self.data.has_stress, create_graph=self.conservative)
-                loss, micro_shares = training_loss(out, batch, self.weights, counts, self.dist.world_size)
-                strategy.backward(loss / settings.grad_accum_steps)
+            out = model(batch, forces=self.forces_mode, stress=self.data.has_stress, create_graph=self.conservative)
+            loss, micro_shares = training_loss(out, batch, self.weights, counts, self.dist.world_size)
             for name, value in micro_shares.items():
                 shares[name] = shares.get(name, 0.0) + value.double() / settings.grad_accum_steps
-        result = strategy.step(settings.clip_grad_norm)
+            return loss
+
+        micro_batches = (self.data.train_loader.next_batch().to(self.dist.device) for _ in range(settings.grad_accum_steps))
+        result = strategy.optimizer_step(micro_batches, loss_of, settings.clip_grad_norm)
         self._count_nonfinite(result.skipped)
-        if not result.skipped:
-            self.ema.update()
         self.progress.step += 1
         if self.progress.step % settings.log_every == 0:
             names = sorted(shares)
@@ -273,7 +269,7 @@ class StageTrainer:
         errors, self.parity = ErrorAccumulator(), ParitySample()
         forces = forces or self.forces_mode
         grad = torch.enable_grad() if forces == "conservative" else torch.no_grad()
-        with self.ema.swapped_in(), grad:
+        with self.strategy.ema.swapped_in(), grad:
             for batch in self.data.val_loader.epoch():
                 batch = batch.to(self.dist.device)
                 out = self.strategy.model(batch, forces=forces, stress=self.data.has_stress and forces != "none")
@@ -308,7 +304,7 @@ class StageTrainer:
     def _checkpoint(self, metrics: dict, is_best: bool = False) -> Path:
         """Save a checkpoint (collective); returns its directory."""
         directory = self.checkpoints.save(
-            self.strategy, self.ema, self.model_config, self.stage, self.progress.step, metrics,
+            self.strategy, self.model_config, self.stage, self.progress.step, metrics,
             extra=self._extra_state(), is_best=is_best,
         )
         self.status.checkpoint(self.stage, directory, self.progress.step, metrics if is_best else None)
@@ -329,7 +325,7 @@ class StageTrainer:
         }
 
     def _resume(self, checkpoint: Path) -> None:
-        extra = self.strategy.load(checkpoint / STATE_DIR)
+        extra = self.checkpoints.load(self.strategy, checkpoint)
         self.progress = Progress(**extra["progress"])
         self.data.train_loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["torch_rng"])

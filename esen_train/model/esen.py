@@ -185,6 +185,11 @@ class ESEN(nn.Module):
         self.force_scale.fill_(float(force_scale))
         self.stress_scale.fill_(float(stress_scale))
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units of their own when the forward pass has no double
+        backward: the message-passing blocks (the root unit takes the rest)."""
+        return list(self.backbone.blocks)
+
     @staticmethod
     def backbone_state_dict(state: dict[str, Any]) -> dict[str, Any]:
         """A state dict without the direct heads: loads strictly into a direct_forces=False model."""

@@ -1,20 +1,19 @@
-"""The Strategy interface: how one process wraps the model, steps the optimizer and saves
+"""The Strategy interface: how one process wraps the model, steps the optimizer and writes
 the training state. One Strategy object per process and stage; the trainer only talks to it.
 
     strategy = build_strategy(config.strategy, config.direct, dist)
-    strategy.setup(model, OptimSettings(lr=4e-4, weight_decay=1e-3), conservative=False)
-    strategy.attach_ema(ExponentialMovingAverage(strategy.module, 0.999))
-    for micro in range(grad_accum_steps):
-        with (strategy.no_sync() if micro < grad_accum_steps - 1 else nullcontext()), strategy.autocast():
-            strategy.backward(loss_of(strategy.model(batch)) / grad_accum_steps)
-    result = strategy.step(max_grad_norm)        # StepResult(grad_norm, skipped)
+    strategy.setup(model, OptimSettings(lr=4e-4, weight_decay=1e-3), conservative=False, ema_decay=0.999)
+    result = strategy.optimizer_step(micro_batches, loss_fn, max_grad_norm)   # StepResult(grad_norm, skipped)
 
-Gradients are averaged over ranks by every strategy, so each rank's loss must be its share
-of the global mean: local_sum / global_count * world_size.
+`loss_fn(strategy.model, batch)` returns this rank's loss for one micro-batch. Gradients are
+averaged over ranks by every strategy, so that loss must be the rank's share of the global
+mean: local_sum / global_count * world_size.
 
-Implementations: `DataParallelStrategy` (single, ddp; ddp.py), `FSDPStrategy` (fsdp.py),
-`ZeroStrategy` (deepspeed ZeRO-1/2; zero.py). Each saves its training state in its own format
-into a directory written atomically (a hidden temporary sibling, renamed once complete):
+Implementations (one module each, named in esen_train/engine/strategies/__init__.py):
+`SingleStrategy` (single.py), `DDPStrategy` (ddp.py), `FSDPStrategy` (fsdp.py), `ZeroStrategy`
+(deepspeed ZeRO-1/2; zero.py). Each writes its training state in its own format into a
+directory it is given (engine/checkpoint.py's CheckpointManager creates, publishes and prunes
+the checkpoint directories):
 
     <directory>/strategy.json        strategy name and world size that wrote it
     <directory>/extra_rank<r>.pt     the trainer's extra dict of rank r (torch.save, weights_only)
@@ -26,10 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,6 @@ import torch
 from torch import nn
 
 from esen_train.engine import distributed
-from esen_train.engine.config import StageConfig, StrategyConfig
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.optim import OptimSettings
@@ -50,14 +47,16 @@ STRATEGY_FILE = "strategy.json"
 @dataclass
 class StepResult:
     grad_norm: float  # global norm before clipping; inf or nan when the step was skipped
-    skipped: bool  # the gradient was not finite: no parameter or optimizer state changed
+    skipped: bool  # the gradient was not finite: no parameter, optimizer or EMA state changed
 
 
 class Strategy(ABC):
-    """What every strategy shares. Subclasses implement `setup`, `_save_state`, `_load_state`
+    """What every strategy shares. Subclasses implement `_wrap`, `_save_state`, `_load_state`
     and, where the parameters are not replicated or the optimizer is not torch's, the rest."""
 
     name: str
+    # The strategies whose training state this one reads (single and ddp share one format).
+    reads_states_of: tuple[str, ...]
 
     def __init__(self, dist: DistInfo, precision: str = "fp32", grad_accum_steps: int = 1) -> None:
         if precision not in ("fp32", "bf16"):
@@ -70,34 +69,56 @@ class Strategy(ABC):
         self.model: nn.Module | None = None  # call this for the forward pass
         self.module: nn.Module | None = None  # the plain model inside any wrapper
         self.optimizer: torch.optim.Optimizer | None = None
-        self.ema: ExponentialMovingAverage | None = None
+        self.ema: ExponentialMovingAverage | None = None  # saved, loaded and exported with the model
 
     # ----- set-up ------------------------------------------------------------------
-    @abstractmethod
-    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
-        """Wrap `model` (already on `dist.device`) and build the optimizer. `conservative`
-        says the forward pass differentiates through itself (double backward)."""
+    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool, ema_decay: float) -> None:
+        """Wrap `model` (already on `dist.device`), build the optimizer and the EMA of the
+        trainable parameters. `conservative` says the forward pass differentiates through
+        itself (double backward)."""
+        self._wrap(model, optim, conservative)
+        self.ema = ExponentialMovingAverage(self.module, ema_decay)
 
-    def attach_ema(self, ema: ExponentialMovingAverage) -> None:
-        """The EMA saved, loaded and exported with the model (created on `self.module` after setup)."""
-        self.ema = ema
+    @abstractmethod
+    def _wrap(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
+        """Set `model`, `module` and `optimizer`."""
 
     # ----- one optimizer step ------------------------------------------------------
+    def optimizer_step(self, micro_batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor],
+                       max_grad_norm: float) -> StepResult:
+        """One optimizer step over `grad_accum_steps` micro-batches (taken from `micro_batches`
+        one at a time, as the step needs them). Each runs forward and backward under autocast,
+        its loss `loss_fn(self.model, batch)` divided by `grad_accum_steps`; gradients are
+        synchronised on the last only. Then clip to `max_grad_norm`, step unless the global
+        gradient norm is not finite (the same decision on every rank), zero the gradients and,
+        after an applied step, update the EMA."""
+        last = self.grad_accum_steps - 1
+        done = 0
+        for micro, batch in zip(range(self.grad_accum_steps), micro_batches):
+            with (self.no_sync() if micro < last else nullcontext()), self.autocast():
+                self.backward(loss_fn(self.model, batch) / self.grad_accum_steps)
+            done += 1
+        if done < self.grad_accum_steps:
+            raise ValueError(f"optimizer_step needs grad_accum_steps={self.grad_accum_steps} micro-batches, got {done}")
+        result = self._step(max_grad_norm)
+        if not result.skipped:
+            self.ema.update()
+        return result
+
     def autocast(self) -> AbstractContextManager:
         if self.precision == "bf16" and self.dist.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
     def no_sync(self) -> AbstractContextManager:
-        """Wrap the forward and backward of every micro-step but the last of an accumulation."""
+        """Wraps the forward and backward of every micro-step but the last of an accumulation."""
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> StepResult:
-        """Clip to `max_grad_norm`, step unless the global gradient norm is non-finite (the
-        same decision on every rank, since the norm is global), and zero the gradients."""
+    def _step(self, max_grad_norm: float) -> StepResult:
+        """Clip, step unless the global gradient norm is non-finite, and zero the gradients."""
         norm = self._clip_grad_norm(max_grad_norm)
         skipped = not math.isfinite(norm)
         if not skipped:
@@ -122,8 +143,6 @@ class Strategy(ABC):
     def full_state_dict(self, use_ema: bool) -> dict | None:
         """Full, unsharded weights (buffers included; the EMA's parameters if `use_ema`) on the
         CPU of rank 0, None on the other ranks. Collective: call it on every rank."""
-        if use_ema and self.ema is None:
-            raise RuntimeError("full_state_dict(use_ema=True) needs an EMA: call attach_ema first")
         if not distributed.is_main():
             return None
         state = dict(self.module.state_dict())
@@ -132,29 +151,19 @@ class Strategy(ABC):
         return {name: value.detach().cpu().clone() for name, value in state.items()}
 
     # ----- full training state -----------------------------------------------------
-    def save(self, directory: str | Path, extra: dict) -> None:
+    def save_into(self, directory: Path, extra: dict) -> None:
         """Write model, optimizer, EMA and `extra` (this rank's trainer state: tensors and
-        primitives only) into `directory`, replacing it atomically. Collective."""
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
+        primitives only) into `directory`, which exists and every rank sees. Collective; the
+        caller waits for every rank (a barrier) before it treats the directory as complete."""
+        torch.save(extra, directory / f"extra_rank{self.dist.rank}.pt")
+        self._save_state(directory)
         if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distributed.barrier()
-        torch.save(extra, tmp / f"extra_rank{self.dist.rank}.pt")
-        self._save_state(tmp)
-        if distributed.is_main():
-            (tmp / STRATEGY_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.dist.world_size}))
-        distributed.barrier()
-        if distributed.is_main():
-            _publish(tmp, directory)
-        distributed.barrier()
+            (directory / STRATEGY_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.dist.world_size}))
 
-    def load(self, directory: str | Path) -> dict:
+    def load_from(self, directory: Path) -> dict:
         """Restore model, optimizer and EMA from `directory`; returns this rank's extra dict
-        (rank 0's when the checkpoint was written by fewer ranks). Collective. A file that
+        (rank 0's when the state was written by fewer ranks). Collective. A file that
         cannot be read raises CheckpointError naming it."""
-        directory = Path(directory)
         written = self._read_strategy_file(directory)
         extra_file = directory / f"extra_rank{self.dist.rank}.pt"
         if not extra_file.is_file():
@@ -179,7 +188,7 @@ class Strategy(ABC):
             written = {"strategy": str(record["strategy"]), "world_size": int(record["world_size"])}
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{path}: not a valid strategy record ({type(error).__name__}: {error})") from None
-        if _format_of(written["strategy"]) != _format_of(self.name):
+        if written["strategy"] not in self.reads_states_of:
             raise CheckpointError(
                 f"{path}: this training state was written by strategy {written['strategy']!r}, whose format "
                 f"strategy {self.name!r} cannot read; resume with strategy.name={written['strategy']}, or start "
@@ -189,7 +198,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def _save_state(self, directory: Path) -> None:
-        """Write model, optimizer and EMA into `directory` (a temporary one). Collective."""
+        """Write model, optimizer and EMA into `directory`. Collective."""
 
     @abstractmethod
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
@@ -205,42 +214,3 @@ def read_torch_file(path: Path, map_location) -> object:
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"{path}: not a readable torch file ({type(error).__name__}: {reason})") from None
-
-
-def _format_of(strategy_name: str) -> str:
-    """single and ddp share one format (a plain torch.save dict)."""
-    return "torch" if strategy_name in ("single", "ddp") else strategy_name
-
-
-def _publish(tmp: Path, directory: Path) -> None:
-    """Move a completed temporary directory into place. An existing directory is moved aside
-    first (os.replace cannot replace a non-empty directory) and deleted afterwards."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-
-
-def build_strategy(config: StrategyConfig, stage: StageConfig, dist: DistInfo) -> Strategy:
-    """The strategy named by `config.name` for one stage (its precision and accumulation)."""
-    # Imported here: the implementations import this module, and DeepSpeed is slow to
-    # import, so only a deepspeed run pays for it.
-    from esen_train.engine.ddp import DataParallelStrategy
-    from esen_train.engine.fsdp import FSDPStrategy
-
-    common = dict(dist=dist, precision=stage.precision, grad_accum_steps=stage.grad_accum_steps)
-    if config.name in ("single", "ddp"):
-        if config.name == "single" and dist.world_size > 1:
-            raise ValueError(f"strategy 'single' runs one process, but the world has {dist.world_size}: use ddp, fsdp or deepspeed")
-        return DataParallelStrategy(name=config.name, **common)
-    if config.name == "fsdp":
-        return FSDPStrategy(**common)
-    if config.name == "deepspeed":
-        from esen_train.engine.zero import ZeroStrategy
-
-        return ZeroStrategy(zero_stage=config.zero_stage, **common)
-    raise ValueError(f"unknown strategy {config.name!r}: use single, ddp, fsdp or deepspeed")

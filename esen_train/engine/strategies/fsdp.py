@@ -4,9 +4,9 @@ Parameters, gradients and AdamW state are sharded over the ranks (1/N each betwe
 parameters are all-gathered for compute and gradients reduce-scattered after the backward.
 
 How the model is sharded depends on the stage:
-- direct (`conservative=False`): each block is its own FSDP unit (the elements of every
-  nn.ModuleList named `blocks`, for ESEN `backbone.blocks`), then the root takes the rest
-  (embeddings, norms, heads). Only one block's parameters are gathered at a time.
+- direct (`conservative=False`): each module the model names in `fsdp_units()` is its own
+  FSDP unit (for ESEN the message-passing blocks), then the root takes the rest (embeddings,
+  norms, heads). Only one block's parameters are gathered at a time.
 - conservative (`conservative=True`): only the root is sharded, as one unit. The forces come
   from `autograd.grad(E, pos, create_graph=True)` inside the forward pass; with per-block units
   that inner gradient fires FSDP's post-backward hooks, which free the gathered block
@@ -44,26 +44,27 @@ from esen_train.engine import distributed
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.optim import OptimSettings, build_adamw
 from esen_train.engine.safe_dcp import load_dcp, save_dcp
-from esen_train.engine.strategy import Strategy
+from esen_train.engine.strategies.base import Strategy
 
 DCP_DIR = "dcp"
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    reads_states_of = ("fsdp",)
 
     def __init__(self, dist: DistInfo, precision: str = "fp32", grad_accum_steps: int = 1) -> None:
         super().__init__(dist, precision, grad_accum_steps)
         self.sharded = dist.is_distributed
 
-    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
+    def _wrap(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
         self.module = self.model = model
         if self.sharded:
             _broadcast_from_rank0(model)  # fully_shard keeps each rank's own slice: start from one model
             mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
             if not conservative:
-                for block in _blocks_of(model):
-                    fully_shard(block, mesh=mesh)
+                for unit in model.fsdp_units():
+                    fully_shard(unit, mesh=mesh)
             fully_shard(model, mesh=mesh)
             model.register_forward_hook(_reshard_after_inference)
         self.optimizer = build_adamw(model, optim)  # over the sharded parameters
@@ -87,8 +88,6 @@ class FSDPStrategy(Strategy):
     def full_state_dict(self, use_ema: bool) -> dict | None:
         if not self.sharded:
             return super().full_state_dict(use_ema)
-        if use_ema and self.ema is None:
-            raise RuntimeError("full_state_dict(use_ema=True) needs an EMA: call attach_ema first")
         # Every rank takes part in each gather; rank 0 keeps the result.
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if use_ema:
@@ -101,10 +100,8 @@ class FSDPStrategy(Strategy):
     def _training_state(self) -> dict:
         """Model and optimizer as DCP wants them (sharded tensors keyed by parameter name)."""
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()  # its shadow tensors, filled in place on load
-        return state
+        # The EMA's shadow tensors are filled in place on load.
+        return {"model": model_state, "optimizer": optimizer_state, "ema": self.ema.state_dict()}
 
     def _save_state(self, directory: Path) -> None:
         save_dcp(self._training_state(), directory / DCP_DIR)
@@ -116,24 +113,7 @@ class FSDPStrategy(Strategy):
         state = self._training_state()
         load_dcp(state, directory / DCP_DIR, optional_prefixes=("optimizer.state.",))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-
-
-def _blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The elements of every nn.ModuleList named `blocks` in the model."""
-    blocks = [
-        block
-        for name, module in model.named_modules()
-        if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList)
-        for block in module
-    ]
-    if not blocks:
-        raise TypeError(
-            f"FSDP per-block sharding needs the model's blocks in an nn.ModuleList named `blocks`; "
-            f"{type(model).__name__} has none"
-        )
-    return blocks
+        self.ema.load_state_dict(state["ema"])
 
 
 def _reshard_after_inference(root: nn.Module, args, output) -> None:

@@ -9,9 +9,9 @@ How the engine is driven:
 - The optimizer is torch's AdamW with our parameter groups, passed in
   (`zero_allow_untested_optimizer`); DeepSpeed owns the learning-rate-free parts of the step.
 - Gradient accumulation is unmanaged (`managed_gradient_accumulation: false`): `backward` only
-  accumulates and `step` is the boundary, matching the trainer's loop (call `backward` once per
-  micro-step, with the loss already divided by the number of micro-steps, then `step`).
-  `no_sync` is therefore a no-op: ZeRO-1 reduces once in `step`, ZeRO-2 reduce-scatters every
+  accumulates and `_step` is the boundary, matching `Strategy.optimizer_step` (`backward` once
+  per micro-step, with the loss already divided by the number of micro-steps, then `_step`).
+  `no_sync` is therefore a no-op: ZeRO-1 reduces once in `_step`, ZeRO-2 reduce-scatters every
   micro-step into the gradient partitions (that is how it shards gradients).
 - Clipping and the non-finite check happen inside DeepSpeed's step, on the global norm, so
   every rank makes the same decision; `was_step_applied()` reports a skipped step.
@@ -51,7 +51,7 @@ from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from esen_train.engine.distributed import DistInfo  # noqa: E402
 from esen_train.engine.optim import OptimSettings, build_adamw  # noqa: E402
-from esen_train.engine.strategy import StepResult, Strategy  # noqa: E402
+from esen_train.engine.strategies.base import StepResult, Strategy  # noqa: E402
 
 DEEPSPEED_DIR = "deepspeed"
 TAG = "state"
@@ -73,6 +73,7 @@ class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
 class ZeroStrategy(Strategy):
     name = "deepspeed"
+    reads_states_of = ("deepspeed",)
 
     def __init__(self, dist: DistInfo, zero_stage: int = 2, precision: str = "fp32", grad_accum_steps: int = 1) -> None:
         if zero_stage not in (1, 2):
@@ -82,7 +83,7 @@ class ZeroStrategy(Strategy):
         self.engine = None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
+    def _wrap(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
         if not dist.is_initialized():
             # DeepSpeed always needs a process group; a world of one gets an in-process one.
             backend = "nccl" if self.dist.device.type == "cuda" else "gloo"
@@ -103,7 +104,7 @@ class ZeroStrategy(Strategy):
             "train_micro_batch_size_per_gpu": 1,  # nominal: batches are sized in atoms by our loader
             "gradient_accumulation_steps": self.grad_accum_steps,
             "managed_gradient_accumulation": False,
-            "gradient_clipping": 0.0,  # set per step in `step`
+            "gradient_clipping": 0.0,  # set per step in `_step`
             "zero_allow_untested_optimizer": True,
             "zero_optimization": {
                 "stage": self.zero_stage,
@@ -117,7 +118,7 @@ class ZeroStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, max_grad_norm: float) -> StepResult:
+    def _step(self, max_grad_norm: float) -> StepResult:
         self.engine.optimizer.clip_grad = max_grad_norm
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
@@ -125,8 +126,8 @@ class ZeroStrategy(Strategy):
         return StepResult(grad_norm=norm, skipped=not self.engine.was_step_applied())
 
     def _save_state(self, directory: Path) -> None:
-        client_state = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=TAG, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=TAG, client_state={"ema": self.ema.state_dict()},
+                                    save_latest=False)
 
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
         same_world = saved_world_size == self.dist.world_size
@@ -142,7 +143,6 @@ class ZeroStrategy(Strategy):
         )
         if path is None:
             raise FileNotFoundError(f"{directory / DEEPSPEED_DIR}: no DeepSpeed checkpoint with tag {TAG!r}")
-        if self.ema is not None:
-            if "ema" not in client_state:
-                raise KeyError(f"{directory / DEEPSPEED_DIR}: no EMA state, but an EMA is attached")
-            self.ema.load_state_dict(client_state["ema"])
+        if "ema" not in client_state:
+            raise KeyError(f"{directory / DEEPSPEED_DIR}: no EMA state")
+        self.ema.load_state_dict(client_state["ema"])

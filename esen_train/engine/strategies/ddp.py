@@ -1,4 +1,4 @@
-"""Plain data parallelism: one process (`single`) or torch DistributedDataParallel (`ddp`).
+"""Plain data parallelism with torch DistributedDataParallel (`ddp`).
 
 Every rank holds the whole model, gradients and AdamW state; DDP averages the gradients
 during the backward pass. This is correct with the double backward of conservative training
@@ -7,32 +7,28 @@ forward pass (not `backward(create_graph=True)`): the inner gradient touches no 
 `.grad`, so DDP's hooks fire once, in the outer backward. (That is also why the search for
 unused parameters, needed in the direct stage, must stay off in the conservative stage.)
 
-The training state is one `state.pt` (torch.save of tensors and primitives, written by
-rank 0, read with weights_only=True on any number of ranks).
+The training state is single's `state.pt`, written by rank 0 and read on any number of ranks.
+In a world of one process the model is not wrapped (there is no process group).
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from esen_train.engine import distributed
-from esen_train.engine.distributed import DistInfo
 from esen_train.engine.optim import OptimSettings, build_adamw
-from esen_train.engine.strategy import Strategy, read_torch_file
+from esen_train.engine.strategies.base import Strategy
+from esen_train.engine.strategies.single import load_state_file, save_state_file
 
-STATE_FILE = "state.pt"
 
+class DDPStrategy(Strategy):
+    name = "ddp"
+    reads_states_of = ("single", "ddp")
 
-class DataParallelStrategy(Strategy):
-    def __init__(self, dist: DistInfo, name: str = "ddp", precision: str = "fp32", grad_accum_steps: int = 1) -> None:
-        super().__init__(dist, precision, grad_accum_steps)
-        self.name = name
-
-    def setup(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
+    def _wrap(self, model: nn.Module, optim: OptimSettings, conservative: bool) -> None:
         self.module = model
         if self.dist.is_distributed:
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -49,16 +45,7 @@ class DataParallelStrategy(Strategy):
 
     def _save_state(self, directory: Path) -> None:
         if distributed.is_main():
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            torch.save(state, directory / STATE_FILE)
+            save_state_file(self, directory)
 
     def _load_state(self, directory: Path, saved_world_size: int) -> None:
-        state = read_torch_file(directory / STATE_FILE, map_location=self.dist.device)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            if "ema" not in state:
-                raise KeyError(f"{directory / STATE_FILE}: no EMA state, but an EMA is attached")
-            self.ema.load_state_dict(state["ema"])
+        load_state_file(self, directory)
