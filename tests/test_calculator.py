@@ -16,8 +16,8 @@ from esen_train.data.dataset import LMDBDataset
 from esen_train.data.emt import generate_emt_dataset
 from esen_train.data.neighbors import build_neighbor_list
 from esen_train.evaluation.calculator import ESENCalculator
-from esen_train.evaluation.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from esen_train.model.config import load_model_config
+from esen_train.model.model_file import CheckpointError, load_model, resolve_checkpoint
 from tests.evaluation_helpers import checkpoint_payload, fresh_model, write_checkpoint
 
 F64 = dict(rtol=1e-10, atol=1e-10)

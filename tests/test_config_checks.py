@@ -23,7 +23,7 @@ from esen_train.data.manifest import Manifest, load_natoms
 from esen_train.engine.config import BEST_METRICS, ConfigError, load_train_config
 from esen_train.engine.fit import fit
 from esen_train.engine.losses import ErrorAccumulator
-from esen_train.evaluation.checkpoint import read_model_file
+from esen_train.model.model_file import read_model_file
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 QUICK = ["stages=[direct]", "direct.max_steps=2", "direct.val_every=2", "direct.checkpoint_every=2",

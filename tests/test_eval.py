@@ -25,7 +25,7 @@ from esen_train.evaluation.errors import (
     predict,
     read_labelled_structures,
 )
-from esen_train.evaluation.plots import plot_learning_curves, plot_parity
+from esen_train.plots import plot_learning_curves, plot_parity
 from tests.conftest import shared_data
 from tests.evaluation_helpers import labelled_copper_structures, write_checkpoint
 

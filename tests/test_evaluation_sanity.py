@@ -16,8 +16,8 @@ import esen_train.evaluation.calculator as calculator_module
 from esen_train.cli.train import main
 from esen_train.data.validate import UnphysicalGeometry
 from esen_train.evaluation.calculator import ESENCalculator, UntrainedElements
-from esen_train.evaluation.checkpoint import CheckpointError
 from esen_train.evaluation.md import UnstableDynamics, run_nve
+from esen_train.model.model_file import CheckpointError
 from tests.evaluation_helpers import checkpoint_payload, fresh_model, labelled_copper_structures
 
 

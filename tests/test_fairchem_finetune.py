@@ -14,9 +14,9 @@ from esen_train.engine.fit import fit
 from esen_train.engine.optim import lr_at
 from esen_train.engine.tracking import read_metrics
 from esen_train.evaluation.calculator import ESENCalculator
-from esen_train.evaluation.checkpoint import read_model_file
 from esen_train.evaluation.errors import compute_errors, predict, read_labelled_structures
 from esen_train.fairchem.importer import import_fairchem, write_imported
+from esen_train.model.model_file import read_model_file
 from tests.fairchem_helpers import fixture_file
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

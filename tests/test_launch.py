@@ -25,14 +25,14 @@ import pytest
 import submitit
 import torch
 
-from esen_train.engine.status import read_status
-from esen_train.engine.wandb_offline import find_run_files, read_offline_run
 from esen_train.cli.launch import main
-from esen_train.launch.launcher import expand_sweep, plan_launch, split_overrides, sweep_dir_name
+from esen_train.engine.status import read_status
 from esen_train.launch.job import TrainingJob
+from esen_train.launch.launcher import expand_sweep, plan_launch, split_overrides, sweep_dir_name
 from esen_train.launch.profile import ClusterProfile, ProfileError, available_profiles, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, count_gpus, parse_record, parse_time_limit
 from tests.slurm_cluster import job_state, jobs_named, require_slurm_cluster
+from tests.wandb_offline import find_run_files, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -20,7 +20,7 @@ from PIL import Image
 from esen_train.cli.train import main
 from esen_train.evaluation.calculator import ESENCalculator
 from esen_train.evaluation.md import energy_drift, run_nve
-from esen_train.evaluation.plots import plot_energy_vs_time
+from esen_train.plots import plot_energy_vs_time
 from tests.evaluation_helpers import write_checkpoint
 
 # One protocol for every potential: 8-atom fcc Cu, 300 K, 2 fs, 100 steps (0.2 ps).

@@ -33,8 +33,8 @@ from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.fit import fit
 from esen_train.engine.tracking import read_metrics
 from esen_train.engine.trainer import StageTrainer
-from esen_train.evaluation.checkpoint import CheckpointError, read_model_file
 from esen_train.model.config import load_model_config
+from esen_train.model.model_file import CheckpointError, read_model_file
 from tests.strategy_harness import Scenario, build, save_checkpoint, save_then_die, single_process_dist, write_training_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from esen_train.evaluation.checkpoint import read_model_file as read_model_pt
 from esen_train.engine.config import load_train_config
 from esen_train.engine.fit import fit
 from esen_train.engine.status import read_status
 from esen_train.engine.tracking import read_metrics
 from esen_train.engine.trainer import StageMismatch, TrainingDiverged
-from esen_train.engine.wandb_offline import find_run_files, read_offline_run
 from esen_train.model import ESEN
+from esen_train.model.model_file import read_model_file as read_model_pt
+from tests.wandb_offline import find_run_files, read_offline_run
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -102,7 +102,7 @@ def test_conservative_stage_starts_from_direct_best(two_stage_run):
 
 
 def test_checkpoint_loads_into_inference_model(two_stage_run):
-    from esen_train.evaluation.checkpoint import load_model
+    from esen_train.model.model_file import load_model
 
     model, info = load_model(two_stage_run)
     assert isinstance(model, ESEN)

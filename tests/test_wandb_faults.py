@@ -15,7 +15,7 @@ import pytest
 from esen_train.engine.config import load_train_config
 from esen_train.engine.fit import fit
 from esen_train.engine.tracking import RunLogger
-from esen_train.engine.wandb_offline import find_run_files, read_offline_run
+from tests.wandb_offline import find_run_files, read_offline_run
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -26,15 +26,14 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from esen_train.data.manifest import file_checksum
 from esen_train.engine import distributed
-from esen_train.evaluation.checkpoint import FORMAT_VERSION, MODEL_FILE, CheckpointError
 from esen_train.model import ModelConfig
+from esen_train.model.model_file import MODEL_FILE, CheckpointError, model_file_payload, write_model_file
 
 STATE_DIR = "train_state"
 CONTENTS_FILE = "contents.json"
@@ -76,17 +75,8 @@ class CheckpointManager:
         weights = strategy.full_state_dict(use_ema=False)
         ema_weights = strategy.full_state_dict(use_ema=True)
         if distributed.is_main():
-            payload = {
-                "format_version": FORMAT_VERSION,
-                "model_config": asdict(model_config),
-                "model": weights,
-                "ema": ema_weights,
-                "stage": stage,
-                "step": step,
-                "metrics": dict(metrics),
-                "elements": self.elements,
-            }
-            torch.save(payload, tmp / MODEL_FILE)
+            payload = model_file_payload(model_config, weights, ema_weights, stage, step, metrics, self.elements)
+            write_model_file(payload, tmp / MODEL_FILE)
             (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
         strategy.save_into(tmp / STATE_DIR, extra)
         distributed.barrier()  # every rank's files are written

@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from esen_train import shipped_config
 from esen_train.data import emt
 from esen_train.data.manifest import DatasetError, Manifest, load_natoms
-from esen_train.evaluation.checkpoint import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 from esen_train.model.config import ModelConfig, load_model_config
+from esen_train.model.model_file import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from esen_train.engine.config import TrainConfig, check_against_data, check_resu
 from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
-from esen_train.evaluation.plots import plot_learning_curves
+from esen_train.plots import plot_learning_curves
 
 
 def fit(config: TrainConfig) -> Path:

@@ -110,7 +110,7 @@ class ParitySample:
     """Reference and predicted values of the first validation structures this rank sees, for a
     parity plot: batches are kept until `max_atoms` atoms, so a large validation set costs
     little memory. `panels()` gives energy per atom, force components and, where labelled,
-    stress components as (label, reference, predicted) arrays (`evaluation.plots.plot_parity`)."""
+    stress components as (label, reference, predicted) arrays (`esen_train.plots.plot_parity`)."""
 
     def __init__(self, max_atoms: int = 20_000) -> None:
         self.max_atoms = max_atoms

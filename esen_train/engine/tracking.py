@@ -42,8 +42,8 @@ from omegaconf import OmegaConf
 import esen_train
 from esen_train.data.manifest import Manifest
 from esen_train.engine.config import TrainConfig, WandbConfig
-from esen_train.evaluation.checkpoint import MODEL_FILE
-from esen_train.evaluation.plots import plot_parity
+from esen_train.model.model_file import MODEL_FILE
+from esen_train.plots import plot_parity
 
 GLOBAL_STEP = "global_step"
 ID_FILE = "wandb_run_id"

@@ -27,9 +27,8 @@ from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.references import describe_changes, given_references, refit_references
 from esen_train.engine.strategies import build_strategy
 from esen_train.engine.tracking import global_step
-from esen_train.evaluation.checkpoint import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.model import ESEN, compile_model
-from esen_train.model.esen import DIRECT_HEADS_PREFIX
+from esen_train.model.model_file import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.progress import StageConsole
 
 
@@ -351,11 +350,12 @@ def load_backbone(model: ESEN, checkpoint: dict) -> list[str]:
     imported model starting a direct stage); returns the names of those heads. Every other key
     must match, so a silent loss of weights fails here."""
     weights = checkpoint["ema"] or checkpoint["model"]
-    own = model.state_dict()
-    kept = {k: v for k, v in weights.items() if k in own or not k.startswith(DIRECT_HEADS_PREFIX)}
-    new_heads = sorted({k.split(".")[1] for k in own if k.startswith(DIRECT_HEADS_PREFIX) and k not in kept})
-    kept.update({k: v for k, v in own.items() if k.startswith(DIRECT_HEADS_PREFIX) and k not in kept})
-    model.load_state_dict(kept, strict=True)
+    stored_heads = ESEN.direct_heads_state_dict(weights)
+    own_heads = ESEN.direct_heads_state_dict(model.state_dict())
+    fresh = {key: value for key, value in own_heads.items() if key not in stored_heads}
+    heads = {key: stored_heads.get(key, value) for key, value in own_heads.items()}
+    model.load_state_dict({**ESEN.backbone_state_dict(weights), **heads}, strict=True)
+    new_heads = sorted({key.split(".")[1] for key in fresh})  # direct_heads.<head>.<parameter>
     return [f"direct {head} head" for head in new_heads]
 
 

@@ -34,9 +34,9 @@ from torch_geometric.data import Batch, Data
 
 from esen_train.data.neighbors import build_neighbor_list
 from esen_train.data.validate import UnphysicalGeometry, check_geometry
-from esen_train.evaluation.checkpoint import CheckpointInfo, load_model
 from esen_train.model import ESEN
 from esen_train.model.config import load_model_config
+from esen_train.model.model_file import CheckpointInfo, load_model
 
 FORCE_MODES = ("conservative", "direct")
 

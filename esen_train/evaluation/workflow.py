@@ -25,7 +25,6 @@ from esen_train.data.sources import LabelKeys
 from esen_train.data.validate import UnphysicalGeometry
 from esen_train.engine.tracking import log_to_existing_run
 from esen_train.evaluation.calculator import ESENCalculator, UntrainedElements
-from esen_train.evaluation.checkpoint import CheckpointError, load_model
 from esen_train.evaluation.errors import (
     ErrorTables,
     LabelledStructure,
@@ -36,6 +35,7 @@ from esen_train.evaluation.errors import (
 )
 from esen_train.evaluation.md import UnstableDynamics, run_nve
 from esen_train.evaluation.predictions import PredictionWriter
+from esen_train.model.model_file import CheckpointError, load_model
 from esen_train.progress import ConsoleProgress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

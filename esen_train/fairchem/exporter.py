@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from esen_train.evaluation.checkpoint import MODEL_FILE, checkpoint_model_config, read_model_file, resolve_checkpoint
 from esen_train.fairchem.files import FairchemFormatError, InferenceCheckpoint
+from esen_train.model.model_file import MODEL_FILE, checkpoint_model_config, read_model_file, resolve_checkpoint
 from esen_train.fairchem.weights import (
     Layout,
     backbone_weights,

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from esen_train.evaluation.checkpoint import FORMAT_VERSION, MODEL_FILE
 from esen_train.fairchem.files import FairchemFormatError
 from esen_train.fairchem.source import FairchemModel, read_fairchem_model
 from esen_train.fairchem.weights import Layout, constant_buffer_problem, is_constant_buffer, to_ours
 from esen_train.model import ESEN
+from esen_train.model.model_file import MODEL_FILE, model_file_payload, write_model_file
 
 SUMMARY_FILE = "import.json"
 
@@ -49,16 +49,8 @@ def import_fairchem(path: str | Path) -> ImportedCheckpoint:
         "fairchem_backbone": _primitive(source.settings),
         "notes": list(source.notes),
     }
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "model_config": asdict(source.config),
-        "model": model.state_dict(),
-        "ema": ema,
-        "stage": source.stage,
-        "step": 0,
-        "metrics": {},
-        "imported_from": provenance,
-    }
+    payload = model_file_payload(source.config, model.state_dict(), ema, source.stage, step=0, metrics={},
+                                 imported_from=provenance)
     summary = {
         **provenance,
         "stage": source.stage,
@@ -133,7 +125,7 @@ def write_imported(imported: ImportedCheckpoint, out: Path, overwrite: bool = Fa
     temporary = out.with_name(f".{out.name}.partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    torch.save(imported.payload, temporary / MODEL_FILE)
+    write_model_file(imported.payload, temporary / MODEL_FILE)
     (temporary / SUMMARY_FILE).write_text(json.dumps(imported.summary, indent=2) + "\n")
     if out.exists():
         old = out.with_name(f".{out.name}.old")

@@ -61,18 +61,6 @@ DIRECT_HEADS_PREFIX = "direct_heads."
 NORMALISATION_BUFFERS = ("energy_mean", "energy_scale", "force_scale", "stress_scale", "reference_energies")
 
 
-
-def upgrade_older_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights saved before the separate force and stress scales, in the layout of today's
-    model: there one energy scale served energy, forces and stress (so it becomes the force
-    and stress scale, and the energy mean is 0), and the Gaussian centres were saved (they are
-    rebuilt in float64 now). Today's weights come back unchanged."""
-    upgraded = {key: value for key, value in weights.items() if key != "backbone.distance_basis.centres"}
-    if "energy_scale" in upgraded and "force_scale" not in upgraded:
-        scale = upgraded["energy_scale"]
-        upgraded.update(energy_mean=torch.zeros_like(scale), force_scale=scale.clone(), stress_scale=scale.clone())
-    return upgraded
-
 class Backbone(nn.Module):
     """Atoms and edge vectors -> final node features [atoms, (lmax+1)^2, sphere_channels]."""
 
@@ -194,6 +182,12 @@ class ESEN(nn.Module):
     def backbone_state_dict(state: dict[str, Any]) -> dict[str, Any]:
         """A state dict without the direct heads: loads strictly into a direct_forces=False model."""
         return {key: value for key, value in state.items() if not key.startswith(DIRECT_HEADS_PREFIX)}
+
+    @staticmethod
+    def direct_heads_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+        """The direct heads' part of a state dict (what `backbone_state_dict` drops), keyed
+        `direct_heads.<head>.<parameter>`."""
+        return {key: value for key, value in state.items() if key.startswith(DIRECT_HEADS_PREFIX)}
 
     # ----- forward ------------------------------------------------------------------
     def forward(self, batch, forces: str = "conservative", stress: bool = True, create_graph: bool = False) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from esen_train.cli.common import add_label_key_arguments, fail, label_keys
 from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator
 from esen_train.evaluation.errors import error_table_rows, format_error_table
-from esen_train.evaluation.plots import plot_parity
 from esen_train.evaluation.workflow import (
     DTYPES,
     INPUT_ERRORS,
@@ -32,6 +31,7 @@ from esen_train.evaluation.workflow import (
     log_to_wandb,
     write_json,
 )
+from esen_train.plots import plot_parity
 
 HELP = "error tables and parity plots of a checkpoint on labelled data"
 

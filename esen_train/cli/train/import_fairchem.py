@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from esen_train.cli.common import fail
-from esen_train.evaluation.checkpoint import CheckpointError
 from esen_train.fairchem.files import FairchemFormatError
+from esen_train.model.model_file import CheckpointError
 
 HELP = "a fairchem eSEN checkpoint as a checkpoint of this project"
 INPUT_ERRORS = (FairchemFormatError, CheckpointError, FileExistsError, FileNotFoundError)

@@ -21,8 +21,8 @@ from pathlib import Path
 from esen_train.cli.common import fail
 from esen_train.cli.train.evaluate import add_model_arguments, calculator_of
 from esen_train.evaluation.md import MAX_ENERGY_CHANGE_EV_PER_ATOM
-from esen_train.evaluation.plots import plot_energy_vs_time
 from esen_train.evaluation.workflow import INPUT_ERRORS, describe, log_to_wandb, run_md, write_json
+from esen_train.plots import plot_energy_vs_time
 
 HELP = "NVE molecular dynamics: energy drift of a checkpoint"
 UNSTABLE_EXIT_CODE = 3

@@ -39,7 +39,7 @@ from esen_train.engine import distributed
 from esen_train.engine.distributed import DistInfo
 from esen_train.engine.ema import ExponentialMovingAverage
 from esen_train.engine.optim import OptimSettings
-from esen_train.evaluation.checkpoint import CheckpointError
+from esen_train.model.model_file import CheckpointError
 
 STRATEGY_FILE = "strategy.json"
 

@@ -1,4 +1,4 @@
-"""Find a checkpoint and load its model for inference.
+"""The `model.pt` file of a checkpoint: its format, writing and reading it, finding it.
 
 A CHECKPOINT argument is either a checkpoint directory (RUN/checkpoints/<stage>/{last,best,
 step_<n>}) or a run directory, which means the best checkpoint of the run's last stage. Each
@@ -8,7 +8,9 @@ checkpoint directory holds `model.pt`, a plain dict of tensors and primitives:
      "stage": str, "step": int, "metrics": dict, "elements": list[int]}
 
 `elements` (the atomic numbers of the training data) may be absent; the calculator then
-cannot refuse elements the model never saw.
+cannot refuse elements the model never saw. An imported model adds `imported_from`.
+`model_file_payload` builds that dict and `write_model_file` writes it; the trainer's
+checkpoints and `esen-train import-fairchem` both write through them.
 
 It is read with `torch.load(weights_only=True)`, never unpickled. Anything that does not fit
 (a missing file, a corrupt one, weights of another shape than the config, a config other than
@@ -23,9 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from esen_train.model import ESEN, ModelConfig
-from esen_train.model.esen import upgrade_older_weights
-from esen_train.model.config import load_model_config
+from esen_train.model.config import ModelConfig, load_model_config
+from esen_train.model.esen import ESEN
 
 MODEL_FILE = "model.pt"
 FORMAT_VERSION = 1
@@ -47,6 +48,37 @@ class CheckpointInfo:
     metrics: dict
     used_ema: bool
     elements: list[int] | None = None  # atomic numbers of the training data, where recorded
+
+
+def model_file_payload(
+    model_config: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    stage: str,
+    step: int,
+    metrics: dict,
+    elements: list[int] | None = None,
+    **extra,
+) -> dict:
+    """The dict a model.pt holds; `elements` is left out when unknown, `extra` added as given."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_config": asdict(model_config),
+        "model": weights,
+        "ema": ema,
+        "stage": stage,
+        "step": step,
+        "metrics": dict(metrics),
+    }
+    if elements is not None:
+        payload["elements"] = list(elements)
+    return {**payload, **extra}
+
+
+def write_model_file(payload: dict, model_file: Path) -> None:
+    """Write a payload of `model_file_payload`. The caller builds the checkpoint directory in a
+    temporary place and renames it, so a reader never sees half a file."""
+    torch.save(payload, model_file)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -139,6 +171,18 @@ def read_model_file(model_file: Path) -> dict:
             raise CheckpointError(f"{model_file}: field '{key}' is not a state dict of tensors")
         payload[key] = upgrade_older_weights(payload[key])
     return payload
+
+
+def upgrade_older_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before the separate force and stress scales, in the layout of today's
+    model: there one energy scale served energy, forces and stress (so it becomes the force
+    and stress scale, and the energy mean is 0), and the Gaussian centres were saved (they are
+    rebuilt in float64 now). Today's weights come back unchanged."""
+    upgraded = {key: value for key, value in weights.items() if key != "backbone.distance_basis.centres"}
+    if "energy_scale" in upgraded and "force_scale" not in upgraded:
+        scale = upgraded["energy_scale"]
+        upgraded.update(energy_mean=torch.zeros_like(scale), force_scale=scale.clone(), stress_scale=scale.clone())
+    return upgraded
 
 
 def _elements(stored: object, model_file: Path) -> list[int] | None:

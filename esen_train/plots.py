@@ -1,5 +1,8 @@
 """PNG plots: parity (predicted against reference), total energy against time, learning curves.
 
+Training (learning curves, parity at each validation) and evaluation (parity, MD energy)
+both draw with these; like progress.py, it depends on nothing else in esen_train.
+
 matplotlib's Agg backend draws without a display (clusters, CI). Every function writes the
 figure to a temporary file beside `out_png` and renames it, so a reader never sees half a PNG.
 """
