@@ -20,8 +20,8 @@ from esen_train.cli.train import main
 from esen_train.data.convert import convert
 from esen_train.data.emt import MAX_ATOMS, generate_emt_dataset
 from esen_train.data.manifest import Manifest, load_natoms
-from esen_train.engine.config import BEST_METRICS, ConfigError, load_train_config
-from esen_train.engine.fit import fit
+from esen_train.engine.config import BEST_METRICS, ConfigError, check_resume, load_train_config, save_config
+from esen_train.engine.fit import _ensure_emt_data, fit
 from esen_train.engine.losses import ErrorAccumulator
 from esen_train.model.model_file import read_model_file
 
@@ -60,6 +60,13 @@ def refused(tmp_path, capsys, *overrides) -> str:
     ("stages=[]", "stages must name each stage"),
     ("stages=[direct,direct]", "stages must name each stage"),
     ("direct.init_from=/no/such/checkpoint", "direct.init_from: /no/such/checkpoint does not exist"),
+    ("strategy.process_group_timeout_s=0", "strategy.process_group_timeout_s must be > 0, got 0.0"),
+    ("direct.adam_betas=[0.9,1.0]", "direct.adam_betas must be two numbers in [0, 1), got [0.9, 1.0]"),
+    ("conservative.adam_betas=[0.9]", "conservative.adam_betas must be two numbers in [0, 1)"),
+    ("direct.adam_eps=0", "direct.adam_eps must be > 0, got 0.0"),
+    ("data.emt_val_fraction=1", "data.emt_val_fraction must be in (0, 1), got 1.0"),
+    ("conservative.handover_rel_tol=-1", "conservative.handover_rel_tol must be >= 0, got -1.0"),
+    ("conservative.handover_abs_tol=-1e-3", "conservative.handover_abs_tol must be >= 0, got -0.001"),
 ])
 def test_values_out_of_range_are_refused_naming_the_key(tmp_path, capsys, override, message):
     assert message in refused(tmp_path, capsys, override)
@@ -154,6 +161,28 @@ def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kep
     assert (run_dir / "config.1.yaml").read_text() == original
     latest = load_train_config(run_dir / "config.yaml")
     assert latest.data.train == [str(second)] and latest.direct.max_steps == 3 and latest.resume_with_other_data
+
+
+def test_emt_val_fraction_sets_the_validation_share_of_the_built_in_data(tmp_path):
+    config = load_train_config(TINY, [f"run_dir={tmp_path}", "data.emt_structures=12", "data.emt_val_fraction=0.5"])
+    _ensure_emt_data(config, tmp_path)
+    assert Manifest.load(tmp_path / "data" / "val").num_structures == 6
+    assert Manifest.load(tmp_path / "data" / "train").num_structures == 6
+    default = load_train_config(TINY, [f"run_dir={tmp_path / 'default'}", "data.emt_structures=30"])
+    _ensure_emt_data(default, tmp_path / "default")
+    assert Manifest.load(tmp_path / "default" / "data" / "val").num_structures == 3  # a tenth
+
+
+def test_resuming_with_another_emt_val_fraction_is_refused(tmp_path):
+    """A run directory whose config.yaml predates the key had the default share."""
+    saved = load_train_config(TINY, [f"run_dir={tmp_path}"])
+    save_config(saved, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("".join(line for line in text.splitlines(keepends=True)
+                                                  if "emt_val_fraction" not in line))
+    check_resume(load_train_config(TINY, [f"run_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"data.emt_val_fraction was 0.1, now 0.2"):
+        check_resume(load_train_config(TINY, [f"run_dir={tmp_path}", "data.emt_val_fraction=0.2"]))
 
 
 @pytest.mark.slow

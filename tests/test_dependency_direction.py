@@ -1,7 +1,8 @@
 """Dependencies run one way: no module of esen_train imports one of a higher layer.
 
 Layers, lowest first (ARCHITECTURE.md):
-  0  the package root (esen_train/__init__.py), progress.py and plots.py: depend on nothing
+  0  the package root (esen_train/__init__.py), progress.py, plots.py, config_loading.py:
+     depend on nothing
   1  data/
   2  model/      (also the model.pt format: model/model_file.py)
   3  engine/
@@ -20,7 +21,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "esen_train"
 LAYERS = {
-    "": 0, "progress": 0, "plots": 0,
+    "": 0, "progress": 0, "plots": 0, "config_loading": 0,
     "data": 1,
     "model": 2,
     "engine": 3,

@@ -1,6 +1,7 @@
-"""Reading the world from torchrun's and SLURM's environment. The multi-process group itself
-is exercised by tests/test_strategies.py (torchrun-style environment) and, on the local
-SLURM cluster, by a real two-node `srun` below."""
+"""Reading the world from torchrun's and SLURM's environment, and the process group's timeout
+(strategy.process_group_timeout_s). The multi-process group itself is exercised by
+tests/test_strategies.py (torchrun-style environment) and, on the local SLURM cluster, by a
+real two-node `srun` below."""
 import os
 import subprocess
 import sys
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from esen_train.engine import distributed
+from esen_train.engine.config import StageConfig, StrategyConfig, load_train_config
 from esen_train.engine.distributed import first_host, slurm_master_port, world_from_environment
+from esen_train.engine.fit import fit
+from esen_train.engine.optim import OptimSettings
+from esen_train.engine.strategies import build_strategy
 from tests.slurm_cluster import require_slurm_cluster
+from tests.strategy_harness import ToyPotential, run_in_processes
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                     "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
@@ -96,3 +102,58 @@ def test_two_tasks_of_a_real_slurm_step_form_one_group():
     )
     assert result.returncode == 0, f"srun failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     assert sorted(result.stdout.split()) == sorted("0 2 2 1 2 2".split())
+
+
+def group_timeout_s() -> float:
+    """The timeout of this process's default group (gloo)."""
+    backend = torch.distributed.group.WORLD._get_backend(torch.device("cpu"))
+    return backend.options._timeout.total_seconds()
+
+
+def report_group_timeout(dist) -> dict:
+    return {"timeout_s": group_timeout_s()}
+
+
+def test_the_process_group_gets_the_timeout_it_is_given(tmp_path):
+    """init_distributed(timeout_s) in a real two-process gloo world (the harness passes 300 s)."""
+    results = run_in_processes(2, report_group_timeout, (), tmp_path)
+    assert [result["timeout_s"] for result in results] == [300.0, 300.0]
+
+
+def test_fit_joins_the_process_group_with_the_configured_timeout(tmp_path, monkeypatch):
+    """fit hands strategy.process_group_timeout_s to init_distributed (stopped right there)."""
+    class Joined(Exception):
+        pass
+
+    def join(timeout_s):
+        raise Joined(timeout_s)
+
+    monkeypatch.setattr(distributed, "init_distributed", join)
+    config = load_train_config("tiny", [f"run_dir={tmp_path / 'run'}", "strategy.process_group_timeout_s=77"])
+    with pytest.raises(Joined) as joined:
+        fit(config)
+    assert joined.value.args == (77.0,)
+
+
+class GroupMade(Exception):
+    """Stops DeepSpeed's set-up once the process group exists: the rest is not under test."""
+
+
+def deepspeed_group_timeout(timeout_s: float, dist) -> dict:
+    from esen_train.engine.strategies import zero
+
+    def stop(**kwargs):
+        raise GroupMade
+
+    zero.deepspeed.initialize = stop  # in this forked child only
+    strategy = build_strategy(StrategyConfig(name="deepspeed", process_group_timeout_s=timeout_s), StageConfig(), dist)
+    with pytest.raises(GroupMade):
+        strategy.setup(ToyPotential(direct_forces=True), OptimSettings(lr=1e-3, weight_decay=0.0), conservative=False,
+                       ema_decay=0.9)
+    return {"timeout_s": group_timeout_s()}
+
+
+def test_deepspeed_alone_makes_its_group_with_the_configured_timeout(tmp_path):
+    """A world of one: DeepSpeed's one-process group gets strategy.process_group_timeout_s."""
+    (result,) = run_in_processes(1, deepspeed_group_timeout, (77.0,), tmp_path)
+    assert result["timeout_s"] == 77.0

@@ -1,11 +1,12 @@
 """The training configuration: typed dataclasses with defaults, read from omegaconf YAML.
 
 `load_train_config(path, overrides)` merges a YAML file and `key=value` overrides into the
-`TrainConfig` schema; omegaconf rejects an unknown or mistyped key, and we re-raise that
-with the key's full name so the user sees what to fix before anything starts. Every value
-is then checked against its range (`check_values`). `check_against_data` and
-`check_resume` need the dataset directories and the run directory; `fit` runs them before
-it creates anything.
+`TrainConfig` schema; omegaconf rejects an unknown or mistyped key, and
+`config_loading.omegaconf_errors` re-raises that with the key's full name so the user sees
+what to fix before anything starts. Each config class checks its own values in its
+`check(where)` method; `TrainConfig.check` runs them all (and the checks that span classes).
+`check_against_data` and `check_resume` need the dataset directories and the run
+directory; `fit` runs them before it creates anything.
 """
 from __future__ import annotations
 
@@ -17,17 +18,13 @@ from typing import Optional
 
 from ase.data import atomic_numbers
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import shipped_config
+from esen_train.config_loading import ConfigError, omegaconf_errors
 from esen_train.data import emt
 from esen_train.data.manifest import DatasetError, Manifest, load_natoms
 from esen_train.model.config import ModelConfig, load_model_config
 from esen_train.model.model_file import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used."""
 
 
 @dataclass
@@ -35,10 +32,21 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # dataset directories (esen-data format)
     val: list[str] = field(default_factory=list)
     # When > 0 and `train` is empty: generate this many built-in EMT structures into
-    # RUN/data (90% train, 10% val) before training, so a config runs with no download.
+    # RUN/data (emt_val_fraction of them, at least 2, for validation; the rest for
+    # training) before training, so a config runs with no download.
     emt_structures: int = 0
     emt_seed: int = 0
+    # The share of the built-in EMT structures set aside for validation, in (0, 1).
+    emt_val_fraction: float = 0.1
     num_workers: int = 0
+
+    def check(self, where: str) -> None:
+        if self.num_workers < 0 or self.emt_structures < 0 or self.emt_seed < 0:
+            raise ConfigError(f"{where}: data.num_workers, data.emt_structures and data.emt_seed must be >= 0")
+        if not 0 < self.emt_val_fraction < 1:
+            raise ConfigError(f"{where}: data.emt_val_fraction must be in (0, 1), got {self.emt_val_fraction}")
+        if not self.train and self.emt_structures <= 0:
+            raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
 
 
 @dataclass
@@ -56,6 +64,9 @@ class StageConfig:
     max_atoms: int = 256  # atoms per optimizer step, summed over all ranks
     grad_accum_steps: int = 1
     lr: float = 4e-4
+    # AdamW's moment decay rates (beta1, beta2), each in [0, 1).
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8  # AdamW's epsilon, added to the root of the second moment (> 0)
     min_lr_ratio: float = 0.01
     warmup_steps: int = 10
     weight_decay: float = 1e-3
@@ -92,12 +103,65 @@ class StageConfig:
     freeze_embeddings: bool = False
     freeze_blocks: int = 0
     backbone_lr_scale: float = 1.0
+    # A stage that starts from a checkpoint validates first and must reproduce the validation
+    # energy MAE the checkpoint recorded, within this relative tolerance or handover_abs_tol,
+    # else it stops with StageMismatch (weights lost in the hand-over). Both >= 0.
+    handover_rel_tol: float = 1e-4
+    handover_abs_tol: float = 1e-6  # meV/atom; see handover_rel_tol
+
+    def check(self, where: str, stage: str) -> None:
+        """The values of the stage named `stage` (direct or conservative) on their own."""
+        for name, (allowed, description) in _STAGE_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and allowed(value)):
+                raise ConfigError(f"{where}: {stage}.{name} must be {description}, got {value}")
+        if len(self.adam_betas) != 2 or not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ConfigError(f"{where}: {stage}.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.energy_weight + self.force_weight + self.stress_weight == 0:
+            raise ConfigError(f"{where}: {stage}: energy_weight, force_weight and stress_weight are all 0: nothing to train")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{where}: {stage}.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"{where}: {stage}.clock must be one of {CLOCKS}, got {self.clock!r}")
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError(f"{where}: {stage}.best_metric must be one of {', '.join(BEST_METRICS)}; got {self.best_metric!r}")
+        if self.init_from not in ("", FRESH_WEIGHTS) and not Path(self.init_from).exists():
+            raise ConfigError(f"{where}: {stage}.init_from: {self.init_from} does not exist")
+        self._check_references(where, stage)
+
+    def _check_references(self, where: str, stage: str) -> None:
+        if self.references not in REFERENCE_CHOICES:
+            raise ConfigError(f"{where}: {stage}.references must be one of {REFERENCE_CHOICES}, got {self.references!r}")
+        starts_fresh = stage == "direct" and not self.init_from
+        if self.references != "keep" and starts_fresh:
+            raise ConfigError(f"{where}: {stage}.references={self.references} needs {stage}.init_from (a fresh model's "
+                              "reference energies come from the training data)")
+        if self.references == "given" and not self.given_references:
+            raise ConfigError(f"{where}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
+        if self.given_references and self.references != "given":
+            raise ConfigError(f"{where}: {stage}.given_references is set but {stage}.references is {self.references!r}, not 'given'")
 
 
 @dataclass
 class StrategyConfig:
     name: str = "single"  # single | ddp | fsdp | deepspeed
     zero_stage: int = 2  # deepspeed only: 1 or 2
+    # How long a rank waits for the others (joining, or in any collective) before the process
+    # group gives up and the run fails; also the timeout of the one-process group DeepSpeed
+    # needs when it runs alone. Seconds, > 0.
+    process_group_timeout_s: float = 1800.0
+
+    def check(self, where: str) -> None:
+        # Imported here, not with this module: the strategies import torch's distributed
+        # checkpointing (about 0.1 s), which reading the config's dataclasses does not need.
+        from esen_train.engine.strategies import STRATEGIES
+
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"{where}: strategy.name must be one of {tuple(STRATEGIES)}, got {self.name!r}")
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"{where}: strategy.zero_stage must be 1 or 2 (ZeRO-3 breaks double backward)")
+        if not (math.isfinite(self.process_group_timeout_s) and self.process_group_timeout_s > 0):
+            raise ConfigError(f"{where}: strategy.process_group_timeout_s must be > 0, got {self.process_group_timeout_s}")
 
 
 @dataclass
@@ -114,6 +178,15 @@ class WandbConfig:
     group: str = ""
     job_type: str = ""  # empty: the stages trained, e.g. "direct+conservative"
     log_checkpoints: str = "none"  # none | best | all: model.pt of those checkpoints as wandb artifacts
+
+    def check(self, where: str) -> None:
+        if self.mode not in ("", "online", "offline", "disabled"):
+            raise ConfigError(f"{where}: logging.wandb.mode must be online, offline or disabled")
+        if not math.isfinite(self.init_timeout_s) or self.init_timeout_s <= 0:
+            raise ConfigError(f"{where}: logging.wandb.init_timeout_s must be > 0, got {self.init_timeout_s}")
+        if self.log_checkpoints not in CHECKPOINT_LOGGING:
+            raise ConfigError(f"{where}: logging.wandb.log_checkpoints must be one of {CHECKPOINT_LOGGING}, "
+                              f"got {self.log_checkpoints!r}")
 
 
 @dataclass
@@ -137,6 +210,36 @@ class TrainConfig:
     # this is true (fine-tuning a run on new data in place); see `check_resume`.
     resume_with_other_data: bool = False
 
+    def check(self, where: str | Path = "config") -> None:
+        """Raise ConfigError naming the first key whose value is out of its range: each part's
+        own `check`, then the values that depend on one another."""
+        self.strategy.check(where)
+        if not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"{where}: stages must name each stage of {STAGES} at most once, got {self.stages}")
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"{where}: stages must be a list drawn from {STAGES}, got {stage!r}")
+        for stage in STAGES:
+            settings: StageConfig = getattr(self, stage)
+            settings.check(where, stage)
+            self._check_stage_against_model_and_strategy(stage, settings, where)
+        if self.seed < 0:
+            raise ConfigError(f"{where}: seed must be >= 0, got {self.seed}")
+        self.logging.wandb.check(where)
+        self.data.check(where)
+
+    def _check_stage_against_model_and_strategy(self, stage: str, settings: StageConfig, where) -> None:
+        if settings.compile and self.strategy.name not in ("single", "ddp"):
+            raise ConfigError(f"{where}: {stage}.compile is supported with the single and ddp strategies, "
+                              f"not {self.strategy.name!r}")
+        for symbol in settings.given_references:
+            if atomic_numbers.get(symbol, self.model.max_num_elements + 1) > self.model.max_num_elements:
+                raise ConfigError(f"{where}: {stage}.given_references: {symbol!r} is not an element this model embeds "
+                                  f"(Z 1..{self.model.max_num_elements})")
+        if settings.freeze_blocks > self.model.num_layers:
+            raise ConfigError(f"{where}: {stage}.freeze_blocks must be in 0..{self.model.num_layers} (model.num_layers), "
+                              f"got {settings.freeze_blocks}")
+
 
 STAGES = ("direct", "conservative")
 FRESH_WEIGHTS = "none"  # init_from value: start from freshly initialised weights
@@ -144,7 +247,7 @@ REFERENCE_CHOICES = ("keep", "refit", "given")
 # The validation metrics (ErrorAccumulator.result) that can pick the best checkpoint: lower is better.
 BEST_METRICS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "stress_mae_mev_per_A3")
 # The data settings a resumed run must share with the run it resumes.
-DATA_IDENTITY = ("train", "val", "emt_structures", "emt_seed")
+DATA_IDENTITY = ("train", "val", "emt_structures", "emt_seed", "emt_val_fraction")
 CHECKPOINT_LOGGING = ("none", "best", "all")
 CLOCKS = ("wall", "cpu")
 
@@ -156,21 +259,19 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     schema = OmegaConf.structured(TrainConfig)
-    try:
+    with omegaconf_errors(str(path)):
         from_file = OmegaConf.load(path)
         _expand_model_preset(from_file, f"{path}: model")
         from_cli = OmegaConf.from_dotlist(list(overrides))
         _expand_model_preset(from_cli, "command line: model")
         merged = OmegaConf.merge(schema, from_file, from_cli)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{path}: {_describe(error)}") from None
     if not merged.run_dir:
         merged.run_dir = str(Path("runs") / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         config: TrainConfig = OmegaConf.to_object(merged)
-    except ValueError as error:  # ModelConfig's own checks of its values
+    except ConfigError as error:  # ModelConfig.check, run when the ModelConfig is made
         raise ConfigError(f"{path}: model: {error}") from None
-    check_values(config, path)
+    config.check(path)
     return config
 
 
@@ -195,65 +296,6 @@ def _checkpoint_model_config(path: str, where: str) -> ModelConfig:
         return checkpoint_model_config(checkpoint / MODEL_FILE)
     except CheckpointError as error:
         raise ConfigError(f"{where}: {error}") from None
-
-
-def _describe(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None)
-    message = str(error).splitlines()[0]
-    return f"key '{key}': {message}" if key else message
-
-
-def check_values(config: TrainConfig, where: str | Path = "config") -> None:
-    """Raise ConfigError naming the first key whose value is out of its range."""
-    # Imported here, not with this module: the strategies import torch's distributed
-    # checkpointing (about 0.1 s), which reading the config's dataclasses does not need.
-    from esen_train.engine.strategies import STRATEGIES
-
-    if config.strategy.name not in STRATEGIES:
-        raise ConfigError(f"{where}: strategy.name must be one of {tuple(STRATEGIES)}, got {config.strategy.name!r}")
-    if config.strategy.zero_stage not in (1, 2):
-        raise ConfigError(f"{where}: strategy.zero_stage must be 1 or 2 (ZeRO-3 breaks double backward)")
-    if not config.stages or len(set(config.stages)) != len(config.stages):
-        raise ConfigError(f"{where}: stages must name each stage of {STAGES} at most once, got {config.stages}")
-    for stage in config.stages:
-        if stage not in STAGES:
-            raise ConfigError(f"{where}: stages must be a list drawn from {STAGES}, got {stage!r}")
-    for stage in STAGES:
-        _check_stage(stage, getattr(config, stage), config.strategy.name, where)
-        _check_fine_tuning(config, stage, getattr(config, stage), where)
-    if config.seed < 0:
-        raise ConfigError(f"{where}: seed must be >= 0, got {config.seed}")
-    if config.data.num_workers < 0 or config.data.emt_structures < 0 or config.data.emt_seed < 0:
-        raise ConfigError(f"{where}: data.num_workers, data.emt_structures and data.emt_seed must be >= 0")
-    if config.logging.wandb.mode not in ("", "online", "offline", "disabled"):
-        raise ConfigError(f"{where}: logging.wandb.mode must be online, offline or disabled")
-    if not math.isfinite(config.logging.wandb.init_timeout_s) or config.logging.wandb.init_timeout_s <= 0:
-        raise ConfigError(f"{where}: logging.wandb.init_timeout_s must be > 0, got {config.logging.wandb.init_timeout_s}")
-    if config.logging.wandb.log_checkpoints not in CHECKPOINT_LOGGING:
-        raise ConfigError(f"{where}: logging.wandb.log_checkpoints must be one of {CHECKPOINT_LOGGING}, "
-                          f"got {config.logging.wandb.log_checkpoints!r}")
-    if not config.data.train and config.data.emt_structures <= 0:
-        raise ConfigError(f"{where}: give data.train (dataset directories) or data.emt_structures > 0")
-
-
-def _check_fine_tuning(config: TrainConfig, stage: str, settings: StageConfig, where) -> None:
-    if settings.references not in REFERENCE_CHOICES:
-        raise ConfigError(f"{where}: {stage}.references must be one of {REFERENCE_CHOICES}, got {settings.references!r}")
-    starts_fresh = stage == "direct" and not settings.init_from
-    if settings.references != "keep" and starts_fresh:
-        raise ConfigError(f"{where}: {stage}.references={settings.references} needs {stage}.init_from (a fresh model's "
-                          "reference energies come from the training data)")
-    if settings.references == "given" and not settings.given_references:
-        raise ConfigError(f"{where}: {stage}.references=given needs {stage}.given_references, e.g. {{Cu: -3.5}}")
-    if settings.given_references and settings.references != "given":
-        raise ConfigError(f"{where}: {stage}.given_references is set but {stage}.references is {settings.references!r}, not 'given'")
-    for symbol in settings.given_references:
-        if atomic_numbers.get(symbol, config.model.max_num_elements + 1) > config.model.max_num_elements:
-            raise ConfigError(f"{where}: {stage}.given_references: {symbol!r} is not an element this model embeds "
-                              f"(Z 1..{config.model.max_num_elements})")
-    if settings.freeze_blocks > config.model.num_layers:
-        raise ConfigError(f"{where}: {stage}.freeze_blocks must be in 0..{config.model.num_layers} (model.num_layers), "
-                          f"got {settings.freeze_blocks}")
 
 
 def _at_least(low):
@@ -287,26 +329,10 @@ _STAGE_RANGES = {
     "max_minutes": (lambda value: value >= 0, ">= 0 (0: no time limit)"),
     "freeze_blocks": _at_least(0),
     "backbone_lr_scale": _positive(),
+    "adam_eps": _positive(),
+    "handover_rel_tol": _at_least(0),
+    "handover_abs_tol": _at_least(0),
 }
-
-
-def _check_stage(stage: str, settings: StageConfig, strategy: str, where) -> None:
-    for name, (allowed, description) in _STAGE_RANGES.items():
-        value = getattr(settings, name)
-        if not (math.isfinite(value) and allowed(value)):
-            raise ConfigError(f"{where}: {stage}.{name} must be {description}, got {value}")
-    if settings.energy_weight + settings.force_weight + settings.stress_weight == 0:
-        raise ConfigError(f"{where}: {stage}: energy_weight, force_weight and stress_weight are all 0: nothing to train")
-    if settings.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"{where}: {stage}.precision must be fp32 or bf16, got {settings.precision!r}")
-    if settings.clock not in CLOCKS:
-        raise ConfigError(f"{where}: {stage}.clock must be one of {CLOCKS}, got {settings.clock!r}")
-    if settings.best_metric not in BEST_METRICS:
-        raise ConfigError(f"{where}: {stage}.best_metric must be one of {', '.join(BEST_METRICS)}; got {settings.best_metric!r}")
-    if settings.compile and strategy not in ("single", "ddp"):
-        raise ConfigError(f"{where}: {stage}.compile is supported with the single and ddp strategies, not {strategy!r}")
-    if settings.init_from not in ("", FRESH_WEIGHTS) and not Path(settings.init_from).exists():
-        raise ConfigError(f"{where}: {stage}.init_from: {settings.init_from} does not exist")
 
 
 def check_against_data(config: TrainConfig) -> None:
@@ -348,14 +374,14 @@ def check_resume(config: TrainConfig) -> None:
     saved = Path(config.run_dir) / "config.yaml"
     if not saved.is_file() or config.resume_with_other_data:
         return
-    try:
+    with omegaconf_errors(f"{saved}: cannot be read"):
         before = OmegaConf.load(saved).get("data", {})
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{saved}: cannot be read ({_describe(error)})") from None
+    # A key the saved config lacks (written before the key existed) had its default value.
+    saved_data = {key: _plain(before.get(key, getattr(DataConfig(), key))) for key in DATA_IDENTITY}
     differences = [
-        f"data.{key} was {_plain(before.get(key))}, now {_plain(getattr(config.data, key))}"
+        f"data.{key} was {saved_data[key]}, now {_plain(getattr(config.data, key))}"
         for key in DATA_IDENTITY
-        if _plain(before.get(key)) != _plain(getattr(config.data, key))
+        if saved_data[key] != _plain(getattr(config.data, key))
     ]
     if differences:
         raise ConfigError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from esen_train.data.loader import build_dataloader
 from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
 from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
-from esen_train.engine.config import TrainConfig, check_against_data, check_resume, check_values, save_config
+from esen_train.engine.config import TrainConfig, check_against_data, check_resume, save_config
 from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
@@ -24,10 +25,10 @@ def fit(config: TrainConfig) -> Path:
 
     Raises ConfigError, before anything is created, for a value out of its range, one that
     does not fit the data, or a run directory of a run on other data (`check_resume`)."""
-    check_values(config)
+    config.check()
     check_against_data(config)
     check_resume(config)
-    dist = distributed.init_distributed()
+    dist = distributed.init_distributed(timeout_s=config.strategy.process_group_timeout_s)
     run_dir = Path(config.run_dir).resolve()
     try:
         if distributed.is_main():
@@ -57,10 +58,11 @@ def fit(config: TrainConfig) -> Path:
 
 
 def _ensure_emt_data(config: TrainConfig, run_dir: Path) -> None:
-    """Generate the built-in EMT data into RUN/data once (90% train, 10% validation)."""
+    """Generate the built-in EMT data into RUN/data once: data.emt_val_fraction of it (at
+    least 2 structures) for validation, the rest for training."""
     if config.data.train or config.data.emt_structures <= 0:
         return
-    num_val = max(config.data.emt_structures // 10, 2)
+    num_val = max(math.floor(config.data.emt_structures * config.data.emt_val_fraction), 2)
     for split, num, seed in (("train", config.data.emt_structures - num_val, config.data.emt_seed),
                              ("val", num_val, config.data.emt_seed + 1)):
         if not (run_dir / "data" / split / "manifest.json").exists():

@@ -106,6 +106,7 @@ class StageTrainer:
             compile_model(model)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay,
+                              betas=tuple(self.settings.adam_betas), eps=self.settings.adam_eps,
                               backbone_lr_scale=self.settings.backbone_lr_scale)
         self.strategy.setup(model, optim, conservative=self.conservative, ema_decay=self.settings.ema_decay)
 
@@ -293,7 +294,8 @@ class StageTrainer:
             return
         if self.settings.init_from and not self._checkpoint_validated_on_our_data():
             return
-        if expected is not None and not math.isclose(measured, expected, rel_tol=1e-4, abs_tol=1e-6):
+        if expected is not None and not math.isclose(measured, expected, rel_tol=self.settings.handover_rel_tol,
+                                                       abs_tol=self.settings.handover_abs_tol):
             raise StageMismatch(
                 f"{self.stage} stage: the weights loaded from {self.init_checkpoint} give a validation energy MAE of "
                 f"{measured:.6f} meV/atom, but that checkpoint recorded {expected:.6f}: weights were lost in the hand-over"

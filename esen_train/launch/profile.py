@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import CONFIG_DIR
+from esen_train.config_loading import ConfigError, omegaconf_errors
 from esen_train.launch.slurm_info import ClusterInfo, NodeInfo
 
 PROFILE_DIR = CONFIG_DIR / "cluster"
 EXECUTORS = ("slurm", "local")
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     """A cluster profile (or a launch key) that cannot be used; the message says where."""
 
 
@@ -51,6 +51,33 @@ class ClusterProfile:
     sbatch_args: dict[str, Any] = field(default_factory=dict)
     # Shell lines run in the batch script before the tasks start (modules, conda, env vars).
     setup: list[str] = field(default_factory=list)
+
+    def check(self, where: str) -> None:
+        """Raise ProfileError for values that are wrong whatever the cluster."""
+        if self.executor not in EXECUTORS:
+            raise ProfileError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, name) < 1:
+                raise ProfileError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0 or self.signal_delay_s < 0 or self.max_requeues < 0:
+            raise ProfileError(f"{where}: gpus_per_node, signal_delay_s and max_requeues cannot be negative")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ProfileError(f"{where}: mem_gb must be positive, got {self.mem_gb}")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ProfileError(
+                f"{where}: one task drives one GPU, so tasks_per_node ({self.tasks_per_node}) must equal "
+                f"gpus_per_node ({self.gpus_per_node})"
+            )
+        if self.executor == "slurm" and not self.partition:
+            raise ProfileError(f"{where}: missing required field 'partition' (the slurm executor needs one)")
+        if self.executor == "local" and self.nodes != 1:
+            raise ProfileError(f"{where}: the local executor runs on this machine only: nodes must be 1, got {self.nodes}")
+        managed = sorted(set(self.sbatch_args) & _MANAGED_SBATCH_OPTIONS)
+        if managed:
+            raise ProfileError(
+                f"{where}: sbatch_args {', '.join(managed)} are set by esen-launch itself; "
+                "use the profile fields (partition, time_min, nodes, ...) instead"
+            )
 
 
 PROFILE_KEYS = tuple(f.name for f in dataclasses.fields(ClusterProfile))
@@ -79,10 +106,8 @@ def profile_path(name: str) -> Path:
 def load_profile(name: str, overrides: dict[str, str] | None = None) -> ClusterProfile:
     """Read a profile and apply launch-key overrides (`{"nodes": "2"}`, as typed on the command line)."""
     path = profile_path(name)
-    try:
+    with omegaconf_errors(f"{path}: not a valid YAML mapping", ProfileError):
         from_file = OmegaConf.load(path)
-    except OmegaConfBaseException as error:
-        raise ProfileError(f"{path}: not a valid YAML mapping ({error})") from None
     if not isinstance(from_file, DictConfig):
         raise ProfileError(f"{path}: a profile is a mapping of field: value, got a list")
     unknown = sorted(set(from_file.keys()) - set(PROFILE_KEYS))
@@ -96,56 +121,15 @@ def load_profile(name: str, overrides: dict[str, str] | None = None) -> ClusterP
     profile: ClusterProfile = OmegaConf.to_object(merged)
     if profile.tasks_per_node is None:
         profile.tasks_per_node = profile.gpus_per_node or 1
-    check_profile(profile, str(path))
+    profile.check(str(path))
     return profile
 
 
 def _merge(path: Path, from_file: DictConfig, from_cli: DictConfig) -> DictConfig:
-    schema = OmegaConf.structured(ClusterProfile)
-    try:
-        schema = OmegaConf.merge(schema, from_file)
-    except OmegaConfBaseException as error:
-        raise ProfileError(f"{path}: field {_key_of(error)}: {_first_line(error)}") from None
-    try:
+    with omegaconf_errors(str(path), ProfileError):
+        schema = OmegaConf.merge(OmegaConf.structured(ClusterProfile), from_file)
+    with omegaconf_errors(f"launch keys (profile {path})", ProfileError):
         return OmegaConf.merge(schema, from_cli)
-    except OmegaConfBaseException as error:
-        raise ProfileError(f"launch key {_key_of(error)} (profile {path}): {_first_line(error)}") from None
-
-
-def _key_of(error: OmegaConfBaseException) -> str:
-    return repr(getattr(error, "full_key", None) or "?")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0]
-
-
-def check_profile(profile: ClusterProfile, where: str) -> None:
-    """Values that are wrong whatever the cluster."""
-    if profile.executor not in EXECUTORS:
-        raise ProfileError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {profile.executor!r}")
-    for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
-        if getattr(profile, name) < 1:
-            raise ProfileError(f"{where}: {name} must be at least 1, got {getattr(profile, name)}")
-    if profile.gpus_per_node < 0 or profile.signal_delay_s < 0 or profile.max_requeues < 0:
-        raise ProfileError(f"{where}: gpus_per_node, signal_delay_s and max_requeues cannot be negative")
-    if profile.mem_gb is not None and profile.mem_gb <= 0:
-        raise ProfileError(f"{where}: mem_gb must be positive, got {profile.mem_gb}")
-    if profile.gpus_per_node and profile.tasks_per_node != profile.gpus_per_node:
-        raise ProfileError(
-            f"{where}: one task drives one GPU, so tasks_per_node ({profile.tasks_per_node}) must equal "
-            f"gpus_per_node ({profile.gpus_per_node})"
-        )
-    if profile.executor == "slurm" and not profile.partition:
-        raise ProfileError(f"{where}: missing required field 'partition' (the slurm executor needs one)")
-    if profile.executor == "local" and profile.nodes != 1:
-        raise ProfileError(f"{where}: the local executor runs on this machine only: nodes must be 1, got {profile.nodes}")
-    managed = sorted(set(profile.sbatch_args) & _MANAGED_SBATCH_OPTIONS)
-    if managed:
-        raise ProfileError(
-            f"{where}: sbatch_args {', '.join(managed)} are set by esen-launch itself; "
-            "use the profile fields (partition, time_min, nodes, ...) instead"
-        )
 
 
 # sbatch options that esen-launch or submitit write from the profile's own fields.

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from esen_train import CONFIG_DIR
+from esen_train.config_loading import ConfigError, omegaconf_errors
 
 PRESET_DIR = CONFIG_DIR / "model"
 
@@ -64,41 +64,42 @@ class ModelConfig:
     direct_stress_neighbour_weight: bool = True
 
     def __post_init__(self) -> None:
-        check_model_config(self)
+        self.check()
 
-
-def check_model_config(config: ModelConfig) -> None:
-    """Raise ValueError naming the first field whose value cannot build a model."""
-    positive = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels",
-                "num_radial_basis", "max_num_elements", "envelope_exponent")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(config, name)}")
-    if config.lmax < 1:
-        raise ValueError(f"ModelConfig.lmax must be >= 1 (forces need l=1), got {config.lmax}")
-    if not 1 <= config.mmax <= config.lmax:
-        raise ValueError(f"ModelConfig.mmax must be in [1, lmax={config.lmax}], got {config.mmax}")
-    if not config.cutoff > 0:
-        raise ValueError(f"ModelConfig.cutoff must be > 0, got {config.cutoff}")
-    if config.feed_forward not in FEED_FORWARDS:
-        raise ValueError(f"ModelConfig.feed_forward must be one of {FEED_FORWARDS}, got {config.feed_forward!r}")
-    if config.grid_resolution < 0:
-        raise ValueError(f"ModelConfig.grid_resolution must be >= 0, got {config.grid_resolution}")
-    if not config.edge_degree_rescale > 0:
-        raise ValueError(f"ModelConfig.edge_degree_rescale must be > 0, got {config.edge_degree_rescale}")
-    if not config.gaussian_width > 0:
-        raise ValueError(f"ModelConfig.gaussian_width must be > 0, got {config.gaussian_width}")
-    if config.charge_spin not in CHARGE_SPIN_EMBEDDINGS:
-        raise ValueError(f"ModelConfig.charge_spin must be one of {CHARGE_SPIN_EMBEDDINGS}, got {config.charge_spin!r}")
-    if config.charge_spin == "sinusoidal" and config.sphere_channels % 2:
-        raise ValueError(f"ModelConfig.charge_spin 'sinusoidal' needs an even sphere_channels, got {config.sphere_channels}")
+    def check(self) -> None:
+        """Raise ConfigError (a ValueError) naming the first field whose value cannot build a
+        model. Every ModelConfig checks itself when it is made; ESEN checks again, for a config
+        changed after that."""
+        positive = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels",
+                    "num_radial_basis", "max_num_elements", "envelope_exponent")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lmax < 1:
+            raise ConfigError(f"ModelConfig.lmax must be >= 1 (forces need l=1), got {self.lmax}")
+        if not 1 <= self.mmax <= self.lmax:
+            raise ConfigError(f"ModelConfig.mmax must be in [1, lmax={self.lmax}], got {self.mmax}")
+        if not self.cutoff > 0:
+            raise ConfigError(f"ModelConfig.cutoff must be > 0, got {self.cutoff}")
+        if self.feed_forward not in FEED_FORWARDS:
+            raise ConfigError(f"ModelConfig.feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}")
+        if self.grid_resolution < 0:
+            raise ConfigError(f"ModelConfig.grid_resolution must be >= 0, got {self.grid_resolution}")
+        if not self.edge_degree_rescale > 0:
+            raise ConfigError(f"ModelConfig.edge_degree_rescale must be > 0, got {self.edge_degree_rescale}")
+        if not self.gaussian_width > 0:
+            raise ConfigError(f"ModelConfig.gaussian_width must be > 0, got {self.gaussian_width}")
+        if self.charge_spin not in CHARGE_SPIN_EMBEDDINGS:
+            raise ConfigError(f"ModelConfig.charge_spin must be one of {CHARGE_SPIN_EMBEDDINGS}, got {self.charge_spin!r}")
+        if self.charge_spin == "sinusoidal" and self.sphere_channels % 2:
+            raise ConfigError(f"ModelConfig.charge_spin 'sinusoidal' needs an even sphere_channels, got {self.sphere_channels}")
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """A preset name (configs/model/<name>.yaml) or the path of a YAML file -> ModelConfig.
 
-    Raises FileNotFoundError for an unknown preset or missing file, and ValueError naming
-    the file and key for an unknown key or a value of the wrong type.
+    Raises FileNotFoundError for an unknown preset or missing file, and ConfigError (a
+    ValueError) naming the file and key for an unknown key or a value out of its range.
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -108,12 +109,9 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
             raise FileNotFoundError(f"no model preset {str(name_or_path)!r} in {PRESET_DIR} (known: {known})")
     elif not path.is_file():
         raise FileNotFoundError(f"model config file not found: {path}")
-    try:
+    with omegaconf_errors(str(path)):
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    try:
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        message = str(error).splitlines()[0]
-        raise ValueError(f"{path}: key {key!r}: {message}") from None
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except ConfigError as error:  # the values, checked by ModelConfig.check
+        raise ConfigError(f"{path}: {error}") from None

@@ -49,7 +49,7 @@ from torch import nn
 from esen_train.model.blocks import Block, EdgeDegreeEmbedding
 from esen_train.model.charge_spin import ChargeSpinEmbedding
 from esen_train.model.coefficients import rows_of_each_order
-from esen_train.model.config import ModelConfig, check_model_config
+from esen_train.model.config import ModelConfig
 from esen_train.model.heads import DirectForceHead, DirectStressHead, EnergyHead, sum_per_structure
 from esen_train.model.layers import EquivariantRMSNorm
 from esen_train.model.radial import EdgeScalars, GaussianBasis, PolynomialEnvelope
@@ -125,7 +125,7 @@ class DirectHeads(nn.Module):
 class ESEN(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        check_model_config(config)
+        config.check()
         self.config = config
         self.backbone = Backbone(config)
         self.energy_head = EnergyHead(config.sphere_channels, config.hidden_channels)

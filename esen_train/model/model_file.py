@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from esen_train.config_loading import ConfigError, omegaconf_errors
 from esen_train.model.config import ModelConfig, load_model_config
 from esen_train.model.esen import ESEN
 
@@ -108,10 +108,8 @@ def _stage_order(run_dir: Path) -> list[str]:
     """The stages in the order the run trains them: `stages` of RUN/config.yaml if there is one."""
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
-        try:
+        with omegaconf_errors(f"{config_file}: cannot be read", CheckpointError):
             stages = OmegaConf.load(config_file).get("stages")
-        except OmegaConfBaseException as error:
-            raise CheckpointError(f"{config_file}: cannot be read ({error})") from None
         if stages:
             return [str(stage) for stage in stages]
     return ["direct", "conservative"]
@@ -197,16 +195,11 @@ def _model_config(stored: object, model_file: Path) -> ModelConfig:
     """The stored config dict, checked field by field against ModelConfig."""
     if not isinstance(stored, dict):
         raise CheckpointError(f"{model_file}: field 'model_config' is not a dict")
-    try:
+    with omegaconf_errors(f"{model_file}: field 'model_config' does not fit this version's ModelConfig", CheckpointError):
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), stored)
+    try:
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None) or "?"
-        raise CheckpointError(
-            f"{model_file}: field 'model_config' does not fit this version's ModelConfig "
-            f"(key '{key}': {str(error).splitlines()[0]})"
-        ) from None
-    except ValueError as error:  # ModelConfig's own checks of the values
+    except ConfigError as error:  # ModelConfig.check
         raise CheckpointError(f"{model_file}: field 'model_config' has an invalid value ({error})") from None
 
 

@@ -35,7 +35,7 @@ def build_strategy(config: StrategyConfig, stage: StageConfig, dist: DistInfo) -
         raise ValueError(f"unknown strategy {config.name!r}: use one of {', '.join(STRATEGIES)}")
     settings = dict(dist=dist, precision=stage.precision, grad_accum_steps=stage.grad_accum_steps)
     if config.name == "deepspeed":
-        settings["zero_stage"] = config.zero_stage
+        settings.update(zero_stage=config.zero_stage, process_group_timeout_s=config.process_group_timeout_s)
     return STRATEGIES[config.name](**settings)
 
 

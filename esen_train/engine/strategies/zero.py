@@ -75,11 +75,13 @@ class ZeroStrategy(Strategy):
     name = "deepspeed"
     reads_states_of = ("deepspeed",)
 
-    def __init__(self, dist: DistInfo, zero_stage: int = 2, precision: str = "fp32", grad_accum_steps: int = 1) -> None:
+    def __init__(self, dist: DistInfo, zero_stage: int = 2, precision: str = "fp32", grad_accum_steps: int = 1,
+                 process_group_timeout_s: float = 1800.0) -> None:
         if zero_stage not in (1, 2):
             raise ValueError(f"DeepSpeed ZeRO stage must be 1 or 2, got {zero_stage} (stage 3 breaks double backward)")
         super().__init__(dist, precision, grad_accum_steps)
         self.zero_stage = zero_stage
+        self.process_group_timeout_s = process_group_timeout_s  # of the one-process group made in setup
         self.engine = None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -87,7 +89,8 @@ class ZeroStrategy(Strategy):
         if not dist.is_initialized():
             # DeepSpeed always needs a process group; a world of one gets an in-process one.
             backend = "nccl" if self.dist.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=self.process_group_timeout_s))
         # DeepSpeed insists on LOCAL_RANK, which only torchrun sets: a single process or a
         # SLURM step does not.
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
