@@ -20,9 +20,10 @@ from esen_train.cli.train import main
 from esen_train.data.convert import convert
 from esen_train.data.emt import MAX_ATOMS, generate_emt_dataset
 from esen_train.data.manifest import Manifest, load_natoms
-from esen_train.engine.config import BEST_METRICS, ConfigError, check_resume, load_train_config, save_config
+from esen_train.engine.config import BEST_METRICS, ConfigError, DataConfig, check_resume, load_train_config, save_config
 from esen_train.engine.fit import _ensure_emt_data, fit
 from esen_train.engine.losses import ErrorAccumulator
+from esen_train.engine.trainer import same_validation_data
 from esen_train.model.model_file import read_model_file
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -183,6 +184,15 @@ def test_resuming_with_another_emt_val_fraction_is_refused(tmp_path):
     check_resume(load_train_config(TINY, [f"run_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"data.emt_val_fraction was 0.1, now 0.2"):
         check_resume(load_train_config(TINY, [f"run_dir={tmp_path}", "data.emt_val_fraction=0.2"]))
+
+
+def test_a_checkpoint_of_another_emt_val_fraction_validated_on_other_data():
+    """The hand-over check compares energy errors only on the same validation set."""
+    ours = DataConfig(emt_structures=40, emt_seed=0)
+    assert same_validation_data({"emt_structures": 40, "emt_seed": 0, "train": [], "val": []}, ours)  # an older config.yaml
+    assert same_validation_data({"emt_structures": 40, "emt_seed": 0, "emt_val_fraction": 0.1}, ours)
+    assert not same_validation_data({"emt_structures": 40, "emt_seed": 0, "emt_val_fraction": 0.2}, ours)
+    assert not same_validation_data({"emt_structures": 40, "emt_seed": 1}, ours)
 
 
 @pytest.mark.slow

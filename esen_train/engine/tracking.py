@@ -40,6 +40,7 @@ from ase.data import chemical_symbols
 from omegaconf import OmegaConf
 
 import esen_train
+from esen_train.config_loading import omegaconf_errors
 from esen_train.data.manifest import Manifest
 from esen_train.engine.config import TrainConfig, WandbConfig
 from esen_train.model.model_file import MODEL_FILE
@@ -274,7 +275,8 @@ def log_to_existing_run(run_dir: Path, stage: str, step: int, images: dict[str, 
     config_file = run_dir / "config.yaml"
     if not (run_dir / ID_FILE).is_file() or not config_file.is_file():
         return False
-    config: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_file)))
+    with omegaconf_errors(str(config_file)):
+        config: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_file)))
     run = open_wandb_run(run_dir, config, with_config=False)
     if run is None:
         return False

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from esen_train.config_loading import omegaconf_errors
 from esen_train.engine import distributed, early_stopping, preemption
 from esen_train.engine.checkpoint import CheckpointManager
-from esen_train.engine.config import FRESH_WEIGHTS, StageConfig, TrainConfig
+from esen_train.engine.config import FRESH_WEIGHTS, DataConfig, StageConfig, TrainConfig
 from esen_train.engine.losses import ErrorAccumulator, LossWeights, ParitySample, batch_counts, training_loss
 from esen_train.engine.optim import OptimSettings, lr_at
 from esen_train.engine.references import describe_changes, given_references, refit_references
@@ -145,11 +146,9 @@ class StageTrainer:
         run_config = self.init_checkpoint.resolve().parents[2] / "config.yaml"
         if not run_config.is_file():
             return False
-        theirs, ours = OmegaConf.load(run_config).get("data", {}), self.config.data
-        if ours.val:
-            return list(theirs.get("val", [])) == list(ours.val)
-        return (not theirs.get("val") and not theirs.get("train") and not ours.train
-                and (theirs.get("emt_structures"), theirs.get("emt_seed")) == (ours.emt_structures, ours.emt_seed))
+        with omegaconf_errors(str(run_config)):
+            theirs = OmegaConf.load(run_config).get("data", {})
+        return same_validation_data(theirs, self.config.data)
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> Path:
@@ -344,6 +343,18 @@ class StageTrainer:
 
     def _global_step(self) -> int:
         return global_step(self.config, self.stage, self.progress.step)
+
+
+def same_validation_data(theirs, ours: DataConfig) -> bool:
+    """Whether a run whose config.yaml has the data settings `theirs` validated on what `ours`
+    names: the same dataset directories, or the same built-in EMT set (a config.yaml without
+    emt_val_fraction predates it: that run set aside the default share)."""
+    if ours.val:
+        return list(theirs.get("val", [])) == list(ours.val)
+    their_emt = (theirs.get("emt_structures"), theirs.get("emt_seed"),
+                 theirs.get("emt_val_fraction", DataConfig.emt_val_fraction))
+    return (not theirs.get("val") and not theirs.get("train") and not ours.train
+            and their_emt == (ours.emt_structures, ours.emt_seed, ours.emt_val_fraction))
 
 
 def load_backbone(model: ESEN, checkpoint: dict) -> list[str]:
