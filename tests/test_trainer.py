@@ -307,28 +307,41 @@ def test_lost_weights_between_stages_are_caught(two_stage_run, tmp_path):
         fit(config)
 
 
-def test_handover_tolerance_and_adamw_settings_take_effect(two_stage_run, tmp_path):
-    """A direct checkpoint whose recorded energy error is 1% off what its weights give: the
-    default hand-over tolerance refuses it, conservative.handover_rel_tol=0.05 lets the stage
-    start. That stage's optimizer has the AdamW betas and epsilon of its config."""
-    run = tmp_path / "run"
+def copy_with_recorded_error_off(two_stage_run: Path, run: Path, factor: float) -> float:
+    """The run's data and direct checkpoints in `run`, the best one recording `factor` times the
+    energy error its weights give. Returns how far off the record is (meV/atom)."""
     shutil.copytree(two_stage_run / "data", run / "data")
     shutil.copytree(two_stage_run / "checkpoints" / "direct", run / "checkpoints" / "direct", symlinks=True)
     best = (run / "checkpoints" / "direct" / "best").resolve() / "model.pt"
     payload = torch.load(best, weights_only=True)
-    payload["metrics"]["energy_mae_mev_per_atom"] *= 1.01
+    recorded = payload["metrics"]["energy_mae_mev_per_atom"]
+    payload["metrics"]["energy_mae_mev_per_atom"] = recorded * factor
     torch.save(payload, best)
-    overrides = FAST + [f"run_dir={run}", "stages=[conservative]", "conservative.max_steps=1"]
+    return abs(recorded * factor - recorded)
+
+
+def test_handover_tolerances_and_adamw_settings_take_effect(two_stage_run, tmp_path):
+    """A direct checkpoint whose recorded energy error is 1% off what its weights give: the
+    default hand-over tolerances refuse it; conservative.handover_rel_tol=0.05, or a
+    handover_abs_tol above the difference, lets the stage start. That stage's optimizer has
+    the AdamW betas and epsilon of its config."""
+    overrides = FAST + ["stages=[conservative]", "conservative.max_steps=1"]
+    off = copy_with_recorded_error_off(two_stage_run, tmp_path / "run", 1.01)
     with pytest.raises(StageMismatch, match="weights were lost"):
-        fit(load_train_config(TINY, overrides))
-    fit(load_train_config(TINY, overrides + ["conservative.handover_rel_tol=0.05", "conservative.adam_betas=[0.8,0.95]",
-                                             "conservative.adam_eps=1e-6"]))
-    state = torch.load(run / "checkpoints" / "conservative" / "last" / "train_state" / "state.pt", weights_only=True)
+        fit(load_train_config(TINY, overrides + [f"run_dir={tmp_path / 'run'}"]))
+    fit(load_train_config(TINY, overrides + [f"run_dir={tmp_path / 'run'}", "conservative.handover_rel_tol=0.05",
+                                             "conservative.adam_betas=[0.8,0.95]", "conservative.adam_eps=1e-6"]))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "conservative" / "last" / "train_state" / "state.pt",
+                       weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert groups and all(tuple(g["betas"]) == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
     default_state = torch.load(two_stage_run / "checkpoints" / "conservative" / "last" / "train_state" / "state.pt",
                                weights_only=True)
     assert all(tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8 for g in default_state["optimizer"]["param_groups"])
+
+    copy_with_recorded_error_off(two_stage_run, tmp_path / "absolute", 1.01)
+    fit(load_train_config(TINY, overrides + [f"run_dir={tmp_path / 'absolute'}", f"conservative.handover_abs_tol={2 * off}"]))
+    assert (tmp_path / "absolute" / "checkpoints" / "conservative" / "last").exists()
 
 
 def test_fine_tuning_from_another_runs_checkpoint_on_other_data(two_stage_run, tmp_path):
