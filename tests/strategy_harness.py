@@ -1,4 +1,4 @@
-"""What tests/test_strategies.py runs in each process: a small potential with a double backward,
+"""What tests/engine/test_strategies.py runs in each process: a small potential with a double backward,
 deterministic batches, and one training scenario driven through the Strategy interface exactly
 as the trainer drives it (`optimizer_step` with loss shares and accumulation, EMA, save/load).
 

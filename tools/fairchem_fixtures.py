@@ -28,7 +28,7 @@ any structure is within 1e-4 of the y axis: fairchem clamps its rotation gradien
 
 `evaluate` loads 2.x checkpoints (e.g. ones `esen-train export-fairchem` wrote) with
 fairchem's calculator and writes their predictions for the structures of a JSON file,
-{checkpoint file name: [prediction per structure]} (tests/test_fairchem_export.py compares
+{checkpoint file name: [prediction per structure]} (tests/fairchem/test_fairchem_export.py compares
 them with ours).
 """
 from __future__ import annotations

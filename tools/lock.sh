@@ -16,7 +16,7 @@ python_version=$("$venv/bin/python" -c 'import platform; print(platform.python_v
 {
     echo "# Exact versions tested with esen-train: the default install (tools/install.sh uses this"
     echo "# file as pip constraints). Made by tools/lock.sh from pyproject.toml on Python"
-    echo "# $python_version, $(uname -s) $(uname -m); tests/test_packaging.py checks it against pyproject."
+    echo "# $python_version, $(uname -s) $(uname -m); tests/integration/test_packaging.py checks it against pyproject."
     "$venv/bin/python" -m pip freeze --all --exclude pip --exclude esen-train --exclude torch | LC_ALL=C sort -f
 } > requirements/lock.txt.tmp
 mv requirements/lock.txt.tmp requirements/lock.txt

@@ -114,7 +114,7 @@ def record_to_graph(record: StructureRecord, cutoff: float, dtype: torch.dtype) 
     # Data(**fields) costs about 70 µs per graph, a sixth of the whole item for 108-atom Cu:
     # each field passes through several layers of attribute handling, one raising and catching
     # an AttributeError. Filling the storage's mapping directly costs 10 µs and gives the same
-    # graph (tests/test_data_loader.py checks it against Data(**fields)).
+    # graph (tests/data/test_data_loader.py checks it against Data(**fields)).
     graph = Data()
     graph._store._mapping.update((name, torch.from_numpy(array)) for name, array in arrays.items())
     return graph

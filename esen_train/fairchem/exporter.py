@@ -8,7 +8,7 @@ with a HydraModel config (eSCNMDBackbone; MLP_EFS_Head for a conservative model,
 + Linear_Force_Head + MLP_Stress_Head for a direct one), model and EMA weights, and tasks
 (energy, forces, stress of one dataset) holding this model's normalisation and reference
 energies. fairchem's `load_predict_unit` / FAIRChemCalculator load it and predict what this
-model predicts (tests/test_fairchem_export.py checks it where fairchem's environment exists).
+model predicts (tests/fairchem/test_fairchem_export.py checks it where fairchem's environment exists).
 
 Exact or refused: eSCNMD always applies the envelope, with fixed exponent 5, Gaussian width 2
 and edge-degree rescale 5, and always has a charge/spin embedding (of even width), and its

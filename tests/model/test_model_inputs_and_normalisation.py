@@ -139,7 +139,7 @@ def test_without_the_envelope_the_model_stays_symmetric_but_jumps_at_the_cutoff(
     assert relative_error(rotated["forces"], out["forces"] @ rotation.T) < TIGHT
     # A third atom just inside and just outside the cutoff of the first: without the envelope
     # its message is cut off abruptly (with it, the energy is continuous:
-    # tests/test_model_smoothness.py).
+    # tests/model/test_model_smoothness.py).
     cutoff = model.config.cutoff
     energies = {}
     for envelope in (True, False):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "esen_train"
+PACKAGE = Path(__file__).resolve().parents[2] / "esen_train"
 LAYERS = {
     "": 0, "progress": 0, "plots": 0, "config_loading": 0,
     "data": 1,

@@ -13,7 +13,7 @@ and without gradient accumulation, on a toy potential and on the real tiny eSEN:
   loaded on 1 rank it gives the same weights and EMA (and, except for ZeRO whose optimizer
   partitions cannot be re-split, the same continuation);
 - FSDP and ZeRO hold about half the optimizer state per rank.
-(A checkpoint save killed or failing half-way: tests/test_resume.py.)
+(A checkpoint save killed or failing half-way: tests/engine/test_resume.py.)
 
 Processes: all torch-strategy scenarios run in one pair of processes, the DeepSpeed ones in
 another pair, and the one-rank DeepSpeed loads in one more process. DeepSpeed's first start on
@@ -46,7 +46,7 @@ from tests.strategy_harness import (
     write_training_state,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F32 = torch.float32
 ESEN_LR = 5e-3  # the toy's 3e-2 is too much for eSEN
 TORCH_SCENARIOS = [

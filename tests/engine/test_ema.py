@@ -1,5 +1,5 @@
 """ExponentialMovingAverage on a plain module (float64). How it behaves under FSDP2 shards and
-ZeRO is covered by tests/test_strategies.py, which compares the EMA of every strategy on two
+ZeRO is covered by tests/engine/test_strategies.py, which compares the EMA of every strategy on two
 ranks with one process's."""
 import pytest
 import torch

@@ -17,7 +17,7 @@ from esen_train.engine.fit import fit
 from esen_train.engine.tracking import RunLogger
 from tests.wandb_offline import find_run_files, read_offline_run
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_unreachable_server_falls_back_to_offline_and_trains(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from esen_train.fairchem.importer import import_fairchem, write_imported
 from esen_train.model.model_file import read_model_file
 from tests.fairchem_helpers import fixture_file
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 FROZEN = ("backbone.element_embedding.", "backbone.source_embedding.", "backbone.target_embedding.",
           "backbone.edge_degree.", "backbone.charge_spin.", "backbone.blocks.0.")
 

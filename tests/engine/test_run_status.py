@@ -24,7 +24,7 @@ from esen_train.engine.status import read_status
 from esen_train.engine.tracking import read_metrics
 from esen_train.engine.trainer import Progress, StageTrainer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 SHORT = ["data.emt_structures=40", "stages=[direct]", "direct.max_atoms=64", "logging.wandb.mode=disabled"]
 # lr = 0: the weights never change, so every validation after the first brings no new best.
 # lr 1e-30 moves no float32 weight (the update rounds away), so no validation after the first
@@ -137,7 +137,7 @@ def test_a_run_in_progress_then_killed_and_quiet(tmp_path, capsys):
 
 
 def test_an_error_during_training_fails_the_run_with_the_message(tmp_path, monkeypatch, capsys):
-    """A bad config or data path is refused before the run directory exists (tests/test_config_checks.py);
+    """A bad config or data path is refused before the run directory exists (tests/engine/test_config_checks.py);
     what goes wrong later (a shard that cannot be read, a crash) marks the run failed."""
     run_dir = tmp_path / "run"
     train_step = StageTrainer._train_step

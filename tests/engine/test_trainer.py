@@ -18,7 +18,7 @@ from esen_train.model import ESEN
 from esen_train.model.model_file import read_model_file as read_model_pt
 from tests.wandb_offline import find_run_files, read_offline_run
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def read_model_file(checkpoint_dir):
@@ -401,7 +401,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 def test_compile_setting_compiles_the_model_of_that_stage_only(tmp_path, monkeypatch):
     """The wiring of `<stage>.compile`; that a compiled model computes what the eager one
-    does, double backward included, is tests/test_model_compile.py's (compiling a whole
+    does, double backward included, is tests/model/test_model_compile.py's (compiling a whole
     run takes minutes on a CPU)."""
     import esen_train.engine.trainer as trainer
 

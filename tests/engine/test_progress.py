@@ -1,6 +1,6 @@
 """Console progress: a bar on a terminal, plain lines in a file, nothing when quiet; and the
 progress of `esen-data convert`, `esen-train eval` and `esen-train md`. The trainer's lines,
-from real runs, are in tests/test_run_status.py."""
+from real runs, are in tests/engine/test_run_status.py."""
 from __future__ import annotations
 
 import io

@@ -22,7 +22,7 @@ from tests.slurm_cluster import job_state, require_slurm_cluster
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "local_slurm.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "local_slurm.sh"
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd-esen-n1", "slurmd-esen-n2")
 
 

@@ -33,7 +33,7 @@ from esen_train.evaluation.calculator import ESENCalculator
 from tests.conftest import shared_data
 from tests.evaluation_helpers import write_checkpoint
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 CUTOFF = 5.0  # the tiny preset's
 
 

@@ -34,7 +34,7 @@ from esen_train.launch.slurm_info import ClusterInfo, NodeInfo, PartitionInfo, c
 from tests.slurm_cluster import job_state, jobs_named, require_slurm_cluster
 from tests.wandb_offline import find_run_files, read_offline_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 

@@ -12,7 +12,7 @@ from esen_train.engine.config import (
 )
 from esen_train.model.config import ModelConfig, load_model_config
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_tiny_config_loads_with_model_preset_and_overrides():

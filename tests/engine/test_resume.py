@@ -7,7 +7,7 @@ continues where it stopped and ends with the weights of a run that was never int
   garbage, an unparsable JSON file), a torn last line in metrics.jsonl.
 - A real SIGUSR2 during validation, and during a training step, in one process: the trainer
   stops at the next step boundary with that step saved (the raw weights, not the EMA weights
-  that validation swaps in). Several processes under SLURM: tests/test_launch.py.
+  that validation swaps in). Several processes under SLURM: tests/launch/test_launch.py.
 - A damaged training state raises an error naming the file.
 - A checkpoint save that raises, or is killed with SIGKILL, half-way leaves the checkpoint
   before it intact and nothing that looks like a checkpoint.
@@ -37,7 +37,7 @@ from esen_train.model.config import load_model_config
 from esen_train.model.model_file import CheckpointError, read_model_file
 from tests.strategy_harness import Scenario, build, save_checkpoint, save_then_die, single_process_dist, write_training_state
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 STEPS = 12
 OVERRIDES = [
     "data.emt_structures=40", "stages=[direct]", f"direct.max_steps={STEPS}", "direct.max_atoms=64",

@@ -1,6 +1,6 @@
 """Reading the world from torchrun's and SLURM's environment, and the process group's timeout
 (strategy.process_group_timeout_s). The multi-process group itself is exercised by
-tests/test_strategies.py (torchrun-style environment) and, on the local SLURM cluster, by a
+tests/engine/test_strategies.py (torchrun-style environment) and, on the local SLURM cluster, by a
 real two-node `srun` below."""
 import os
 import subprocess

@@ -24,7 +24,7 @@ from tests.evaluation_helpers import write_checkpoint
 from tests.fairchem_helpers import STRUCTURES, as_reference, atoms_of, fixture_file, relative_errors
 from tests.model_helpers import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAIRCHEM_PYTHON = Path(os.environ.get("FAIRCHEM_PYTHON", REPO / ".venvs" / "fairchem" / "bin" / "python"))
 EXPORTABLE = ("escnmd_omol_conserving", "escnmd_direct", "esen_v1_conserving")
 
@@ -120,6 +120,6 @@ def test_fairchem_s_calculator_predicts_what_this_model_predicts(checkpoints, tm
     for name, checkpoint in checkpoints.items():
         errors = relative_errors(_predict(checkpoint, _stage(checkpoint), RECORDS), theirs[f"{name}.pt"])
         for quantity, error in errors.items():
-            # fairchem composes direct stress in float32 (see tests/test_fairchem_import.py)
+            # fairchem composes direct stress in float32 (see tests/fairchem/test_fairchem_import.py)
             tolerance = 1e-6 if (name, quantity) == ("escnmd_direct", "stress") else 1e-10
             assert error < tolerance, f"{name} {quantity}: relative error {error:.3g}"

@@ -26,7 +26,7 @@ from esen_train.engine.losses import ErrorAccumulator
 from esen_train.engine.trainer import same_validation_data
 from esen_train.model.model_file import read_model_file
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 QUICK = ["stages=[direct]", "direct.max_steps=2", "direct.val_every=2", "direct.checkpoint_every=2",
          "direct.log_every=1", "direct.warmup_steps=1", "logging.wandb.mode=disabled"]
 
