@@ -1,9 +1,8 @@
 """Radius graph of a periodic structure, exact and uncapped: two compiled searches (numba).
 
-Why our own: the reader must build the graph of a 108-atom Cu cell at 6 Å in well under
-0.5 ms to feed 2,000 structures a second per worker, and no exact library measured does
-(benchmarks/neighbor_lists.py: pymatgen 0.50 ms, vesin 2.4 ms, matscipy 6.6 ms). Their
-cell lists use bins no smaller than the cutoff, so a cell thinner than two cutoffs, the
+Why our own: the reader must build the graph of a 108-atom Cu cell at 6 Å fast enough to
+feed thousands of structures a second per worker, and no exact library measured by
+benchmarks/neighbor_lists.py does (figures in benchmarks/README.md). Their cell lists use bins no smaller than the cutoff, so a cell thinner than two cutoffs, the
 usual case in materials data, gets one bin per direction and every pair is tested in all
 27 images.
 
@@ -13,14 +12,14 @@ usual case in materials data, gets one bin per direction and every pair is teste
   planes a), which bounds the integer shift on each axis; so nothing is binned, and a
   pair costs a few bounds and usually one or two distance tests. Its loops depend on the
   geometry only, not on how atoms fall into bins, so a stream of different structures runs
-  as fast as one structure repeated; the cell list below loses 40 % there, its short loops
-  over bins of a few atoms mispredicted.
+  as fast as one structure repeated; the cell list below loses there, its short loops over
+  bins of a few atoms mispredicted.
 - `cell_neighbor_list`, for larger cells: a cell list with bins about half a cutoff wide; the
   search reaches as many bins, across as many periodic images, as the cutoff needs.
 
-benchmarks/neighbor_lists.py measured the crossover on fcc Cu and diamond Si, rattled, at
-cutoffs of 4, 6 and 8 Å: pairs were faster at every size up to 216-256 atoms (1.6x for
-108-atom Cu at 6 Å) and slower from 500, so cells of up to 200 atoms use them.
+benchmarks/neighbor_lists.py measures the crossover on fcc Cu and diamond Si, rattled, at
+cutoffs of 4, 6 and 8 Å: pairs are faster up to a little over 200 atoms and slower from 500,
+so cells of up to 200 atoms use them.
 
 numba compiles the searches on first use (about 10 s per shift dtype) and keeps the machine
 code beside this module in `__pycache__` (`cache=True`), as Python keeps bytecode; later
