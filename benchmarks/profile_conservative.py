@@ -64,10 +64,10 @@ def conservative_loss(model, batch, targets, stress: bool, phase_hook=None):
     with phase_hook("first_backward"):
         leaves = [pos, strain] if stress else [pos]
         grads = torch.autograd.grad(network.sum(), leaves, create_graph=True)
-        out = {"energy": energy, "forces": -model.force_scale.float() * grads[0]}
+        out = {"energy": energy, "forces": -model.force_scale.to(pos.dtype) * grads[0]}
         if stress:
             volume = torch.linalg.det(inputs["cell"]).abs().view(-1, 1, 1)
-            out["stress"] = model.stress_scale.float() * grads[1] / volume
+            out["stress"] = model.stress_scale.to(pos.dtype) * grads[1] / volume
         loss = case_server.loss_of(out, targets)
     return loss
 
