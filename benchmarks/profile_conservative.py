@@ -23,6 +23,7 @@ float32, random weights, the same batches and loss), split into its three phases
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -48,7 +49,7 @@ PHASES = ("forward", "first_backward", "second_backward")
 def conservative_loss(model, batch, targets, stress: bool, phase_hook=None):
     """The loss of the benchmark's conservative training step, computed as ESEN.conservative_outputs
     does, with `phase_hook(name)` returning a context manager around each phase."""
-    phase_hook = phase_hook or (lambda name: _null())
+    phase_hook = phase_hook or (lambda name: contextlib.nullcontext())
     inputs = model._inputs(batch)
     with phase_hook("forward"):
         pos = inputs["pos"].detach().requires_grad_()
@@ -70,14 +71,6 @@ def conservative_loss(model, batch, targets, stress: bool, phase_hook=None):
             out["stress"] = model.stress_scale.to(pos.dtype) * grads[1] / volume
         loss = case_server.loss_of(out, targets)
     return loss
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_same_loss(model, batch, targets, stress: bool) -> None:
