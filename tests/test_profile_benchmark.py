@@ -1,0 +1,53 @@
+"""benchmarks/profile_conservative.py: its step is the model's conservative loss, and it charges
+saved tensors and the double backward's ops to the model's modules."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.model_helpers import rattled_alloy, tiny_model, to_batch
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PROFILE = _benchmark("profile_conservative")
+CONV1 = "backbone.blocks.*.edgewise.conv1"
+
+
+def model_batch_targets():
+    model = tiny_model()
+    model.train()
+    batch = to_batch([rattled_alloy()], model.config.cutoff)
+    atoms = batch.pos.shape[0]
+    targets = {"energy": torch.zeros(1), "forces": torch.ones(atoms, 3), "stress": torch.zeros(1, 3, 3),
+               "natoms": torch.tensor([float(atoms)])}
+    return model, batch, targets
+
+
+def test_the_profiled_step_is_the_model_s_conservative_loss():
+    PROFILE.check_same_loss(*model_batch_targets(), stress=True)  # raises SystemExit if not
+
+
+def test_saved_tensors_and_every_phase_s_time_are_charged_to_modules():
+    model, batch, targets = model_batch_targets()
+    saved = PROFILE.saved_for_backward(model, batch, targets, stress=True, top=50)
+    assert saved["for_first_backward"]["tensors"] > 0 and saved["for_second_backward"]["tensors"] > 0
+    assert CONV1 in saved["for_first_backward"]["by_module_mb"]
+    phases = PROFILE.profiled_step(model, batch, targets, stress=True, top=5)
+    assert set(phases) == set(PROFILE.PHASES)
+    for phase in PROFILE.PHASES:
+        modules = {row["module"] for row in phases[phase]["by_module"]}
+        # The backward phases reach conv1 only through the forward ops' sequence numbers.
+        assert CONV1 in modules, (phase, modules)
+        assert phases[phase]["self_s"] > 0 and len(phases[phase]["by_op_name"]) == 5
+    assert all(parameter.grad is None for parameter in model.parameters())
