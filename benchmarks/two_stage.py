@@ -30,6 +30,9 @@ trained with configs/quickstart.yaml in one process) or one of benchmarks/accura
 same way, trained with configs/DATASET.yaml). NVE: EMT from the quickstart's 32-atom CuAu cell
 at 300 K and 2 fs; the real data from the first test structure at 500 K and 0.5 fs.
 
+A finished run leaves its record in OUT/seedN/ARM/record.json; the same command run again
+keeps the runs whose settings match and trains the rest.
+
 Prints a table and one JSON object (last line; also OUT/report.json): per run its settings,
 steps, `fit` wall clock, test errors, NVE drift and the load average before and after; per
 arm the mean, sample standard deviation, minimum and maximum over the seeds.
@@ -120,6 +123,11 @@ def one_run(prepared: dict, arm: str, direct_share: float | None, seed: int, arg
     overrides = [*prepared["base"], f"seed={seed}", f"data.train=[{prepared['dirs']['train']}]",
                  f"data.val=[{prepared['dirs']['val']}]",
                  *arm_overrides(arm, args.budget_minutes, direct_share, args.clock), *args.set]
+    finished = run_dir / "record.json"
+    if finished.exists() and json.loads(finished.read_text())["overrides"] == overrides:
+        record = json.loads(finished.read_text())  # a rerun of the same command skips what it has
+        print(f"[{name} seed {seed}] (kept) {summary_line(record)}", file=sys.stderr, flush=True)
+        return record
     load_before = load_average()
     wall = accuracy.fit(prepared["config"], run_dir / "run", overrides)
     record = {"arm": arm, "direct_share": direct_share, "seed": seed, "overrides": overrides,
@@ -131,6 +139,9 @@ def one_run(prepared: dict, arm: str, direct_share: float | None, seed: int, arg
         record["direct_stage"] = test_run(prepared, run_dir / "run", "direct", 0, run_dir)
         record["handover_start_val"] = handover_start(run_dir / "run")
     print(f"[{name} seed {seed}] {summary_line(record)}", file=sys.stderr, flush=True)
+    tmp = finished.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(finished)
     return record
 
 

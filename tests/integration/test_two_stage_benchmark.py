@@ -68,6 +68,25 @@ def test_arms_are_aggregated_per_arm_and_share_with_mean_and_sample_spread():
     assert "nve_drift_mev_per_atom_per_ps" not in arms[("two_stage", 0.3)]
 
 
+def test_a_rerun_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypatch):
+    import argparse
+    import json
+    args = argparse.Namespace(budget_minutes=1.0, clock="cpu", set=[], nve_steps=0)
+    prepared = {"base": [], "dirs": {"train": tmp_path / "train", "val": tmp_path / "val"}, "config": CONFIG}
+    overrides = ["seed=0", f"data.train=[{tmp_path / 'train'}]", f"data.val=[{tmp_path / 'val'}]",
+                 *TWO_STAGE.arm_overrides("direct", 1.0, None, "cpu")]
+    kept = record("direct", None, 0, 5.0) | {"overrides": overrides, "load_average": [[1.0], [1.0]]}
+    (tmp_path / "seed0" / "direct").mkdir(parents=True)
+    (tmp_path / "seed0" / "direct" / "record.json").write_text(json.dumps(kept))
+    trained = []
+    monkeypatch.setattr(TWO_STAGE.accuracy, "fit", lambda config, run_dir, overrides: trained.append(run_dir) or 1 / 0)
+    assert TWO_STAGE.one_run(prepared, "direct", None, 0, args, tmp_path) == kept
+    assert trained == []
+    with pytest.raises(ZeroDivisionError):  # another seed has no record: it trains
+        TWO_STAGE.one_run(prepared, "direct", None, 1, args, tmp_path)
+    assert trained == [tmp_path / "seed1" / "direct" / "run"]
+
+
 MACE = _benchmark("mace_side")
 
 
