@@ -2,6 +2,7 @@
 two model sizes; the comparison is against the better of them.
 
     python benchmarks/mace_side.py DATASET --budget-minutes M --train DIR --val DIR --test DIR --out DIR
+                                   [--clock wall|cpu]
                                    [--sizes small paper] [--test-structures N]
 
 benchmarks/accuracy.py --mace calls this with its own dataset directories, so both models see
@@ -28,6 +29,9 @@ training to the "Initial" validation line) and per training structure (the epoch
 validation), and the fixed cost (start-up, model saving). The real run gets as many epochs as
 fit the budget. When not even one epoch fits, it trains one epoch on as many training
 structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples seen.
+With `--clock cpu` the budget is CPU time of the training process (eSEN's `clock: cpu`): the
+probe's timings are scaled by its CPU time over its wall clock, so a probe on a busy machine
+plans the same epochs as on an idle one; each run also reports its CPU seconds.
 
 Prints one JSON object (last line): per size its plan, wall clock, load and test errors
 (computed with esen_train.evaluation.errors from `mace_eval_configs` predictions, so the numbers
@@ -37,6 +41,7 @@ MAE, and `test` / `train_wall_s` at the top level are that size's.
 from __future__ import annotations
 
 import argparse
+import resource
 import json
 import os
 import re
@@ -119,8 +124,8 @@ def random_subset(structures: list, limit: int | None) -> list:
 
 
 def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: int, stress: bool,
-          size: str) -> float:
-    """One `mace_run_train` of a size in work/ (replaced); returns its wall seconds."""
+          size: str) -> tuple[float, float]:
+    """One `mace_run_train` of a size in work/ (replaced); returns its wall and CPU seconds."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     args = [str(bin_dir / "mace_run_train"), "--name=mace", f"--train_file={train_file}", f"--valid_file={val_file}",
@@ -129,13 +134,19 @@ def train(bin_dir: Path, work: Path, train_file: Path, val_file: Path, epochs: i
         args += ["--swa", f"--start_swa={epochs - max(1, epochs // 4)}"]
     if stress:
         args += ["--loss=stress", "--stress_key=REF_stress", "--stress_weight=100.0"]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), children_cpu_seconds()
     result = subprocess.run(args, cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, children_cpu_seconds() - cpu_started
     (work / "stdout.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"mace_run_train failed in {work}:\n{result.stderr[-3000:]}")
-    return seconds
+    return seconds, cpu_seconds
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes of this one."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def log_times(work: Path) -> dict[str, datetime]:
@@ -151,15 +162,18 @@ def log_times(work: Path) -> dict[str, datetime]:
     return times
 
 
-def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_val: int, budget_s: float) -> dict:
-    """Epochs, and training structures per epoch, that fit the budget."""
-    validation = (times["Initial"] - times["Started training"]).total_seconds()
+def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_val: int, budget_s: float,
+                cpu_share: float = 1.0) -> dict:
+    """Epochs, and training structures per epoch, that fit the budget. The log gives wall
+    seconds; `cpu_share` (the probe's CPU time over its wall clock; 1 for a wall-clock budget)
+    turns them into the budget's seconds."""
+    validation = cpu_share * (times["Initial"] - times["Started training"]).total_seconds()
     per_val = validation / PROBE_STRUCTURES
-    per_train = ((times["Epoch 0"] - times["Initial"]).total_seconds() - validation) / PROBE_STRUCTURES
-    fixed = probe_wall - (times["Epoch 0"] - times["Started training"]).total_seconds()
+    per_train = (cpu_share * (times["Epoch 0"] - times["Initial"]).total_seconds() - validation) / PROBE_STRUCTURES
+    fixed = cpu_share * (probe_wall - (times["Epoch 0"] - times["Started training"]).total_seconds())
     available = budget_s - fixed - n_val * per_val  # the initial validation
     epoch = n_train * per_train + n_val * per_val
-    plan = {"probe_wall_s": probe_wall, "seconds_per_train_structure": per_train,
+    plan = {"probe_wall_s": probe_wall, "cpu_share": cpu_share, "seconds_per_train_structure": per_train,
             "seconds_per_val_structure": per_val, "fixed_s": fixed, "epoch_s_estimate": epoch}
     if available >= epoch:
         return {**plan, "epochs": int(available / epoch), "train_structures": n_train}
@@ -201,19 +215,20 @@ def run_size(bin_dir: Path, size: str, args: argparse.Namespace, out: Path, n_tr
     """Probe, plan, train and test one size in out/size/."""
     work = out / size
     load_probe = list(os.getloadavg())
-    probe_wall = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress, size)
-    plan = plan_epochs(probe_wall, log_times(work / "probe"), n_train, n_val, 60 * args.budget_minutes)
+    probe_wall, probe_cpu = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress, size)
+    cpu_share = probe_cpu / probe_wall if args.clock == "cpu" else 1.0
+    plan = plan_epochs(probe_wall, log_times(work / "probe"), n_train, n_val, 60 * args.budget_minutes, cpu_share)
     train_file = out / "train.xyz"
     if plan["train_structures"] < n_train:
         train_file = work / "train_subset.xyz"
         write_extxyz(args.train, train_file, limit=plan["train_structures"])
     load_before = list(os.getloadavg())
-    train_wall = train(bin_dir, work / "run", train_file, out / "val.xyz", plan["epochs"], stress, size)
+    train_wall, train_cpu = train(bin_dir, work / "run", train_file, out / "val.xyz", plan["epochs"], stress, size)
     load_after = list(os.getloadavg())
     run_times = log_times(work / "run")
     train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
     test = evaluate(bin_dir, work / "run", args.test, args.test_structures, dtype_of(size))
-    return {"plan": plan, "train_wall_s": train_wall, "train_loop_s": train_loop_s, "test": test,
+    return {"plan": plan, "train_wall_s": train_wall, "train_cpu_s": train_cpu, "train_loop_s": train_loop_s, "test": test,
             "recipe": recipe(size), "load_average": {"probe": load_probe, "training_start": load_before,
                                                      "training_end": load_after}}
 
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="a name for the report (the data comes from --train/--val/--test)")
     parser.add_argument("--budget-minutes", type=float, required=True, help="per size")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what the budget counts: wall clock, or the training process's CPU time")
     parser.add_argument("--train", type=Path, required=True, help="training dataset directory (esen-data)")
     parser.add_argument("--val", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)

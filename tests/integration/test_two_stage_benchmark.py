@@ -120,3 +120,18 @@ def test_the_budget_can_count_cpu_time():
                                         *TWO_STAGE.arm_overrides("two_stage", 10.0, 0.5, clock="cpu")])
     assert config.direct.clock == config.conservative.clock == "cpu"
     assert arm_config("direct").direct.clock == "wall"
+
+
+def test_mace_plans_a_cpu_budget_from_the_probes_share_of_a_core():
+    from datetime import datetime, timedelta
+    start = datetime(2026, 1, 1)
+    # probe: 10 s start-up, 10 validation structures in 5 s, 10 training structures in 10 s
+    times = {"Started training": start, "Initial": start + timedelta(seconds=5),
+             "Epoch 0": start + timedelta(seconds=20)}
+    budget = dict(probe_wall=30.0, times=times, n_train=100, n_val=10, budget_s=600.0)
+    wall = MACE.plan_epochs(**budget)
+    assert wall["seconds_per_train_structure"] == pytest.approx(1.0) and wall["epochs"] == int((600 - 10 - 5) / 105)
+    # the same probe on a machine that gave it half a core: each structure costs half the CPU seconds
+    cpu = MACE.plan_epochs(**budget, cpu_share=0.5)
+    assert cpu["seconds_per_train_structure"] == pytest.approx(0.5) and cpu["fixed_s"] == pytest.approx(5.0)
+    assert cpu["epochs"] == int((600 - 5 - 2.5) / 52.5)
