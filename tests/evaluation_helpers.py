@@ -57,12 +57,13 @@ def labelled_copper_structures(count: int = 4, seed: int = 0) -> list[Atoms]:
         if index % 2:
             atoms.numbers[::3] = 79  # gold
         atoms.rattle(0.08, seed=seed + index)
-        structures.append(_label(atoms))
-    structures.append(_label(molecule("CO")))
+        structures.append(emt_labelled(atoms))
+    structures.append(emt_labelled(molecule("CO")))
     return structures
 
 
-def _label(atoms: Atoms) -> Atoms:
+def emt_labelled(atoms: Atoms) -> Atoms:
+    """EMT's energy, forces and (periodic cells) stress, kept as stored labels."""
     atoms.calc = EMT()
     results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
     if atoms.pbc.all():

@@ -20,16 +20,7 @@ from esen_train.data.stats import StatsAccumulator
 from esen_train.data.validate import InvalidStructure, UnphysicalGeometry, check_geometry
 from esen_train.data.verify import verify_dataset
 from esen_train.data.writer import DatasetWriter
-
-
-def emt_labelled(atoms: Atoms) -> Atoms:
-    atoms = atoms.copy()
-    atoms.calc = EMT()
-    labels = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if atoms.pbc.all():
-        labels["stress"] = atoms.get_stress()
-    atoms.calc = SinglePointCalculator(atoms, **labels)
-    return atoms
+from tests.evaluation_helpers import emt_labelled
 
 
 def copper_cells(count: int) -> list[Atoms]:
@@ -38,7 +29,7 @@ def copper_cells(count: int) -> list[Atoms]:
     for index in range(count):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((1 + index % 2, 1 + index % 3 // 2, 1 + index % 4 // 3))
         atoms.rattle(0.05, seed=index)
-        cells.append(emt_labelled(atoms))
+        cells.append(emt_labelled(atoms.copy()))
     return cells
 
 

@@ -31,26 +31,16 @@ from esen_train.engine.fit import fit
 from esen_train.engine.tracking import read_metrics
 from esen_train.evaluation.calculator import ESENCalculator
 from tests.conftest import shared_data
-from tests.evaluation_helpers import write_checkpoint
+from tests.evaluation_helpers import emt_labelled, write_checkpoint
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 CUTOFF = 5.0  # the tiny preset's
 
 
-def labelled(atoms: Atoms) -> Atoms:
-    """EMT's energy, forces and (periodic cells) stress, kept as stored labels."""
-    atoms.calc = EMT()
-    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if atoms.pbc.all():
-        results["stress"] = atoms.get_stress()
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    return atoms
-
-
 def lonely_structures() -> list[Atoms]:
     """Structures without a neighbour within 5 Å: single atoms, a far dimer, atoms in boxes."""
     box = {"cell": [20.0, 20.0, 20.0], "pbc": True}
-    return [labelled(atoms) for atoms in (
+    return [emt_labelled(atoms) for atoms in (
         Atoms("Cu"),
         Atoms("Ni", positions=[[0.5, 0.0, 0.0]]),
         Atoms("CuNi", positions=[[0.0, 0.0, 0.0], [3.3, 3.3, 3.0]]),  # 5.5 Å apart
@@ -68,7 +58,7 @@ def bonded_structures(count: int, seed: int = 0) -> list[Atoms]:
         atoms = bulk("Cu", "fcc", a=3.55 + 0.05 * rng.random(), cubic=True)
         atoms.numbers[rng.random(4) < 0.5] = 28
         atoms.rattle(0.05, seed=index)
-        structures.append(labelled(atoms))
+        structures.append(emt_labelled(atoms))
     return structures
 
 

@@ -2,25 +2,14 @@
 saved tensors and the double backward's ops to the model's modules."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.benchmark_helpers import load_benchmark
 from tests.model_helpers import rattled_alloy, tiny_model, to_batch
 
 
-def _benchmark(name: str):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-PROFILE = _benchmark("profile_conservative")
+PROFILE = load_benchmark("profile_conservative")
 CONV1 = "backbone.blocks.*.edgewise.conv1"
 
 

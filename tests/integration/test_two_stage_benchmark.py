@@ -2,25 +2,15 @@
 benchmarks/mace_side.py: the two MACE sizes and the epochs a budget buys."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 
 from esen_train.engine.config import load_train_config
+from tests.benchmark_helpers import load_benchmark
 from tests.conftest import REPO_ROOT
 
 
-def _benchmark(name: str):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-TWO_STAGE = _benchmark("two_stage")
+TWO_STAGE = load_benchmark("two_stage")
 CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 
 
@@ -87,7 +77,7 @@ def test_a_rerun_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypatch):
     assert trained == [tmp_path / "seed1" / "direct" / "run"]
 
 
-MACE = _benchmark("mace_side")
+MACE = load_benchmark("mace_side")
 
 
 def test_mace_is_trained_at_a_small_cpu_size_and_at_the_paper_size():
