@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for name, *settings in args.variant:
             report["runs"].append(variant_run(prepared, name, settings, seed, args, out, cache))
-            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            two_stage.write_json(out / "report.json", report)
     report["variants"] = summarise(report["runs"])
     report["load_average_end"] = load_average()
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    two_stage.write_json(out / "report.json", report)
     print(table(report["variants"]))
     print(json.dumps(report))
     return 0

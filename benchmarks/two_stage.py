@@ -139,10 +139,15 @@ def one_run(prepared: dict, arm: str, direct_share: float | None, seed: int, arg
         record["direct_stage"] = test_run(prepared, run_dir / "run", "direct", 0, run_dir)
         record["handover_start_val"] = handover_start(run_dir / "run")
     print(f"[{name} seed {seed}] {summary_line(record)}", file=sys.stderr, flush=True)
-    tmp = finished.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(finished)
+    write_json(finished, record)
     return record
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write through a temporary file and rename, so an interrupted write leaves the old file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def flat_metrics(record: dict) -> dict:
@@ -229,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for arm, share in (plan if seed % 2 == 0 else plan[::-1]):
             report["runs"].append(one_run(prepared, arm, share, seed, args, out))
-            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if a later run fails
+            write_json(out / "report.json", report)  # kept if a later run fails
     report["arms"] = aggregate(report["runs"])
     report["load_average_end"] = load_average()
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     print(table(report["arms"]))
     print(json.dumps(report))
     return 0
