@@ -1,10 +1,10 @@
 """Radius graph of a periodic structure, exact and uncapped: two compiled searches (numba).
 
-Why our own: the reader must build the graph of a 108-atom Cu cell at 6 Å fast enough to
-feed thousands of structures a second per worker, and no exact library measured by
-benchmarks/neighbor_lists.py does (figures in benchmarks/README.md). Their cell lists use bins no smaller than the cutoff, so a cell thinner than two cutoffs, the
-usual case in materials data, gets one bin per direction and every pair is tested in all
-27 images.
+Why our own: the reader must build the graph of a 108-atom Cu cell at 6 Å fast enough to feed
+thousands of structures a second per worker, and no exact library measured by
+benchmarks/neighbor_lists.py does (figures in benchmarks/README.md). Their cell lists use bins
+no smaller than the cutoff, so a cell thinner than two cutoffs, the usual case in materials
+data, gets one bin per direction and every pair is tested in all 27 images.
 
 - `pair_neighbor_list`, for cells of up to `PAIRS_UP_TO_ATOMS` atoms: every pair of atoms
   once, with only the periodic images that can lie within the cutoff. A vector shorter

@@ -3,8 +3,9 @@
 The loop is: set the learning rate, one `Strategy.optimizer_step` (`grad_accum_steps`
 micro-batches forward and backward, clip and step, where a non-finite gradient skips the
 step on every rank, and update the EMA), then log, validate and checkpoint on their
-schedules, until `max_steps` or early stopping (`early_stopping.end_reason`). Everything a resumed run needs (optimizer, EMA,
-sampler position, RNG, step, best metric) goes into each checkpoint. Each logged row also
+schedules, until `max_steps`, `max_minutes` or early stopping (`early_stopping.end_reason`).
+Everything a resumed run needs (optimizer, EMA, sampler position, RNG, step, best metric,
+time used) goes into each checkpoint. Each logged row also
 goes to the console (esen_train.progress) and RUN/status.json (engine/status.py). At each
 step boundary the ranks agree on whether the job was told to stop (engine/preemption.py):
 then they save that step and raise `Preempted`.
@@ -31,8 +32,6 @@ from esen_train.engine.tracking import global_step
 from esen_train.model import ESEN, compile_model
 from esen_train.model.model_file import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.progress import StageConsole
-
-
 
 
 class TrainingDiverged(RuntimeError):

@@ -13,10 +13,11 @@ model predicts (tests/fairchem/test_fairchem_export.py checks it where fairchem'
 Exact or refused: eSCNMD always applies the envelope, with fixed exponent 5, Gaussian width 2
 and edge-degree rescale 5, and always has a charge/spin embedding (of even width), and its
 direct stress head does not weight atoms by their neighbours, so a model with other values, an
-odd sphere_channels or a neighbour-weighted direct stress head is refused by name. A model without charge/spin
-inputs gets that embedding with a zero mixing layer, which adds exactly zero. fairchem keeps at most `max_neighbors` neighbours per atom (fairchem's default
-300, or the imported model's own); this model uses all of them, so predictions agree unless an
-atom has more.
+odd sphere_channels or a neighbour-weighted direct stress head is refused by name. A model
+without charge/spin inputs gets that embedding with a zero mixing layer, which adds exactly
+zero. fairchem keeps at most `max_neighbors` neighbours per atom (fairchem's default 300, or
+the imported model's own); this model uses all of them, so predictions agree unless an atom has
+more.
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from e3nn import o3
 from torch import nn
 
 
-
 def edge_frames(unit_vectors: torch.Tensor) -> torch.Tensor:
     """[E, 3] unit edge directions -> [E, 3, 3] rotations R with R @ u = (0, 1, 0)."""
     cos_to_y = unit_vectors[:, 1]
