@@ -18,9 +18,9 @@ that has just done the imports: its peak resident set (VmHWM, which Linux starts
 resident set at fork) is that of a fresh process running only this case. While the
 server waits for the child, the child owns stdin and the protocol channel.
 
-After each step the child frees what it no longer holds (gc, then glibc's malloc_trim),
-outside the timed region, so that an idle child holds only its model, optimizer state and
-batch while the other model's child runs.
+After each step the child frees what it no longer holds (gc, then glibc's malloc_trim unless
+the case keeps freed memory), outside the timed region, so that an idle child holds only its
+model, optimizer state and batch while the other model's child runs.
 
 Both sides share the step definitions below (`forward_step`, `training_step`, the loss,
 AdamW), so the only thing that differs between them is the model: each side provides
@@ -156,9 +156,26 @@ def set_mmap_threshold(size: int) -> None:
         raise RuntimeError(f"mallopt(M_MMAP_THRESHOLD, {size}) failed")
 
 
+TRIM_FREED_MEMORY = True  # off in a child that keeps freed memory (keep_freed_memory)
+
+
+def keep_freed_memory() -> None:
+    """glibc never mmaps and never trims: freed blocks of every size stay in the heap for reuse.
+    The same two mallopt calls as esen_train/engine/host_memory.py, which this file cannot
+    import (fairchem's side runs in a virtualenv without esen_train)."""
+    global TRIM_FREED_MEMORY
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        raise RuntimeError("mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD) failed")
+    TRIM_FREED_MEMORY = False
+
+
 def release_free_memory() -> None:
+    """gc, then (unless freed memory is kept) hand glibc's free pages back to the kernel."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if TRIM_FREED_MEMORY:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Channel:
@@ -224,6 +241,8 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
     case = command["case"]
     if case.get("malloc_mmap_threshold"):
         set_mmap_threshold(case["malloc_mmap_threshold"])
+    if case.get("keep_freed_host_memory"):
+        keep_freed_memory()
     torch.set_num_threads(case["threads"])
     torch.manual_seed(case["seed"])
     arrays = load_arrays(command["batch"])

@@ -46,7 +46,11 @@ up to 32 MB, and how much of it stays resident depends on the order and sizes of
 allocations, not only on how much is alive at once. `--malloc-mmap-threshold 1048576`
 makes both sides' children mmap every block of 1 MiB or more and unmap it when freed, so
 their peak RSS follows the live tensors; their steps are then slower (page faults), so
-compare only memory in such a run.
+compare only memory in such a run. `--keep-freed-host-memory` does the opposite, on both
+sides alike: no mmap at all and no trimming (what `esen-train fit` does on glibc), so freed
+blocks of any size are reused and large tensors cost no page faults.
+`--model esen-sm` or `esen-30m` benchmarks one of our presets instead of the spec's small
+model (fairchem gets the same hyperparameters in its names).
 """
 from __future__ import annotations
 
@@ -91,6 +95,25 @@ SMALL = {
     "act_type": "gate",
     "ff_type": "grid",
 }
+# Our model presets (esen_train/configs/model/) in fairchem's names, for `--model`.
+PRESET_DIR = REPO / "esen_train" / "configs" / "model"
+FAIRCHEM_NAMES = {"num_radial_basis": "num_distance_basis", "feed_forward": "ff_type"}
+SAME_NAMES = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels", "lmax", "mmax", "cutoff",
+              "max_num_elements")
+
+
+def hyperparameters(model: str) -> dict:
+    """"small" (the spec's), or a preset of ours (esen-sm, esen-30m) in fairchem's names."""
+    if model == "small":
+        return SMALL
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{model}.yaml"))
+    return {**{key: preset[key] for key in SAME_NAMES},
+            **{theirs: preset[ours] for ours, theirs in FAIRCHEM_NAMES.items()},
+            "norm_type": SMALL["norm_type"], "act_type": SMALL["act_type"]}
+
+
 # fairchem's charge/spin conditioning (UMA's; eSEN has none): left out when comparing sizes.
 FAIRCHEM_EXTRA_MODULES = ("backbone.mix_csd",)
 SIDES = ("ours", "fairchem")
@@ -167,7 +190,7 @@ def write_batches(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             structures, periodic = aspirin_molecules(args.aspirin_molecules), False
         else:
             raise SystemExit(f"unknown system {name!r} (known: cu108, aspirin)")
-        arrays = batch_arrays(structures, SMALL["cutoff"], args.seed)
+        arrays = batch_arrays(structures, hyperparameters(args.model)["cutoff"], args.seed)
         path = workdir / f"{name}.npz"
         np.savez(path, **arrays)
         systems[name] = {
@@ -405,7 +428,9 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
         cases.append(entry)
     return {
         "benchmark": "eSEN: ours vs fairchem-core, same hyperparameters, batch and threads, measured side by side",
-        "hyperparameters_fairchem_names": SMALL,
+        "model": args.model,
+        "hyperparameters_fairchem_names": hyperparameters(args.model),
+        "keep_freed_host_memory": args.keep_freed_host_memory,
         "threads": args.threads,
         "dtype": "float32",
         "warmup_steps": args.warmup,
@@ -447,6 +472,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="glibc mmaps allocations of this size or more and unmaps them when freed, so peak "
                              "RSS follows live tensors rather than glibc's heap (slower: compare memory only)")
+    parser.add_argument("--keep-freed-host-memory", action="store_true",
+                        help="both sides' children keep freed memory in glibc's heap, as `esen-train fit` does "
+                             "by default (keep_freed_host_memory): no page faults for large tensors at every step")
+    parser.add_argument("--model", default="small", choices=["small", "esen-sm", "esen-30m"],
+                        help="the spec's small eSEN, or one of our presets (both sides get the same hyperparameters)")
     parser.add_argument("--fairchem-flops", action="store_true",
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -462,6 +492,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for value in values:
             if value not in known:
                 parser.error(f"unknown {what} {value!r} (known: {', '.join(known)})")
+    if args.keep_freed_host_memory and args.malloc_mmap_threshold:
+        parser.error("--keep-freed-host-memory and --malloc-mmap-threshold are opposites: pick one")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -519,10 +551,11 @@ def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[
     for system, info in sorted(systems.items(), key=lambda item: item[1]["edges"]):
         for task in args.tasks:
             for mode in args.modes:
-                case = {"system": system, "task": task, "mode": mode, "model": SMALL,
+                case = {"system": system, "task": task, "mode": mode, "model": hyperparameters(args.model),
                         "stress": mode == "conservative" and info["periodic"],
                         "threads": args.threads, "seed": args.seed,
-                        "malloc_mmap_threshold": args.malloc_mmap_threshold}
+                        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+                        "keep_freed_host_memory": args.keep_freed_host_memory}
                 print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
                 item = {"case": case, "load_average_1min": round(os.getloadavg()[0], 2)}
                 item |= measure_with_retry(servers, case, info, args, memory)

@@ -14,6 +14,7 @@ from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest
 from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
 from esen_train.engine.config import TrainConfig, check_against_data, check_resume, save_config
+from esen_train.engine.host_memory import keep_freed_host_memory
 from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
@@ -28,6 +29,8 @@ def fit(config: TrainConfig) -> Path:
     config.check()
     check_against_data(config)
     check_resume(config)
+    if config.keep_freed_host_memory:
+        keep_freed_host_memory()
     dist = distributed.init_distributed(timeout_s=config.strategy.process_group_timeout_s)
     run_dir = Path(config.run_dir).resolve()
     try:

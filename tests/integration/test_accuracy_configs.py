@@ -61,6 +61,15 @@ def test_budget_gives_each_stage_its_share_of_the_wall_clock():
         assert stage.max_steps == stage.val_every == stage.checkpoint_every == ACCURACY.UNLIMITED_STEPS
 
 
+@pytest.mark.parametrize("flags", [["--match-mace-cpu"], ["--match-mace-cpu", "--mace"],
+                                   ["--match-mace-cpu", "--clock", "cpu"]])
+def test_matching_mace_cpu_needs_mace_on_the_cpu_clock(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ACCURACY.main(["rmd17-aspirin", "--budget-minutes", "1", *flags])
+    assert exit_info.value.code == 2
+    assert "--match-mace-cpu needs --mace and --clock cpu" in capsys.readouterr().err
+
+
 def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeypatch):
     source = shared_data("rmd17/ethanol_train.xyz")
     subset = tmp_path / "ethanol_20.xyz"
