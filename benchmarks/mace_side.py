@@ -23,11 +23,13 @@ Both: r_max 5 Å, 8 radial functions, SWA ("stage two", mace-torch's default sta
 energy 1000 and forces 100) over the last quarter when there are at least 4 epochs; periodic
 data with stress adds `--loss=stress` with stress weight 100.
 
-Budget: a probe run per size (one epoch on 10 training and 10 validation structures, not
-counted) gives, from MACE's own log timestamps, the seconds per validation structure (start of
-training to the "Initial" validation line) and per training structure (the epoch minus its
-validation), and the fixed cost (start-up, model saving). The real run gets as many epochs as
-fit the budget. When not even one epoch fits, it trains one epoch on as many training
+Budget: a probe run per size (two epochs on 10 training and 10 validation structures, not
+counted) gives, from MACE's own log timestamps, upper bounds on the seconds per validation
+structure (start of training to the "Initial" validation line, warm-up included) and per
+training structure (the second epoch, its validation included; the first epoch's warm-up made
+training look up to 6x cheaper than it is), and the fixed cost (start-up, model saving). The
+real run gets as many epochs as fit the budget, so it may use less of it than planned:
+`accuracy.py --match-mace-cpu` then gives eSEN exactly what MACE used. When not even one epoch fits, it trains one epoch on as many training
 structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples seen.
 With `--clock cpu` the budget is CPU time of the training process (eSEN's `clock: cpu`): the
 probe's timings are scaled by its CPU time over its wall clock, so a probe on a busy machine
@@ -62,6 +64,7 @@ from esen_train.evaluation.errors import compute_errors, read_labelled_structure
 
 VENV = REPO_ROOT / ".venvs" / "mace"
 PROBE_STRUCTURES = 10
+PROBE_EPOCHS = 2  # the plan times the last one; the first carries the warm-up
 BATCH_SIZE = 5
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (Started training|Initial|Epoch \d+|Training complete)")
 
@@ -156,7 +159,7 @@ def log_times(work: Path) -> dict[str, datetime]:
         match = LOG_LINE.match(line)
         if match:
             times[match.group(2)] = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f")
-    missing = {"Started training", "Initial", "Epoch 0"} - set(times)
+    missing = {"Started training", "Initial", *(f"Epoch {n}" for n in range(PROBE_EPOCHS))} - set(times)
     if missing:
         raise RuntimeError(f"the MACE probe's log in {work} lacks the lines {sorted(missing)}")
     return times
@@ -164,13 +167,17 @@ def log_times(work: Path) -> dict[str, datetime]:
 
 def plan_epochs(probe_wall: float, times: dict[str, datetime], n_train: int, n_val: int, budget_s: float,
                 cpu_share: float = 1.0) -> dict:
-    """Epochs, and training structures per epoch, that fit the budget. The log gives wall
-    seconds; `cpu_share` (the probe's CPU time over its wall clock; 1 for a wall-clock budget)
-    turns them into the budget's seconds."""
-    validation = cpu_share * (times["Initial"] - times["Started training"]).total_seconds()
-    per_val = validation / PROBE_STRUCTURES
-    per_train = (cpu_share * (times["Epoch 0"] - times["Initial"]).total_seconds() - validation) / PROBE_STRUCTURES
-    fixed = cpu_share * (probe_wall - (times["Epoch 0"] - times["Started training"]).total_seconds())
+    """Epochs, and training structures per epoch, that fit the budget, from a probe of
+    PROBE_EPOCHS epochs on PROBE_STRUCTURES training and validation structures. Upper bounds:
+    a training structure costs at most a tenth of the probe's last epoch (its validation
+    included), a validation structure a tenth of the first validation (warm-up included). The
+    first epoch is not used: its warm-up made training look several times cheaper than it is.
+    The log gives wall seconds; `cpu_share` (the probe's CPU time over its wall clock; 1 for
+    a wall-clock budget) turns them into the budget's seconds."""
+    last, before_last = f"Epoch {PROBE_EPOCHS - 1}", f"Epoch {PROBE_EPOCHS - 2}"
+    per_val = cpu_share * (times["Initial"] - times["Started training"]).total_seconds() / PROBE_STRUCTURES
+    per_train = cpu_share * (times[last] - times[before_last]).total_seconds() / PROBE_STRUCTURES
+    fixed = cpu_share * (probe_wall - (times[last] - times["Started training"]).total_seconds())
     available = budget_s - fixed - n_val * per_val  # the initial validation
     epoch = n_train * per_train + n_val * per_val
     plan = {"probe_wall_s": probe_wall, "cpu_share": cpu_share, "seconds_per_train_structure": per_train,
@@ -215,7 +222,8 @@ def run_size(bin_dir: Path, size: str, args: argparse.Namespace, out: Path, n_tr
     """Probe, plan, train and test one size in out/size/."""
     work = out / size
     load_probe = list(os.getloadavg())
-    probe_wall, probe_cpu = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz", 1, stress, size)
+    probe_wall, probe_cpu = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz",
+                                  PROBE_EPOCHS, stress, size)
     cpu_share = probe_cpu / probe_wall if args.clock == "cpu" else 1.0
     plan = plan_epochs(probe_wall, log_times(work / "probe"), n_train, n_val, 60 * args.budget_minutes, cpu_share)
     train_file = out / "train.xyz"

@@ -94,9 +94,10 @@ def test_mace_plan_fits_whole_epochs_or_one_epoch_of_at_least_a_batch():
     from datetime import datetime, timedelta
 
     start = datetime(2026, 1, 1)
-    # Probe on 10 + 10 structures: 5 s of validation, then an epoch of 25 s (20 s of training).
+    # Probe on 10 + 10 structures: 5 s of validation, a first epoch of 5 s (warm-up: cheap
+    # training), then a second of 20 s, which alone sets the training cost.
     times = {"Started training": start, "Initial": start + timedelta(seconds=5),
-             "Epoch 0": start + timedelta(seconds=30)}
+             "Epoch 0": start + timedelta(seconds=10), "Epoch 1": start + timedelta(seconds=30)}
     plan = MACE.plan_epochs(probe_wall=40.0, times=times, n_train=100, n_val=10, budget_s=1000.0)
     assert plan["seconds_per_train_structure"] == pytest.approx(2.0)
     assert plan["fixed_s"] == pytest.approx(10.0)
@@ -115,9 +116,9 @@ def test_the_budget_can_count_cpu_time():
 def test_mace_plans_a_cpu_budget_from_the_probes_share_of_a_core():
     from datetime import datetime, timedelta
     start = datetime(2026, 1, 1)
-    # probe: 10 s start-up, 10 validation structures in 5 s, 10 training structures in 10 s
+    # probe: 10 s start-up, 10 validation structures in 5 s, then epochs of 10 s
     times = {"Started training": start, "Initial": start + timedelta(seconds=5),
-             "Epoch 0": start + timedelta(seconds=20)}
+             "Epoch 0": start + timedelta(seconds=10), "Epoch 1": start + timedelta(seconds=20)}
     budget = dict(probe_wall=30.0, times=times, n_train=100, n_val=10, budget_s=600.0)
     wall = MACE.plan_epochs(**budget)
     assert wall["seconds_per_train_structure"] == pytest.approx(1.0) and wall["epochs"] == int((600 - 10 - 5) / 105)
