@@ -210,7 +210,8 @@ class TrainConfig:
     # this is true (fine-tuning a run on new data in place); see `check_resume`.
     resume_with_other_data: bool = False
     # Keep freed host memory in the process instead of returning it to the kernel (glibc only;
-    # see engine/host_memory.py): CPU steps run 10-20 % faster for a few % more resident memory.
+    # see engine/host_memory.py): faster CPU steps for slightly more resident memory
+    # (benchmarks/README.md, "Host memory").
     keep_freed_host_memory: bool = True
 
     def check(self, where: str | Path = "config") -> None:

@@ -5,7 +5,7 @@ glibc hands every allocation above its mmap threshold (at most 32 MiB) to the ke
 fresh mapping and unmaps it when freed. A conservative step on a 108-atom cell makes
 hundreds of per-edge tensors of that size, so each step pays the kernel for zeroing them
 again page by page. With mmap off and the heap never trimmed, freed blocks are reused
-instead, for a few per cent more peak resident memory (figures in benchmarks/README.md,
+instead, at a small cost in peak resident memory (figures in benchmarks/README.md,
 "Host memory"). GPU tensors do not go through malloc and are unaffected.
 """
 from __future__ import annotations
