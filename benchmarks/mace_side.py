@@ -152,16 +152,17 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def log_times(work: Path) -> dict[str, datetime]:
-    """Timestamps of "Started training", "Initial" (validation) and "Epoch N" in MACE's log."""
+def log_times(work: Path, epochs: int) -> dict[str, datetime]:
+    """Timestamps of "Started training", "Initial" (validation) and "Epoch N" in MACE's log,
+    which must reach "Epoch {epochs - 1}"."""
     times = {}
     for line in (work / "stdout.log").read_text().splitlines():
         match = LOG_LINE.match(line)
         if match:
             times[match.group(2)] = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f")
-    missing = {"Started training", "Initial", *(f"Epoch {n}" for n in range(PROBE_EPOCHS))} - set(times)
+    missing = {"Started training", "Initial", *(f"Epoch {n}" for n in range(epochs))} - set(times)
     if missing:
-        raise RuntimeError(f"the MACE probe's log in {work} lacks the lines {sorted(missing)}")
+        raise RuntimeError(f"MACE's log in {work} lacks the lines {sorted(missing)}")
     return times
 
 
@@ -225,7 +226,8 @@ def run_size(bin_dir: Path, size: str, args: argparse.Namespace, out: Path, n_tr
     probe_wall, probe_cpu = train(bin_dir, work / "probe", out / "probe_train.xyz", out / "probe_val.xyz",
                                   PROBE_EPOCHS, stress, size)
     cpu_share = probe_cpu / probe_wall if args.clock == "cpu" else 1.0
-    plan = plan_epochs(probe_wall, log_times(work / "probe"), n_train, n_val, 60 * args.budget_minutes, cpu_share)
+    probe_times = log_times(work / "probe", PROBE_EPOCHS)
+    plan = plan_epochs(probe_wall, probe_times, n_train, n_val, 60 * args.budget_minutes, cpu_share)
     train_file = out / "train.xyz"
     if plan["train_structures"] < n_train:
         train_file = work / "train_subset.xyz"
@@ -233,7 +235,7 @@ def run_size(bin_dir: Path, size: str, args: argparse.Namespace, out: Path, n_tr
     load_before = list(os.getloadavg())
     train_wall, train_cpu = train(bin_dir, work / "run", train_file, out / "val.xyz", plan["epochs"], stress, size)
     load_after = list(os.getloadavg())
-    run_times = log_times(work / "run")
+    run_times = log_times(work / "run", plan["epochs"])
     train_loop_s = (run_times["Training complete"] - run_times["Started training"]).total_seconds()
     test = evaluate(bin_dir, work / "run", args.test, args.test_structures, dtype_of(size))
     return {"plan": plan, "train_wall_s": train_wall, "train_cpu_s": train_cpu, "train_loop_s": train_loop_s, "test": test,

@@ -106,6 +106,19 @@ def test_mace_plan_fits_whole_epochs_or_one_epoch_of_at_least_a_batch():
     assert (plan["epochs"], plan["train_structures"]) == (1, MACE.BATCH_SIZE)
 
 
+def test_mace_log_times_need_the_epochs_asked_for(tmp_path):
+    """The probe must reach its second epoch; a real run of one epoch has only "Epoch 0"."""
+    (tmp_path / "stdout.log").write_text(
+        "2026-12-05 08:00:00.000 INFO: Started training, reporting errors on validation set\n"
+        "2026-12-05 08:00:01.000 INFO: Initial: head: Default, loss=1.0\n"
+        "2026-12-05 08:00:05.500 INFO: Epoch 0: head: Default, loss=0.5\n"
+        "2026-12-05 08:00:06.000 INFO: Training complete\n")
+    times = MACE.log_times(tmp_path, epochs=1)
+    assert (times["Training complete"] - times["Started training"]).total_seconds() == pytest.approx(6.0)
+    with pytest.raises(RuntimeError, match="Epoch 1"):
+        MACE.log_times(tmp_path, epochs=2)
+
+
 def test_the_budget_can_count_cpu_time():
     config = load_train_config(CONFIG, ["strategy.name=single", "data.emt_structures=10",
                                         *TWO_STAGE.arm_overrides("two_stage", 10.0, 0.5, clock="cpu")])
