@@ -29,8 +29,9 @@ structure (start of training to the "Initial" validation line, warm-up included)
 training structure (the second epoch, its validation included; the first epoch's warm-up made
 training look up to 6x cheaper than it is), and the fixed cost (start-up, model saving). The
 real run gets as many epochs as fit the budget, so it may use less of it than planned:
-`accuracy.py --match-mace-cpu` then gives eSEN exactly what MACE used. When not even one epoch fits, it trains one epoch on as many training
-structures (drawn at random, seed 0) as fit: the same wall-clock, fewer samples seen.
+`accuracy.py --match-mace-cpu` then gives eSEN exactly what MACE used. When not even one
+epoch fits, it trains one epoch on as many training structures (drawn at random, seed 0) as
+fit: the same wall-clock, fewer samples seen.
 With `--clock cpu` the budget is CPU time of the training process (eSEN's `clock: cpu`): the
 probe's timings are scaled by its CPU time over its wall clock, so a probe on a busy machine
 plans the same epochs as on an idle one; each run also reports its CPU seconds.
