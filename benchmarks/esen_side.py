@@ -27,20 +27,8 @@ from esen_train.model import ESEN, ModelConfig  # noqa: E402
 
 
 def model_config(hyper: dict, direct_forces: bool) -> ModelConfig:
-    """The driver's hyperparameters, named as fairchem names them, in our names."""
-    return ModelConfig(
-        num_layers=hyper["num_layers"],
-        sphere_channels=hyper["sphere_channels"],
-        hidden_channels=hyper["hidden_channels"],
-        edge_channels=hyper["edge_channels"],
-        lmax=hyper["lmax"],
-        mmax=hyper["mmax"],
-        num_radial_basis=hyper["num_distance_basis"],
-        cutoff=hyper["cutoff"],
-        max_num_elements=hyper["max_num_elements"],
-        feed_forward=hyper["ff_type"],
-        direct_forces=direct_forces,
-    )
+    """The driver's hyperparameters (ModelConfig's fields) as a ModelConfig."""
+    return ModelConfig(**hyper, direct_forces=direct_forces)
 
 
 def batch_of(arrays: dict[str, np.ndarray]) -> Data:

@@ -33,6 +33,8 @@ from fairchem.core.models.uma.escn_md import (  # noqa: E402
 
 
 def backbone(hyper: dict, direct: bool, stress: bool) -> eSCNMDBackbone:
+    """The driver's hyperparameters (our ModelConfig's names) in fairchem's names, with the
+    normalisation and activation our model has."""
     return eSCNMDBackbone(
         max_num_elements=hyper["max_num_elements"],
         sphere_channels=hyper["sphere_channels"],
@@ -41,11 +43,11 @@ def backbone(hyper: dict, direct: bool, stress: bool) -> eSCNMDBackbone:
         lmax=hyper["lmax"],
         mmax=hyper["mmax"],
         num_layers=hyper["num_layers"],
-        num_distance_basis=hyper["num_distance_basis"],
+        num_distance_basis=hyper["num_radial_basis"],
         cutoff=hyper["cutoff"],
-        norm_type=hyper["norm_type"],
-        act_type=hyper["act_type"],
-        ff_type=hyper["ff_type"],
+        norm_type="rms_norm_sh",
+        act_type="gate",
+        ff_type=hyper["feed_forward"],
         otf_graph=False,
         direct_forces=direct,
         regress_forces=True,

@@ -50,7 +50,7 @@ compare only memory in such a run. `--keep-freed-host-memory` does the opposite,
 sides alike: no mmap at all and no trimming (what `esen-train fit` does on glibc), so freed
 blocks of any size are reused and large tensors cost no page faults.
 `--model esen-sm` or `esen-30m` benchmarks one of our presets instead of the spec's small
-model (fairchem gets the same hyperparameters in its names).
+model (fairchem_side.py gives fairchem the same hyperparameters in its names).
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ from ase import Atoms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
+from esen_train.model.config import load_model_config  # noqa: E402
 from shared_data import ASPIRIN  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -80,7 +81,10 @@ DEFAULT_VENV = REPO / ".venvs" / "fairchem"
 TORCH_PIN = "torch==2.13.0"
 FAIRCHEM_PIN = "fairchem-core==2.24.0"
 
-# The "small" preset in fairchem's names (eSCNMDBackbone); esen_side.py maps them to ours.
+# The sizes compared, in our names (ModelConfig's fields); fairchem_side.py maps them to
+# fairchem's. "small" is the spec's small eSEN; the others are our presets.
+COMPARED_FIELDS = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels", "lmax", "mmax",
+                   "num_radial_basis", "cutoff", "max_num_elements", "feed_forward")
 SMALL = {
     "num_layers": 4,
     "sphere_channels": 64,
@@ -88,30 +92,18 @@ SMALL = {
     "edge_channels": 128,
     "lmax": 2,
     "mmax": 2,
-    "num_distance_basis": 64,
+    "num_radial_basis": 64,
     "cutoff": 6.0,
     "max_num_elements": 100,
-    "norm_type": "rms_norm_sh",
-    "act_type": "gate",
-    "ff_type": "grid",
+    "feed_forward": "grid",
 }
-# Our model presets (esen_train/configs/model/) in fairchem's names, for `--model`.
-PRESET_DIR = REPO / "esen_train" / "configs" / "model"
-FAIRCHEM_NAMES = {"num_radial_basis": "num_distance_basis", "feed_forward": "ff_type"}
-SAME_NAMES = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels", "lmax", "mmax", "cutoff",
-              "max_num_elements")
 
 
 def hyperparameters(model: str) -> dict:
-    """"small" (the spec's), or a preset of ours (esen-sm, esen-30m) in fairchem's names."""
+    """"small", or a preset of ours (esen-sm, esen-30m): the compared fields, in our names."""
     if model == "small":
         return SMALL
-    from omegaconf import OmegaConf
-
-    preset = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{model}.yaml"))
-    return {**{key: preset[key] for key in SAME_NAMES},
-            **{theirs: preset[ours] for ours, theirs in FAIRCHEM_NAMES.items()},
-            "norm_type": SMALL["norm_type"], "act_type": SMALL["act_type"]}
+    return {field: getattr(load_model_config(model), field) for field in COMPARED_FIELDS}
 
 
 # fairchem's charge/spin conditioning (UMA's; eSEN has none): left out when comparing sizes.
@@ -429,7 +421,7 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
     return {
         "benchmark": "eSEN: ours vs fairchem-core, same hyperparameters, batch and threads, measured side by side",
         "model": args.model,
-        "hyperparameters_fairchem_names": hyperparameters(args.model),
+        "hyperparameters": hyperparameters(args.model),
         "keep_freed_host_memory": args.keep_freed_host_memory,
         "threads": args.threads,
         "dtype": "float32",
