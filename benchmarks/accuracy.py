@@ -10,7 +10,7 @@ Steps, all through the user-facing commands:
    (rMD17: 50 of the 1000 training structures for validation; mlearn: 10%; AcAc has no
    published test file here, so 80/10/10 of train_300K). Existing directories are reused.
 2. training: `esen-train fit` with each stage ended by its wall clock (`max_minutes`): the
-   budget's DIRECT_SHARE (0.3) to the direct stage, the rest to the conservative one (validation at
+   budget's --direct-share (default 0.3) to the direct stage, the rest to the conservative one (validation at
    each stage's end); max_steps is lifted out of the way, and the cosine schedule runs on the
    fraction of each stage's time used.
 3. test: `esen-train eval` (float64) of both stages' best checkpoints on the test set.
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match-mace-cpu", action="store_true",
                         help="train MACE first, then give eSEN the CPU seconds the better MACE size used "
                              "(needs --mace and --clock cpu)")
+    parser.add_argument("--direct-share", type=float, default=DIRECT_SHARE,
+                        help=f"share of eSEN's budget for the direct stage (default {DIRECT_SHARE})")
+    parser.add_argument("--seed", type=int, default=None, help="eSEN's seed (default: the config's)")
     parser.add_argument("--nve-steps", type=int, default=400, help="NVE steps per model (0: no NVE test)")
     parser.add_argument("--nve-timestep", type=float, default=0.5, help="fs (default 0.5)")
     parser.add_argument("--nve-temperature", type=float, default=500.0, help="K (default 500)")
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.match_mace_cpu and not (args.mace and args.clock == "cpu"):
         parser.error("--match-mace-cpu needs --mace and --clock cpu")
+    if not 0 < args.direct_share < 1:
+        parser.error(f"--direct-share must be between 0 and 1, got {args.direct_share}")
 
     dataset = DATASETS[args.dataset]
     out = Path(args.out or REPO_ROOT / "runs" / "accuracy" / dataset.name).resolve()
@@ -306,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         esen_budget_minutes = mace_report["sizes"][mace_report["best_size"]]["train_cpu_s"] / 60
     report["esen_budget_minutes"] = esen_budget_minutes
 
-    minutes = {"direct": DIRECT_SHARE * esen_budget_minutes, "conservative": (1 - DIRECT_SHARE) * esen_budget_minutes}
+    minutes = {"direct": args.direct_share * esen_budget_minutes,
+               "conservative": (1 - args.direct_share) * esen_budget_minutes}
     report["stage_minutes"] = minutes
+    seed = [] if args.seed is None else [f"seed={args.seed}"]
+    report["seed"] = args.seed
     load_before = load_average()
-    train_wall = fit(dataset.config, out / "esen", stage_overrides(minutes, args.clock))
+    train_wall = fit(dataset.config, out / "esen", stage_overrides(minutes, args.clock) + seed)
     report["load_average_training"] = [load_before, load_average()]
     steps = stage_steps(out / "esen")
 

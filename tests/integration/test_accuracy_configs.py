@@ -70,6 +70,14 @@ def test_matching_mace_cpu_needs_mace_on_the_cpu_clock(flags, capsys):
     assert "--match-mace-cpu needs --mace and --clock cpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("share", ["0", "1", "-0.2"])
+def test_direct_share_must_leave_time_for_both_stages(share, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ACCURACY.main(["rmd17-aspirin", "--budget-minutes", "1", "--direct-share", share])
+    assert exit_info.value.code == 2
+    assert f"--direct-share must be between 0 and 1, got {float(share)}" in capsys.readouterr().err
+
+
 def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeypatch):
     source = shared_data("rmd17/ethanol_train.xyz")
     subset = tmp_path / "ethanol_20.xyz"
