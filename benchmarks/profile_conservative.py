@@ -41,6 +41,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import case_server  # noqa: E402
 import esen_side  # noqa: E402
 import model_vs_fairchem as bench  # noqa: E402
+from esen_train.engine.host_memory import keep_freed_host_memory  # noqa: E402
 
 PHASES = ("forward", "first_backward", "second_backward")
 
@@ -312,11 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--release-freed-host-memory", action="store_true",
+                        help="leave glibc's allocator as it is (by default freed memory is kept, as "
+                             "`esen-train fit` does: engine/host_memory.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = False if args.release_freed_host_memory else keep_freed_host_memory()
     report = {
         "benchmark": "conservative training step of the small eSEN, phase by phase",
         "threads": args.threads,
+        "keep_freed_host_memory": kept,
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "versions": {"torch": torch.__version__, "esen_train.model": esen_side.model_version(), "numpy": np.__version__},
         "systems": {name: profile_system(name, args) for name in args.systems},
