@@ -182,7 +182,7 @@ def write_batches(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             structures, periodic = aspirin_molecules(args.aspirin_molecules), False
         else:
             raise SystemExit(f"unknown system {name!r} (known: cu108, aspirin)")
-        arrays = batch_arrays(structures, hyperparameters(args.model)["cutoff"], args.seed)
+        arrays = batch_arrays(structures, args.hyperparameters["cutoff"], args.seed)
         path = workdir / f"{name}.npz"
         np.savez(path, **arrays)
         systems[name] = {
@@ -421,7 +421,7 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
     return {
         "benchmark": "eSEN: ours vs fairchem-core, same hyperparameters, batch and threads, measured side by side",
         "model": args.model,
-        "hyperparameters": hyperparameters(args.model),
+        "hyperparameters": args.hyperparameters,
         "keep_freed_host_memory": args.keep_freed_host_memory,
         "threads": args.threads,
         "dtype": "float32",
@@ -488,6 +488,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--keep-freed-host-memory and --malloc-mmap-threshold are opposites: pick one")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    args.hyperparameters = hyperparameters(args.model)  # read once: every case and the report use it
     return args
 
 
@@ -543,7 +544,7 @@ def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[
     for system, info in sorted(systems.items(), key=lambda item: item[1]["edges"]):
         for task in args.tasks:
             for mode in args.modes:
-                case = {"system": system, "task": task, "mode": mode, "model": hyperparameters(args.model),
+                case = {"system": system, "task": task, "mode": mode, "model": args.hyperparameters,
                         "stress": mode == "conservative" and info["periodic"],
                         "threads": args.threads, "seed": args.seed,
                         "malloc_mmap_threshold": args.malloc_mmap_threshold,
