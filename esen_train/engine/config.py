@@ -77,7 +77,8 @@ class StageConfig:
     stress_weight: float = 1.0  # stress MAE, structures with stress labels only
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is applied on GPU only)
     # torch.compile the model's per-batch computations (model.compile_model); the first
-    # steps then pay the compile time. Works with the single and ddp strategies.
+    # steps then pay the compile time, kept in RUN/compile_cache (or TORCHINDUCTOR_CACHE_DIR)
+    # so that a resumed or requeued job does not pay it again. Single and ddp strategies.
     compile: bool = False
     log_every: int = 10
     val_every: int = 50

@@ -13,6 +13,7 @@ then they save that step and raise `Preempted`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,19 @@ from esen_train.engine.tracking import global_step
 from esen_train.model import ESEN, compile_model
 from esen_train.model.model_file import MODEL_FILE, read_model_file, resolve_checkpoint
 from esen_train.progress import StageConsole
+
+
+def use_compile_cache(run_dir: Path) -> str:
+    """Point torch.compile's cache at RUN/compile_cache, unless the user chose one with
+    TORCHINDUCTOR_CACHE_DIR: a resumed or requeued job, maybe on another node whose /tmp
+    (torch's default) is empty, then loads the compiled code instead of compiling again."""
+    # Imported here: importing torch's compiler stack costs a second at start-up.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch writes its default here on first use
+    directory = chosen if chosen not in (None, default_cache_dir()) else str(run_dir / "compile_cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    return directory
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +117,7 @@ class StageTrainer:
         elif self.settings.init_from:
             self._say("reference energies (keep): the checkpoint's")
         if self.settings.compile:
+            self._say(f"torch.compile cache: {use_compile_cache(self.run_dir)}")
             compile_model(model)
         self.strategy = build_strategy(self.config.strategy, self.settings, self.dist)
         optim = OptimSettings(lr=self.settings.lr, weight_decay=self.settings.weight_decay,

@@ -2,6 +2,7 @@
 checkpoints, wandb offline files, the stage hand-over check, non-finite steps."""
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -449,3 +450,21 @@ def test_conservative_stage_from_fresh_weights(two_stage_run, tmp_path):
     handed_over = read_model_file(two_stage_run / "checkpoints" / "conservative" / "last")
     assert fresh["step"] == handed_over["step"] == 4
     assert not torch.equal(fresh["ema"]["energy_head.mlp.0.weight"], handed_over["ema"]["energy_head.mlp.0.weight"])
+
+
+def test_compiled_code_is_cached_in_the_run_directory_unless_the_user_chose_a_cache(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from esen_train.engine.trainer import use_compile_cache
+
+    run_dir = tmp_path / "run"
+    for unset_or_torch_default in (None, default_cache_dir()):
+        if unset_or_torch_default is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", unset_or_torch_default)
+        assert use_compile_cache(run_dir) == str(run_dir / "compile_cache")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(run_dir / "compile_cache")  # what torch reads
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared_cache"))
+    assert use_compile_cache(run_dir) == str(tmp_path / "shared_cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared_cache")
