@@ -33,6 +33,12 @@ from esen_train.model.coefficients import rows_of_each_order  # noqa: E402
 from esen_train.model.rotation import EdgeRotation, WignerD, edge_frames  # noqa: E402
 
 
+def edge_order(lmax: int) -> tuple[torch.Tensor, list[int]]:
+    """The model's edge order at mmax = lmax: node row of each edge coefficient, coefficients per order."""
+    rows_per_order = rows_of_each_order(lmax, lmax)
+    return torch.tensor(sum(rows_per_order, [])), [len(order) for order in rows_per_order]
+
+
 def one_bmm(wigner, x, rows, order_sizes):
     return torch.cat(EdgeRotation(wigner, rows, order_sizes, None).rotate_to_edges(x), dim=1)
 
@@ -83,9 +89,7 @@ def main() -> None:
     vectors = torch.nn.functional.normalize(torch.randn(args.edges, 3), dim=1)
     x = torch.randn(args.edges, size, args.channels)
     weight = torch.randn(size, args.channels)
-    rows_per_order = rows_of_each_order(args.lmax, args.lmax)
-    rows = torch.tensor(sum(rows_per_order, []))
-    order_sizes = [len(order) for order in rows_per_order]
+    rows, order_sizes = edge_order(args.lmax)
     wigner_module = WignerD(args.lmax)
 
     forms = {"one_bmm": one_bmm, "per_degree": per_degree, "copy": copy}
