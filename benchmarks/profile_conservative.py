@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=1 python benchmarks/profile_conservative.py [--systems cu108,aspirin]
         [--cu-cells 1] [--aspirin-molecules 8] [--threads 2] [--repeats 3] [--top 20]
+        [--model small|esen-sm|esen-30m] [--times-only]
 
-The step of model_vs_fairchem.py's "train conservative" case (the spec's "small" eSEN,
-float32, random weights, the same batches and loss), split into its three phases:
+The step of model_vs_fairchem.py's "train conservative" case (the spec's "small" eSEN, or
+one of our presets with `--model`; float32, random weights, the same batches and loss),
+split into its three phases:
   forward          positions (and strain) -> energy
   first_backward   forces (and stress) = dE/dpos (dE/deps), create_graph=True
   second_backward  loss(energy, forces, stress).backward(): the double backward
@@ -19,6 +21,7 @@ float32, random weights, the same batches and loss), split into its three phases
   `top` each. Backward ops are charged to the module whose forward op made their autograd
   node (the profiler's sequence numbers), so the second backward's time lands on the
   module whose forward (through its first backward) it differentiates.
+`--times-only` reports `phase_s` alone (the other two take a step each, slow for esen-30m).
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ def conservative_loss(model, batch, targets, stress: bool, phase_hook=None):
 
 def check_same_loss(model, batch, targets, stress: bool) -> None:
     """This file's step must compute the model's own conservative loss (or the profile is of something else)."""
-    ours = conservative_loss(model, batch, targets, stress)
+    ours = conservative_loss(model, batch, targets, stress).detach()  # its graph freed: one graph at a time
     model_loss = case_server.loss_of(model(batch, forces="conservative", stress=stress, create_graph=True), targets)
     if not torch.allclose(ours, model_loss, rtol=1e-5):
         raise SystemExit(f"profiled step's loss {ours.item()} differs from the model's {model_loss.item()}")
@@ -275,33 +278,36 @@ def phase_summary(tables: dict, top: int) -> dict:
 
 # ----- main -------------------------------------------------------------------------------------
 def system_batch(name: str, args) -> tuple[dict, bool]:
+    cutoff = args.hyperparameters["cutoff"]
     if name == "cu108":
-        return bench.batch_arrays(bench.cu_cells(args.cu_cells), bench.SMALL["cutoff"], args.seed), True
+        return bench.batch_arrays(bench.cu_cells(args.cu_cells), cutoff, args.seed), True
     if name == "aspirin":
         if not bench.ASPIRIN.exists():
             raise SystemExit(f"{bench.ASPIRIN} is absent: run with --systems cu108")
-        return bench.batch_arrays(bench.aspirin_molecules(args.aspirin_molecules), bench.SMALL["cutoff"], args.seed), False
+        return bench.batch_arrays(bench.aspirin_molecules(args.aspirin_molecules), cutoff, args.seed), False
     raise SystemExit(f"unknown system {name!r} (known: cu108, aspirin)")
 
 
 def profile_system(name: str, args) -> dict:
     arrays, periodic = system_batch(name, args)
     torch.manual_seed(args.seed)
-    model = esen_side.build({"mode": "conservative", "model": bench.SMALL, "stress": periodic}, arrays)[0]
+    model = esen_side.build({"mode": "conservative", "model": args.hyperparameters, "stress": periodic}, arrays)[0]
     model.train()
     batch, targets = esen_side.batch_of(arrays), case_server.targets_of(arrays)
     check_same_loss(model, batch, targets, periodic)
     timed_phases(model, batch, targets, periodic)  # warm-up
     runs = [timed_phases(model, batch, targets, periodic) for _ in range(args.repeats)]
-    return {
+    report = {
         "atoms": int(arrays["natoms"].sum()),
         "edges": int(arrays["edge_index"].shape[1]),
         "stress": periodic,
         "phase_s": {phase: round(statistics.median(run[phase] for run in runs), 3) for phase in PHASES},
         "step_s": round(statistics.median(sum(run.values()) for run in runs), 3),
-        "saved_for_backward": saved_for_backward(model, batch, targets, periodic, args.top),
-        "phases": profiled_step(model, batch, targets, periodic, args.top),
     }
+    if not args.times_only:
+        report["saved_for_backward"] = saved_for_backward(model, batch, targets, periodic, args.top)
+        report["phases"] = profiled_step(model, batch, targets, periodic, args.top)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,14 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="small", choices=["small", "esen-sm", "esen-30m"],
+                        help="the spec's small eSEN, or one of our presets")
+    parser.add_argument("--times-only", action="store_true",
+                        help="phase times only: no saved-tensor count, no profiled step")
     parser.add_argument("--release-freed-host-memory", action="store_true",
                         help="leave glibc's allocator as it is (by default freed memory is kept, as "
                              "`esen-train fit` does: engine/host_memory.py)")
     args = parser.parse_args(argv)
+    args.hyperparameters = bench.hyperparameters(args.model)
     torch.set_num_threads(args.threads)
     kept = False if args.release_freed_host_memory else keep_freed_host_memory()
     report = {
-        "benchmark": "conservative training step of the small eSEN, phase by phase",
+        "benchmark": "conservative training step of eSEN, phase by phase",
+        "model": args.model,
+        "hyperparameters": args.hyperparameters,
         "threads": args.threads,
         "keep_freed_host_memory": kept,
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],

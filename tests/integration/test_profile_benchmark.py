@@ -2,6 +2,7 @@
 saved tensors and the double backward's ops to the model's modules."""
 from __future__ import annotations
 
+import argparse
 
 import torch
 
@@ -40,3 +41,14 @@ def test_saved_tensors_and_every_phase_s_time_are_charged_to_modules():
         assert CONV1 in modules, (phase, modules)
         assert phases[phase]["self_s"] > 0 and len(phases[phase]["by_op_name"]) == 5
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_times_only_profiles_the_chosen_model_s_phases_and_nothing_else():
+    tiny = {"num_layers": 1, "sphere_channels": 8, "hidden_channels": 8, "edge_channels": 8, "lmax": 1,
+            "mmax": 1, "num_radial_basis": 4, "cutoff": 3.0, "max_num_elements": 100, "feed_forward": "spectral"}
+    args = argparse.Namespace(hyperparameters=tiny, cu_cells=1, seed=0, repeats=1, top=5, times_only=True)
+    report = PROFILE.profile_system("cu108", args)
+    assert set(report["phase_s"]) == set(PROFILE.PHASES) and report["step_s"] > 0
+    assert "saved_for_backward" not in report and "phases" not in report
+    # The batch's edges follow the chosen model's cutoff (3 Å: the 12 nearest neighbours of fcc Cu).
+    assert report["edges"] == 12 * report["atoms"]
