@@ -41,7 +41,8 @@ def child(system: str, mode: str, steps: int, threads: int) -> dict:
     if mode == "keep" and not keep_freed_host_memory():
         raise SystemExit("keep_freed_host_memory() is not available here (not glibc)")
     torch.set_num_threads(threads)
-    arrays, periodic = profile.system_batch(system, argparse.Namespace(cu_cells=1, aspirin_molecules=8, seed=0))
+    batch_args = argparse.Namespace(cu_cells=1, aspirin_molecules=8, seed=0, hyperparameters=bench.SMALL)
+    arrays, periodic = profile.system_batch(system, batch_args)
     torch.manual_seed(0)
     model = esen_side.build({"mode": "conservative", "model": bench.SMALL, "stress": periodic}, arrays)[0]
     batch, targets = esen_side.batch_of(arrays), case_server.targets_of(arrays)
