@@ -16,7 +16,7 @@ user-facing commands:
 - `two_stage`: `stages=[direct,conservative]`, direct.max_minutes = F M, conservative.max_minutes
   = (1 - F) M, one arm per share F of `--direct-share` (default 0.5);
 - `direct`: `stages=[direct] direct.max_minutes=M`.
-Validation and checkpoints only at each stage's end. `--set KEY=VALUE` overrides go to every
+Validation only at each stage's end, a checkpoint every 1000 steps. `--set KEY=VALUE` overrides go to every
 arm (e.g. `conservative.lr=3e-4`). Each run's best checkpoint is tested with `esen-train eval
 --dtype float64` on the test split (its own forces: direct for `direct`, conservative for the
 others; the direct stage of `two_stage` too) and run in NVE with `esen-train md`. Seeds
@@ -31,7 +31,8 @@ same way, trained with configs/DATASET.yaml). NVE: EMT from the quickstart's 32-
 at 300 K and 2 fs; the real data from the first test structure at 500 K and 0.5 fs.
 
 A finished run leaves its record in OUT/seedN/ARM/record.json; the same command run again
-keeps the runs whose settings match and trains the rest.
+keeps the runs whose settings match, resumes a killed one from its last checkpoint (its
+stage clocks included) and trains the rest.
 
 Prints a table and one JSON object (last line; also OUT/report.json): per run its settings,
 steps, `fit` wall clock, test errors, NVE drift and the load average before and after; per

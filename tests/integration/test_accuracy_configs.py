@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import ase.io
 import pytest
@@ -58,7 +59,24 @@ def test_budget_gives_each_stage_its_share_of_the_wall_clock():
     assert config.stages == ["direct", "conservative"]
     assert (config.direct.max_minutes, config.conservative.max_minutes) == (6.0, 4.0)
     for stage in (config.direct, config.conservative):  # the clock, not the step count, ends each stage
-        assert stage.max_steps == stage.val_every == stage.checkpoint_every == ACCURACY.UNLIMITED_STEPS
+        assert stage.max_steps == stage.val_every == ACCURACY.UNLIMITED_STEPS
+        assert stage.checkpoint_every == ACCURACY.CHECKPOINT_EVERY  # to resume a killed run from
+
+
+def test_fit_resumes_the_run_dir_its_own_command_left_and_replaces_another(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(ACCURACY, "run", lambda command, log=None: commands.append(command) or ("", 1.0))
+    run_dir = tmp_path / "esen"
+    (run_dir / "checkpoints").mkdir(parents=True)  # left by a command that wrote no command file
+    ACCURACY.fit(Path("a.yaml"), run_dir, ["seed=0"])
+    assert not run_dir.exists()  # replaced (the stand-in for esen-train fit writes nothing)
+    (run_dir / "checkpoints").mkdir(parents=True)  # as if that fit was killed mid-run
+    ACCURACY.fit(Path("a.yaml"), run_dir, ["seed=0"])
+    assert (run_dir / "checkpoints").is_dir()  # the same command: kept, to resume
+    ACCURACY.fit(Path("a.yaml"), run_dir, ["seed=1"])
+    assert not run_dir.exists()  # another command: replaced
+    assert commands[0] == ["esen-train", "fit", "a.yaml", f"run_dir={run_dir}", "logging.wandb.mode=disabled", "seed=0"]
+    assert len(commands) == 3
 
 
 @pytest.mark.parametrize("flags", [["--match-mace-cpu"], ["--match-mace-cpu", "--mace"],
