@@ -29,14 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esen_train.model.coefficients import rows_of_each_order  # noqa: E402
+from esen_train.model.coefficients import edge_order  # noqa: E402
 from esen_train.model.rotation import EdgeRotation, WignerD, edge_frames  # noqa: E402
-
-
-def edge_order(lmax: int) -> tuple[torch.Tensor, list[int]]:
-    """The model's edge order at mmax = lmax: node row of each edge coefficient, coefficients per order."""
-    rows_per_order = rows_of_each_order(lmax, lmax)
-    return torch.tensor(sum(rows_per_order, [])), [len(order) for order in rows_per_order]
 
 
 def one_bmm(wigner, x, rows, order_sizes):
@@ -89,7 +83,7 @@ def main() -> None:
     vectors = torch.nn.functional.normalize(torch.randn(args.edges, 3), dim=1)
     x = torch.randn(args.edges, size, args.channels)
     weight = torch.randn(size, args.channels)
-    rows, order_sizes = edge_order(args.lmax)
+    rows, order_sizes = edge_order(args.lmax, args.lmax)
     wigner_module = WignerD(args.lmax)
 
     forms = {"one_bmm": one_bmm, "per_degree": per_degree, "copy": copy}

@@ -34,6 +34,13 @@ def rows_of_each_order(lmax: int, mmax: int) -> list[list[int]]:
     return rows
 
 
+def edge_order(lmax: int, mmax: int) -> tuple[torch.Tensor, list[int]]:
+    """The edge frame's layout as the rotation takes it: the node row of every edge
+    coefficient (orders m = 0..mmax concatenated) and how many coefficients each order has."""
+    rows = rows_of_each_order(lmax, mmax)
+    return torch.tensor(sum(rows, [])), [len(order_rows) for order_rows in rows]
+
+
 def degrees_per_order(lmax: int, mmax: int) -> list[int]:
     """How many degrees l carry order m, for m = 0..mmax: [lmax+1, lmax, ..., lmax+1-mmax]."""
     return [lmax + 1 - m for m in range(mmax + 1)]

@@ -48,7 +48,7 @@ from torch import nn
 
 from esen_train.model.blocks import Block, EdgeDegreeEmbedding
 from esen_train.model.charge_spin import ChargeSpinEmbedding
-from esen_train.model.coefficients import rows_of_each_order
+from esen_train.model.coefficients import edge_order
 from esen_train.model.config import ModelConfig
 from esen_train.model.heads import DirectForceHead, DirectStressHead, EnergyHead, sum_per_structure
 from esen_train.model.layers import EquivariantRMSNorm
@@ -77,9 +77,8 @@ class Backbone(nn.Module):
         self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent) if config.envelope else None
         self.charge_spin = ChargeSpinEmbedding(config.charge_spin, config.sphere_channels) if config.charge_spin != "none" else None
         self.wigner = WignerD(config.lmax)
-        rows = rows_of_each_order(config.lmax, config.mmax)
-        self.register_buffer("edge_rows", torch.tensor(sum(rows, [])), persistent=False)
-        self.order_sizes = [len(order_rows) for order_rows in rows]
+        edge_rows, self.order_sizes = edge_order(config.lmax, config.mmax)
+        self.register_buffer("edge_rows", edge_rows, persistent=False)
         self.edge_degree = EdgeDegreeEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = EquivariantRMSNorm(config.lmax, config.sphere_channels)

@@ -10,6 +10,7 @@ from e3nn import o3
 from esen_train.model.coefficients import (
     degree_of_each_coefficient,
     degrees_per_order,
+    edge_order,
     node_index,
     rows_of_each_order,
 )
@@ -43,6 +44,14 @@ def test_rows_of_each_order_and_their_counts():
             # Every coefficient with |m| <= mmax appears exactly once, and no other.
             expected = sorted(node_index(l, m) for l in range(lmax + 1) for m in range(-l, l + 1) if abs(m) <= mmax)
             assert kept == expected
+
+
+def test_edge_order_is_the_orders_rows_concatenated_with_their_sizes():
+    rows, sizes = edge_order(2, 1)
+    assert rows.tolist() == [0, 2, 6, 3, 7, 1, 5] and rows.dtype == torch.long
+    assert sizes == [3, 4]
+    rows, sizes = edge_order(3, 3)
+    assert sorted(rows.tolist()) == list(range(16)) and sizes == [4, 6, 4, 2]
 
 
 def test_a_rotation_about_y_turns_each_order_pair_by_m_times_the_angle():

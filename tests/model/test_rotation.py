@@ -7,7 +7,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from esen_train.model.coefficients import rows_of_each_order
+from esen_train.model.coefficients import edge_order, rows_of_each_order
 from esen_train.model.rotation import EdgeRotation, WignerD, edge_frames
 from tests.model_helpers import DTYPE, random_rotation, wigner_d
 
@@ -111,9 +111,8 @@ def test_edge_frame_derivative_on_the_plane_y_0_is_that_of_the_chart_it_belongs_
 
 # ----- EdgeRotation ---------------------------------------------------------------------
 def edge_rotation(directions: torch.Tensor, lmax: int, mmax: int, envelope: torch.Tensor) -> EdgeRotation:
-    rows = rows_of_each_order(lmax, mmax)
     wigner = WignerD(lmax)(edge_frames(directions))
-    return EdgeRotation(wigner, torch.tensor(sum(rows, [])), [len(order) for order in rows], envelope)
+    return EdgeRotation(wigner, *edge_order(lmax, mmax), envelope)
 
 
 def test_the_edges_own_harmonics_have_only_order_zero_in_its_frame():
