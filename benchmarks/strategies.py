@@ -102,16 +102,6 @@ class ResidentParameters:
         self.peak = max(self.peak, sum({**self.persistent, **self._storages()}.values()))
 
 
-def optimizer_state_bytes(strategy: Strategy) -> int:
-    total = 0
-    for state in strategy.optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total
-
-
 def zero_master_bytes(strategy: Strategy) -> int:
     partitions = getattr(strategy.optimizer, "single_partition_of_fp32_groups", [])
     return sum(p.numel() * p.element_size() for p in partitions)
@@ -155,7 +145,7 @@ def measure_stage(name: str, zero_stage: int, conservative: bool, args, dist) ->
         "step_s": elapsed / args.steps,
         "atoms_per_s": global_atoms * args.steps / elapsed,
         "parameters": parameters,
-        "optimizer_state_bytes": optimizer_state_bytes(strategy),
+        "optimizer_state_bytes": strategy.optimizer_state_bytes(),
         "zero_master_bytes": zero_master_bytes(strategy),
         "peak_resident_param_bytes": resident.peak,
     }

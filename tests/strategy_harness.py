@@ -251,17 +251,6 @@ def validation_loss(strategy: Strategy, scenario: Scenario, dist: DistInfo) -> f
     return float(distributed.all_reduce_sum(share) / dist.world_size)
 
 
-def optimizer_state_bytes(strategy: Strategy) -> int:
-    """Bytes of AdamW state tensors this rank holds (its local shard under FSDP and ZeRO)."""
-    total = 0
-    for state in strategy.optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total
-
-
 def run_scenario(scenario: Scenario, dist: DistInfo, checkpoint_dir: Path) -> dict:
     """Train, validate and save mid-way, continue; then a fresh model loads the checkpoint and
     repeats the last steps. Returns what the test compares (weights on rank 0 only)."""
@@ -278,7 +267,7 @@ def run_scenario(scenario: Scenario, dist: DistInfo, checkpoint_dir: Path) -> di
         result["losses"].append(loss), result["skipped"].append(skipped), result["grad_norms"].append(norm)
     result["final_weights"] = strategy.full_state_dict(use_ema=False)
     result["final_ema"] = strategy.full_state_dict(use_ema=True)
-    result["optimizer_state_bytes"] = optimizer_state_bytes(strategy)
+    result["optimizer_state_bytes"] = strategy.optimizer_state_bytes()
     result["sharded_blocks"] = any(
         isinstance(module, FSDPModule) for name, module in strategy.module.named_modules() if name.endswith("blocks.0")
     )

@@ -139,6 +139,17 @@ class Strategy(ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state tensors this rank holds: its shard under FSDP and ZeRO,
+        which is what sharding saves (scalars such as the step count left out)."""
+        total = 0
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    local = value.to_local() if hasattr(value, "to_local") else value
+                    total += local.numel() * local.element_size()
+        return total
+
     # ----- weights for inference ---------------------------------------------------
     def full_state_dict(self, use_ema: bool) -> dict | None:
         """Full, unsharded weights (buffers included; the EMA's parameters if `use_ema`) on the
