@@ -286,6 +286,10 @@ cluster_runs_jobs() {  # srun waits for free nodes: bound each try
     timeout 20 srun --nodes=${#NODES[@]} --ntasks-per-node=1 --time=1 true
 }
 
+no_node_completing() {  # srun returns before slurmctld has cleaned up after the job
+    [[ -z $(sinfo -h -N -o '%t' | grep '^comp') ]]
+}
+
 # --- commands --------------------------------------------------------------------------------
 
 start() {
@@ -313,6 +317,7 @@ start() {
     # A first job proves the whole chain (munge, slurmd, slurmstepd); a busy cluster already has.
     if [[ -z $(squeue -h -o %i) ]]; then
         wait_until 60 "a test job to run (srun true)" cluster_runs_jobs
+        wait_until 30 "the test job's clean-up on the nodes" no_node_completing
     fi
     log "cluster $CLUSTER is up: ${#NODES[@]} nodes x $CPUS_PER_NODE CPUs, partition debug"
     echo "export SLURM_CONF=$SLURM_CONF_FILE"
