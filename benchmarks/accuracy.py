@@ -54,9 +54,9 @@ DATA_DIR = REPO_ROOT / "data" / "real"
 DIRECT_SHARE = 0.3  # of the training wall clock; the rest goes to the conservative stage
 # (0.3 beat 0.6 in every pair measured by two_stage.py; AcAc takes 0.15: benchmarks/README.md)
 UNLIMITED_STEPS = 10_000_000  # stages end by their wall clock
-# Every 1000 steps (1-5 CPU-minutes of the budget configs) bounds what a killed benchmark run
-# trains again when its command is started once more; their models' checkpoints take well
-# under a second.
+# A checkpoint every 1000 steps (1.5-4 CPU-minutes of the rMD17 configs, 6-18 of mlearn Si's)
+# bounds what a killed benchmark run trains again when its command is started once more; these
+# small models' checkpoints take well under a second.
 CHECKPOINT_EVERY = 1000
 
 # rMD17 split 01, N_train = 1000, test MAE: energy meV per molecule, forces meV/Å. From the

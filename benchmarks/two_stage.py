@@ -16,13 +16,13 @@ user-facing commands:
 - `two_stage`: `stages=[direct,conservative]`, direct.max_minutes = F M, conservative.max_minutes
   = (1 - F) M, one arm per share F of `--direct-share` (default 0.5);
 - `direct`: `stages=[direct] direct.max_minutes=M`.
-Validation only at each stage's end, a checkpoint every 1000 steps. `--set KEY=VALUE` overrides go to every
-arm (e.g. `conservative.lr=3e-4`). Each run's best checkpoint is tested with `esen-train eval
---dtype float64` on the test split (its own forces: direct for `direct`, conservative for the
-others; the direct stage of `two_stage` too) and run in NVE with `esen-train md`. Seeds
-0..S-1 set the model's initialisation and the data order; within a seed the arms run one
-after another, in reverse order on odd seeds, so that a change in the machine's load does not
-always fall on the same arm.
+Validation only at each stage's end, a checkpoint every 1000 steps. `--set KEY=VALUE` overrides
+go to every arm (e.g. `conservative.lr=3e-4`). Each run's best checkpoint is tested with
+`esen-train eval --dtype float64` on the test split (its own forces: direct for `direct`,
+conservative for the others; the direct stage of `two_stage` too) and run in NVE with
+`esen-train md`. Seeds 0..S-1 set the model's initialisation and the data order; within a seed
+the arms run one after another, in reverse order on odd seeds, so that a change in the
+machine's load does not always fall on the same arm.
 
 DATASET: `emt` (the built-in data: `esen-data emt` 1000 structures, seed 0, split 0.8/0.1/0.1,
 trained with configs/quickstart.yaml in one process) or one of benchmarks/accuracy.py's
