@@ -35,7 +35,7 @@ from ase import Atoms
 from torch_geometric.data import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accuracy import DATASETS, REPO_ROOT  # noqa: E402
+from accuracy import DATASETS  # noqa: E402
 from esen_train.data.dataset import record_to_graph  # noqa: E402
 from esen_train.data.emt import emt_structure  # noqa: E402
 from esen_train.data.records import StructureRecord  # noqa: E402
@@ -58,7 +58,7 @@ def systems() -> dict[str, list[Atoms]]:
 def recipe_system(recipe: str) -> tuple[ModelConfig, dict[str, list[Atoms]]]:
     """The recipe's model, and its first training structures up to the conservative stage's
     `max_atoms` (quickstart: the built-in EMT data)."""
-    config = load_train_config(REPO_ROOT / "configs" / f"{recipe}.yaml", ["data.emt_structures=1"] if recipe == "quickstart" else [])
+    config = load_train_config(recipe, ["data.emt_structures=1"] if recipe == "quickstart" else [])  # a shipped config
     if recipe == "quickstart":
         pool = (emt_structure(0, index) for index in range(10_000))
     else:
