@@ -46,6 +46,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
+from esen_train import shipped_config
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # its sibling scripts, also when loaded by a test
 from shared_data import SHARED_DATA  # noqa: E402
@@ -97,7 +99,7 @@ class Dataset:
 
     @property
     def config(self) -> Path:
-        return REPO_ROOT / "configs" / f"{self.name}.yaml"
+        return shipped_config(self.name)
 
     def split_dir(self, part: str) -> Path:
         return DATA_DIR / f"{self.name}_{part}"

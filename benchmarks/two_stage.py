@@ -50,13 +50,15 @@ import ase.build
 import ase.io
 import numpy as np
 
+from esen_train import shipped_config
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # its sibling scripts, also when loaded by a test
 import accuracy  # noqa: E402
 from accuracy import load_average, run  # noqa: E402
 
 EMT_DIR = REPO_ROOT / "data" / "emt"
-EMT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+EMT_CONFIG = shipped_config("quickstart")
 ARMS = ("scratch", "two_stage", "direct")
 METRICS = ("energy_mae_mev_per_atom", "energy_mae_mev_per_structure", "force_mae_mev_per_A",
            "stress_mae_mev_per_A3", "nve_drift_mev_per_atom_per_ps", "fit_wall_s")
