@@ -346,13 +346,27 @@ def _worker(rank: int, world_size: int, port: int, task, args: tuple, out_dir: s
         distributed.cleanup()
 
 
-def run_in_processes(world_size: int, task, args: tuple, out_dir: Path) -> list[dict]:
+# What gloo says when the world's rendezvous fails. free_port's port is free when chosen, but
+# until rank 0 binds it another process on the host (a parallel test's world, a training run)
+# can take it; torchrun's elastic agent restarts its workers for the same reason.
+RENDEZVOUS_ERRORS = ("connectfullmesh", "address already in use")  # lower case
+
+
+def run_in_processes(world_size: int, task, args: tuple, out_dir: Path, attempts: int = 3) -> list[dict]:
     """`task(*args, dist=...)` in `world_size` new processes joined by gloo, as torchrun would
-    start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT); returns each rank's result."""
+    start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT); returns each rank's result. A world whose
+    rendezvous failed before any rank finished its task starts again on a new port."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # fork: the children start at once with torch already imported (spawn re-imports everything).
-    mp.start_processes(_worker, args=(world_size, free_port(), task, args, str(out_dir)), nprocs=world_size,
-                       join=True, start_method="fork")
+    for attempt in range(1, attempts + 1):
+        try:
+            # fork: the children start at once with torch already imported (spawn re-imports everything).
+            mp.start_processes(_worker, args=(world_size, free_port(), task, args, str(out_dir)),
+                               nprocs=world_size, join=True, start_method="fork")
+            break
+        except mp.ProcessRaisedException as error:
+            finished = list(out_dir.glob("results_rank*.pt"))
+            if attempt == attempts or finished or not any(text in str(error).lower() for text in RENDEZVOUS_ERRORS):
+                raise
     return [torch.load(out_dir / f"results_rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 

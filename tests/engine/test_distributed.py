@@ -3,6 +3,7 @@
 tests/engine/test_strategies.py (torchrun-style environment) and, on the local SLURM cluster, by a
 real two-node `srun` below."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from esen_train.engine.fit import fit
 from esen_train.engine.optim import OptimSettings
 from esen_train.engine.strategies import build_strategy
 from tests.slurm_cluster import require_slurm_cluster
+from tests import strategy_harness
 from tests.strategy_harness import ToyPotential, run_in_processes
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -118,6 +120,23 @@ def test_the_process_group_gets_the_timeout_it_is_given(tmp_path):
     """init_distributed(timeout_s) in a real two-process gloo world (the harness passes 300 s)."""
     results = run_in_processes(2, report_group_timeout, (), tmp_path)
     assert [result["timeout_s"] for result in results] == [300.0, 300.0]
+
+
+def report_rank(dist) -> dict:
+    return {"rank": dist.rank}
+
+
+def test_a_world_whose_port_was_taken_starts_again_on_a_new_one(tmp_path, monkeypatch):
+    """The harness's port is free when chosen and can be taken before rank 0 binds it: here
+    another listener holds the first port, so rank 0's store cannot listen there."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1], strategy_harness.free_port()])
+        monkeypatch.setattr(strategy_harness, "free_port", lambda: next(ports))
+        results = run_in_processes(2, report_rank, (), tmp_path)
+    assert [result["rank"] for result in results] == [0, 1]
+    assert next(ports, None) is None  # both ports were used
 
 
 def test_fit_joins_the_process_group_with_the_configured_timeout(tmp_path, monkeypatch):
