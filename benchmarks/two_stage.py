@@ -1,7 +1,7 @@
 """The two-stage recipe at equal time: conservative from scratch, direct then conservative,
 direct only.
 
-    OMP_NUM_THREADS=1 python benchmarks/two_stage.py DATASET --budget-minutes M --seeds S
+    OMP_NUM_THREADS=1 python benchmarks/two_stage.py DATASET --budget-minutes M --seeds S [--first-seed K]
                       [--direct-share F [F ...]] [--clock wall|cpu] [--arms scratch two_stage direct]
                       [--set KEY=VALUE ...] [--nve-steps N] [--out DIR]
 
@@ -20,7 +20,8 @@ Validation only at each stage's end, a checkpoint every 1000 steps. `--set KEY=V
 go to every arm (e.g. `conservative.lr=3e-4`). Each run's best checkpoint is tested with
 `esen-train eval --dtype float64` on the test split (its own forces: direct for `direct`,
 conservative for the others; the direct stage of `two_stage` too) and run in NVE with
-`esen-train md`. Seeds 0..S-1 set the model's initialisation and the data order; within a seed
+`esen-train md`. Seeds K..K+S-1 (K = `--first-seed`, default 0; a later K adds seeds on another
+machine or at another time) set the model's initialisation and the data order; within a seed
 the arms run one after another, in reverse order on odd seeds, so that a change in the
 machine's load does not always fall on the same arm.
 
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=["emt", *sorted(accuracy.DATASETS)])
     parser.add_argument("--budget-minutes", type=float, required=True, help="training wall clock of every arm")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
+    parser.add_argument("--seeds", type=int, default=2, help="how many seeds (default 2)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are K..K+S-1 (default K = 0)")
     parser.add_argument("--direct-share", type=float, nargs="+", default=[0.5],
                         help="share(s) of the budget for the direct stage of two_stage (default 0.5)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -229,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args.dataset, out)
     plan = [(arm, share) for arm in args.arms for share in (args.direct_share if arm == "two_stage" else [None])]
-    report = {"dataset": args.dataset, "budget_minutes": args.budget_minutes, "clock": args.clock, "seeds": args.seeds,
+    report = {"dataset": args.dataset, "budget_minutes": args.budget_minutes, "clock": args.clock,
+              "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
               "direct_shares": args.direct_share, "set": args.set, "config": str(prepared["config"]),
               "data": {part: str(path) for part, path in prepared["dirs"].items()},
               "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "load_average_start": load_average(), "runs": []}
-    for seed in range(args.seeds):
+    for seed in report["seeds"]:
         for arm, share in (plan if seed % 2 == 0 else plan[::-1]):
             report["runs"].append(one_run(prepared, arm, share, seed, args, out))
             write_json(out / "report.json", report)  # kept if a later run fails

@@ -2,6 +2,7 @@
 benchmarks/mace_side.py: the two MACE sizes and the epochs a budget buys."""
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -60,7 +61,6 @@ def test_arms_are_aggregated_per_arm_and_share_with_mean_and_sample_spread():
 
 def test_a_rerun_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypatch):
     import argparse
-    import json
     args = argparse.Namespace(budget_minutes=1.0, clock="cpu", set=[], nve_steps=0)
     prepared = {"base": [], "dirs": {"train": tmp_path / "train", "val": tmp_path / "val"}, "config": CONFIG}
     overrides = ["seed=0", f"data.train=[{tmp_path / 'train'}]", f"data.val=[{tmp_path / 'val'}]",
@@ -75,6 +75,24 @@ def test_a_rerun_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):  # another seed has no record: it trains
         TWO_STAGE.one_run(prepared, "direct", None, 1, args, tmp_path)
     assert trained == [tmp_path / "seed1" / "direct" / "run"]
+
+
+def test_first_seed_adds_later_seeds_alone(tmp_path, monkeypatch):
+    """`--first-seed 1 --seeds 2` trains seeds 1 and 2, odd seeds with the arms in reverse order."""
+    trained = []
+
+    def fake_run(prepared, arm, share, seed, args, out):
+        trained.append((seed, arm))
+        return record(arm, share, seed, 10.0 + seed)
+
+    monkeypatch.setattr(TWO_STAGE, "prepare", lambda dataset, out: {"config": CONFIG, "dirs": {}})
+    monkeypatch.setattr(TWO_STAGE, "one_run", fake_run)
+    TWO_STAGE.main(["emt", "--budget-minutes", "1", "--arms", "scratch", "direct", "--first-seed", "1",
+                    "--seeds", "2", "--out", str(tmp_path)])
+    assert trained == [(1, "direct"), (1, "scratch"), (2, "scratch"), (2, "direct")]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["seeds"] == [1, 2]
+    assert {arm["arm"]: arm["seeds"] for arm in report["arms"]} == {"scratch": [1, 2], "direct": [1, 2]}
 
 
 MACE = load_benchmark("mace_side")
