@@ -96,14 +96,19 @@ def forward_step(model: torch.nn.Module, predict: Predict) -> Callable[[], None]
     return step
 
 
+def backward_to_parameters(loss: torch.Tensor, model: torch.nn.Module) -> None:
+    """Gradients of the trainable parameters only, as esen-train's trainer computes them: the
+    positions' and strain's gradients, which a conservative loss also reaches, are never used."""
+    loss.backward(inputs=[parameter for parameter in model.parameters() if parameter.requires_grad])
+
+
 def training_step(model: torch.nn.Module, predict: Predict, targets: dict) -> Callable[[], None]:
     """Loss, backward (a double backward for conservative forces), AdamW step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        loss = loss_of(predict(), targets)
-        loss.backward()
+        backward_to_parameters(loss_of(predict(), targets), model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

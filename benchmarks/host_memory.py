@@ -50,7 +50,7 @@ def child(system: str, mode: str, steps: int, threads: int) -> dict:
     def step() -> tuple[float, float, int]:
         usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         loss = case_server.loss_of(model(batch, forces="conservative", stress=periodic, create_graph=True), targets)
-        loss.backward()
+        case_server.backward_to_parameters(loss, model)
         model.zero_grad(set_to_none=True)
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime

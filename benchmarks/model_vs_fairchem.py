@@ -18,7 +18,7 @@ Batches: 4 periodic 108-atom Cu cells (3x3x3 fcc conventional, rattled) and 16 r
 aspirin molecules (21 atoms, from ../shared/data; skipped when absent), with every
 neighbour within 6 Å from our neighbour list, handed to both models as the same arrays.
 
-Cases: forward (energy + forces) and training step (loss, backward, AdamW step), each in
+Cases: forward (energy + forces) and training step (loss, the parameters' gradients, AdamW step), each in
 direct mode (force head) and conservative mode (forces and, for Cu, stress by autograd;
 training backpropagates through them: a double backward). The same loss and optimizer
 for both (case_server.py).

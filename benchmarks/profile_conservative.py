@@ -9,7 +9,7 @@ one of our presets with `--model`; float32, random weights, the same batches and
 split into its three phases:
   forward          positions (and strain) -> energy
   first_backward   forces (and stress) = dE/dpos (dE/deps), create_graph=True
-  second_backward  loss(energy, forces, stress).backward(): the double backward
+  second_backward  the loss's gradients of the parameters: the double backward
 (the AdamW update is left out). For each system it reports:
 - `phase_s`: median wall seconds of each phase over `repeats` unprofiled steps;
 - `saved_for_backward`: what autograd keeps, counted with saved_tensors_hooks: the forward
@@ -100,7 +100,7 @@ def timed_phases(model, batch, targets, stress: bool) -> dict[str, float]:
 
     loss = conservative_loss(model, batch, targets, stress, Timer)
     with Timer("second_backward"):
-        loss.backward()
+        case_server.backward_to_parameters(loss, model)
     model.zero_grad(set_to_none=True)
     return times
 
@@ -187,7 +187,7 @@ def saved_for_backward(model, batch, targets, stress: bool, top: int) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    loss.backward()
+    case_server.backward_to_parameters(loss, model)
     model.zero_grad(set_to_none=True)
     first = counters["forward"].summary(top)
     second = counters["first_backward"].summary(top)
@@ -208,7 +208,7 @@ def profiled_step(model, batch, targets, stress: bool, top: int) -> dict:
         with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as profiler:
             loss = conservative_loss(model, batch, targets, stress, phase_hook)
             with phase_hook("second_backward"):
-                loss.backward()
+                case_server.backward_to_parameters(loss, model)
     finally:
         for handle in handles:
             handle.remove()

@@ -34,6 +34,12 @@ training set's statistics (so forces stay the gradient of the energy) and
 `set_reference_energies` the references, so the network only learns a residual of order
 one; `set_normalisation` sets them one by one, as fairchem's normalisers do (imported models).
 
+Gathers (per edge from per atom, per atom from per structure) use `index_select`, not
+indexing with a tensor: with several CPU threads the backward of `x[index]` (index_put with
+accumulate) adds up in an order that changes from run to run, so forces and parameter
+gradients would differ in their last bits and a resumed run would not repeat an
+uninterrupted one; the backward of `index_select` (index_add) adds in index order.
+
 Batch fields `charge` and `spin` ([B], total charge and spin multiplicity) are read by
 models with `config.charge_spin` other than "none"; a batch without them means 0 (fairchem's
 defaults: neutral, spin unknown).
@@ -104,7 +110,7 @@ class Backbone(nn.Module):
         if self.charge_spin is not None:
             if structure is None or charge is None or spin is None:
                 raise ValueError("a model with charge/spin inputs needs each atom's structure, and charge and spin")
-            system = self.charge_spin(charge, spin)[structure]
+            system = self.charge_spin(charge, spin).index_select(0, structure)
         scalars = self.element_embedding(element) if system is None else self.element_embedding(element) + system
         x = edge_vectors.new_zeros(element.shape[0], self.num_coefficients, self.element_embedding.embedding_dim)
         x = torch.cat([scalars.unsqueeze(1), x[:, 1:]], dim=1)
@@ -210,7 +216,7 @@ class ESEN(nn.Module):
         cell = inputs["cell"]
         if stress:
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
-            pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[inputs["batch"]])
+            pos = pos + torch.einsum("ni,nij->nj", pos, symmetric.index_select(0, inputs["batch"]))
             cell = cell + torch.bmm(cell, symmetric)
         energy, network, _, _ = self._energy(pos, cell, inputs)
         leaves = [pos, strain] if stress else [pos]
@@ -253,8 +259,8 @@ class ESEN(nn.Module):
         """Total energies [B] (eV, float64), the network's energies [B] (its units, model dtype),
         the final node features and the edge vectors."""
         source, target = inputs["edge_index"]
-        shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell[inputs["batch"][target]])
-        edge_vectors = pos[source] - pos[target] + shifts
+        shifts = torch.einsum("ek,ekl->el", inputs["cell_offsets"], cell.index_select(0, inputs["batch"][target]))
+        edge_vectors = pos.index_select(0, source) - pos.index_select(0, target) + shifts
         x = self.backbone(inputs["element"], edge_vectors, inputs["edge_index"], inputs["batch"],
                           inputs["charge"], inputs["spin"])
         num_structures = inputs["natoms"].shape[0]

@@ -36,7 +36,7 @@ class EquivariantRMSNorm(nn.Module):
         x = torch.cat([scalars, x[:, 1:]], dim=1)
         mean_square = torch.einsum("nic,i->n", x.square(), self.balance.to(x.dtype)) / x.shape[2]
         scale = torch.rsqrt(mean_square + self.eps).view(-1, 1, 1)
-        out = x * scale * self.weight[self.degree]
+        out = x * scale * self.weight.index_select(0, self.degree)
         return torch.cat([out[:, :1] + self.bias, out[:, 1:]], dim=1)
 
 

@@ -80,7 +80,7 @@ class RadialMLP(nn.Module):
         source_table = edges.source_table @ w_source.T  # [elements, edge_channels]
         target_table = edges.target_table @ w_target.T
         hidden = torch.addmm(first.bias, edges.basis, w_basis.T)
-        hidden = hidden + source_table[edges.source_element] + target_table[edges.target_element]
+        hidden = hidden + source_table.index_select(0, edges.source_element) + target_table.index_select(0, edges.target_element)
         hidden = self.layers[1:-1](hidden)
         # Split the last layer's weights, not its output: separate outputs need no slicing
         # (whose backward zero-fills and copies full-size tensors).

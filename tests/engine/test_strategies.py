@@ -299,3 +299,29 @@ def test_optimizer_step_needs_grad_accum_steps_micro_batches():
 
     with pytest.raises(ValueError, match="needs grad_accum_steps=2 micro-batches, got 1"):
         strategy.optimizer_step([rank_batch(0, 0, dist, scenario)], loss_of, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp"])
+def test_conservative_backward_gives_the_parameters_gradients_of_plain_autograd(name):
+    """The strategy's backward of a conservative loss (forces and stress through the model's
+    own graph: a double backward) fills every trainable parameter's gradient exactly as
+    torch.autograd.grad of the same loss does. single and ddp (the base class) leave the
+    positions' gradient out: it is never used, and skipping it makes the step cheaper."""
+    scenario = Scenario(name, conservative=True, model="esen")
+    strategy, dist = build(scenario, single_process_dist(), seed=0), single_process_dist()
+    batch = rank_batch(0, 0, dist, scenario)
+    batch.pos.requires_grad_()  # so the model differentiates by this very tensor
+
+    def loss_of(model):
+        out = model(batch, forces="conservative", stress=True, create_graph=True)
+        return loss_share(out, batch, dist) + out["stress"].square().sum()
+
+    parameters = [parameter for parameter in strategy.module.parameters() if parameter.requires_grad]
+    expected = torch.autograd.grad(loss_of(strategy.model), parameters, allow_unused=True, materialize_grads=True)
+    strategy.backward(loss_of(strategy.model))
+    for parameter, gradient in zip(parameters, expected):
+        assert parameter.grad is not None
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-12, atol=1e-15)
+    assert any(gradient.abs().sum() > 0 for gradient in expected)
+    if name == "single":
+        assert batch.pos.grad is None

@@ -115,7 +115,11 @@ class Strategy(ABC):
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Gradients of the trainable parameters alone. A conservative loss also reaches the
+        positions and the strain through the forces' graph; their gradients would be thrown
+        away, and leaving them out skips that part of the double backward (benchmarks/README.md,
+        the conservative training step)."""
+        loss.backward(inputs=[parameter for parameter in self.module.parameters() if parameter.requires_grad])
 
     def _step(self, max_grad_norm: float) -> StepResult:
         """Clip, step unless the global gradient norm is non-finite, and zero the gradients."""

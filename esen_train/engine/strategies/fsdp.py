@@ -81,6 +81,12 @@ class FSDPStrategy(Strategy):
         finally:
             self.model.set_requires_gradient_sync(True)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP2 computes with unsharded copies of the parameters and reduce-scatters their
+        # gradients into the sharded `module.parameters()`, which autograd never reaches: the
+        # base class's `inputs=` would leave every gradient empty.
+        loss.backward()
+
     def _clip_grad_norm(self, max_grad_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_grad_norm)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
