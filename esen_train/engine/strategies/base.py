@@ -118,7 +118,7 @@ class Strategy(ABC):
         """Gradients of the trainable parameters alone. A conservative loss also reaches the
         positions and the strain through the forces' graph; their gradients would be thrown
         away, and leaving them out skips that part of the double backward (benchmarks/README.md,
-        the conservative training step)."""
+        "The parameters' gradients alone")."""
         loss.backward(inputs=[parameter for parameter in self.module.parameters() if parameter.requires_grad])
 
     def _step(self, max_grad_norm: float) -> StepResult:
