@@ -28,6 +28,7 @@ from torch_geometric.data import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accuracy import DATASETS  # noqa: E402
+from case_server import backward_to_parameters  # noqa: E402
 from esen_train.engine.host_memory import keep_freed_host_memory  # noqa: E402
 from esen_train.engine.losses import LossWeights, batch_counts, training_loss  # noqa: E402
 from esen_train.model import ESEN, load_model_config  # noqa: E402
@@ -44,7 +45,7 @@ def step(model: ESEN, batch: Batch, form: str) -> float:
     out = model(batch, forces="conservative", stress=True, create_graph=True)
     loss, _ = training_loss(out, batch, WEIGHTS, batch_counts(batch), world_size=1)
     if form == "parameters":
-        loss.backward(inputs=[parameter for parameter in model.parameters() if parameter.requires_grad])
+        backward_to_parameters(loss, model)
     else:
         loss.backward()
     model.zero_grad(set_to_none=True)
