@@ -39,6 +39,14 @@ class UnstableDynamics(RuntimeError):
         self.result = result
 
 
+def check_can_move(atoms: Atoms) -> None:
+    """Raise ValueError for a structure with no dynamics to test: with its net momentum removed
+    a lone atom stands still (and ASE's rescaling of its zero temperature divides by zero)."""
+    if len(atoms) < 2:
+        raise ValueError(f"NVE needs at least 2 atoms, the structure has {len(atoms)}: repeat a one-atom "
+                         "cell into a supercell (ase.Atoms.repeat)")
+
+
 def default_max_temperature(temperature_K: float) -> float:
     return TEMPERATURE_BOUND_FACTOR * max(temperature_K, 300.0)
 
@@ -70,6 +78,7 @@ def run_nve(
         raise ValueError(f"timestep must be positive, got {timestep_fs} fs")
     if temperature_K < 0:
         raise ValueError(f"temperature must be non-negative, got {temperature_K} K")
+    check_can_move(atoms)
     if max_temperature_K is None:
         max_temperature_K = default_max_temperature(temperature_K)
     if not (max_temperature_K > 0 and max_energy_change_ev_per_atom > 0):

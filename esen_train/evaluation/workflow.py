@@ -33,7 +33,7 @@ from esen_train.evaluation.errors import (
     iter_labelled_structures,
     predict_stream,
 )
-from esen_train.evaluation.md import UnstableDynamics, run_nve
+from esen_train.evaluation.md import UnstableDynamics, check_can_move, run_nve
 from esen_train.evaluation.predictions import PredictionWriter
 from esen_train.model.model_file import CheckpointError, load_model
 from esen_train.progress import ConsoleProgress
@@ -76,6 +76,10 @@ def run_md(calculator: ESENCalculator, structure: str, steps: int, timestep_fs: 
     stopped early (None when they ran every step)."""
     atoms = _read_structure(structure)
     _check_structure(calculator, atoms, structure)
+    try:
+        check_can_move(atoms)
+    except ValueError as error:
+        raise ValueError(f"{structure}: {error}") from None
     try:
         with ConsoleProgress("md", steps, "steps", enabled=progress) as bar:
             result = run_nve(atoms, calculator, steps, timestep_fs, temperature_K, seed=seed,

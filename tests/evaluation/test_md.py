@@ -83,6 +83,9 @@ def test_bad_settings_are_refused():
         run_nve(copper(), EMT(), 0, TIMESTEP_FS, TEMPERATURE_K)
     with pytest.raises(ValueError, match="timestep"):
         run_nve(copper(), EMT(), 10, -1.0, TEMPERATURE_K)
+    # A one-atom cell: nothing moves once the net momentum is removed (ASE's rescaling gave NaN).
+    with pytest.raises(ValueError, match="at least 2 atoms, the structure has 1"):
+        run_nve(bulk("Cu", "fcc", a=3.61), EMT(), 10, TIMESTEP_FS, TEMPERATURE_K)
 
 
 def test_energy_plot_is_a_png(emt_floor, tmp_path):
@@ -146,3 +149,14 @@ def test_md_command_reports_a_missing_structure(tmp_path, capsys):
                  "--timestep", "1", "--temperature", "300"])
     assert code == 2
     assert "nope.xyz" in capsys.readouterr().err
+
+
+def test_md_command_refuses_a_one_atom_structure_naming_the_file(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "run", stage="direct")
+    structure = tmp_path / "primitive.xyz"
+    bulk("Cu", "fcc", a=3.61).write(structure)
+    code = main(["md", str(checkpoint), "--structure", str(structure), "--steps", "5",
+                 "--timestep", "1", "--temperature", "300", "--out", str(tmp_path / "md")])
+    assert code == 2
+    assert f"{structure}: NVE needs at least 2 atoms, the structure has 1" in capsys.readouterr().err
+    assert not (tmp_path / "md").exists()
