@@ -62,7 +62,7 @@ class Edgewise(nn.Module):
 
     def forward(self, x: torch.Tensor, edges: EdgeScalars, rotation: EdgeRotation, edge_index: torch.Tensor) -> torch.Tensor:
         source, target = edge_index
-        orders = rotation.rotate_to_edges(torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2))
+        orders = rotation.rotate_to_edges(x.index_select(0, source), x.index_select(0, target))
         orders = self.conv2(self.conv1(orders, self.radial(edges)))
         return sum_over_neighbours(rotation.rotate_to_nodes(orders), target, x.shape[0])
 

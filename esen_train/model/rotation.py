@@ -86,8 +86,8 @@ class EdgeRotation:
 
     Built once per forward pass and shared by all layers. The envelope multiplies every
     message exactly once, when it is rotated back, so it is folded into `to_node`. One
-    bmm each way (not one per order): these products are memory-bound, and one pass over
-    the gathered node features is the cheapest.
+    bmm per gathered tensor each way (not one per order): these products are memory-bound,
+    and one pass over the gathered node features is the cheapest.
     """
 
     def __init__(self, wigner: torch.Tensor, rows: torch.Tensor, order_sizes: list[int],
@@ -100,9 +100,18 @@ class EdgeRotation:
         to_node = self.to_edge if envelope is None else self.to_edge * envelope.view(-1, 1, 1)
         self.to_node = to_node.transpose(1, 2).contiguous()
 
-    def rotate_to_edges(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [E, n, C] (node coefficients gathered per edge) -> orders (views, no copies)."""
-        return list(torch.bmm(self.to_edge, x).split(self.order_sizes, dim=1))
+    def rotate_to_edges(self, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """parts [E, n, C_i] (node coefficients gathered per edge) -> orders of all the parts'
+        channels side by side (views of one tensor).
+
+        Each part is rotated on its own and the results concatenated, not the other way round:
+        the gradient of a part is then a fresh contiguous tensor (bmm's backward), where a
+        channel slice of the concatenation's gradient would be strided, and the backward of the
+        gather that made the part (index_add) runs about 15x slower on a strided gradient, in
+        each backward pass of conservative training (benchmarks/README.md)."""
+        rotated = [torch.bmm(self.to_edge, part) for part in parts]
+        edge_frame = rotated[0] if len(rotated) == 1 else torch.cat(rotated, dim=2)
+        return list(edge_frame.split(self.order_sizes, dim=1))
 
     def rotate_to_nodes(self, orders: list[torch.Tensor]) -> torch.Tensor:
         """orders (all of them, or just orders[0]) -> [E, n, C] in the global frame, times the envelope."""
