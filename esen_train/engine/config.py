@@ -399,19 +399,42 @@ def _plain(value):
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def save_config(config: TrainConfig, run_dir: Path) -> Path:
+def save_config(config: TrainConfig, run_dir: Path) -> list[str]:
     """Write the fully resolved config to RUN/config.yaml (atomically) so a run can be
     reproduced. A start whose config differs from the one there keeps the older one as
-    RUN/config.<n>.yaml (n = 1, 2, ... oldest first). Returns the path of config.yaml."""
+    RUN/config.<n>.yaml (n = 1, 2, ... oldest first). Returns what changed, one line per key
+    ("direct.lr: 0.003 -> 0.001 (the earlier config kept as config.1.yaml)"); empty for a new
+    run or the same config."""
     path = run_dir / "config.yaml"
     text = OmegaConf.to_yaml(OmegaConf.structured(config))
-    if path.is_file() and path.read_text() != text:
-        number = 1
-        while (run_dir / f"config.{number}.yaml").exists():
-            number += 1
-        _write_atomically(run_dir / f"config.{number}.yaml", path.read_text())
+    if not path.is_file() or path.read_text() == text:
+        _write_atomically(path, text)
+        return []
+    number = 1
+    while (run_dir / f"config.{number}.yaml").exists():
+        number += 1
+    kept = run_dir / f"config.{number}.yaml"
+    _write_atomically(kept, path.read_text())
+    changes = _changed_keys(_flat(OmegaConf.to_container(OmegaConf.load(kept))),
+                            _flat(OmegaConf.to_container(OmegaConf.structured(config))))
     _write_atomically(path, text)
-    return path
+    return [f"{change} (the earlier config kept as {kept.name})" for change in changes]
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"direct": {"lr": 0.003}} -> {"direct.lr": 0.003}; lists are values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _changed_keys(before: dict, after: dict) -> list[str]:
+    missing = "(absent)"
+    return [f"{key}: {before.get(key, missing)} -> {after.get(key, missing)}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
 
 
 def _write_atomically(path: Path, text: str) -> None:

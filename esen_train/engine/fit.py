@@ -40,7 +40,8 @@ def fit(config: TrainConfig) -> Path:
         with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
             if distributed.is_main():
                 _ensure_emt_data(config, run_dir)
-                save_config(config, run_dir)
+                for change in save_config(config, run_dir):
+                    print(f"[run] config changed since the last start: {change}", flush=True)
             distributed.barrier()
             train_dirs, val_dirs = _data_dirs(config, run_dir)
             logger = RunLogger(run_dir, config, dist.world_size, enabled=distributed.is_main())

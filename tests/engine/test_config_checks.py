@@ -138,7 +138,7 @@ def test_missing_data_and_a_stress_metric_without_stress_are_refused(tmp_path, c
     assert "direct.best_metric=stress_mae_mev_per_A3, but data.train has no stress labels" in error
 
 
-def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kept(tmp_path):
+def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kept(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     generate_emt_dataset(first, num=20, seed=0)
     generate_emt_dataset(second, num=20, seed=1)
@@ -150,8 +150,10 @@ def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kep
     assert read_model_file(run_dir / "checkpoints" / "direct" / "last" / "model.pt")["elements"] == \
         Manifest.load(first).elements
 
+    capsys.readouterr()
     fit(load_train_config(TINY, on_first))  # the same config again: resumes, nothing new kept
     assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config.yaml"]
+    assert "config changed" not in capsys.readouterr().out
 
     on_second = QUICK + [f"run_dir={run_dir}", f"data.train=[{second}]"]
     with pytest.raises(ConfigError, match=rf"data.train was \['{first}'\], now \['{second}'\].*resume_with_other_data=true"):
@@ -160,6 +162,13 @@ def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kep
 
     fit(load_train_config(TINY, on_second + ["resume_with_other_data=true", "direct.max_steps=3"]))
     assert (run_dir / "config.1.yaml").read_text() == original
+    # Each changed key is said once, with both values.
+    changed = [line for line in capsys.readouterr().out.splitlines() if "config changed" in line]
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in changed] == [
+        f"data.train: ['{first}'] -> ['{second}']", "direct.max_steps: 2 -> 3",
+        "resume_with_other_data: False -> True",
+    ]
+    assert all(line.endswith("(the earlier config kept as config.1.yaml)") for line in changed)
     latest = load_train_config(run_dir / "config.yaml")
     assert latest.data.train == [str(second)] and latest.direct.max_steps == 3 and latest.resume_with_other_data
 
