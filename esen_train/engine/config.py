@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ase.data import atomic_numbers
+from ase.data import atomic_numbers, chemical_symbols
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from esen_train import shipped_config
@@ -340,9 +340,10 @@ _STAGE_RANGES = {
 }
 
 
-def check_against_data(config: TrainConfig) -> None:
+def check_against_data(config: TrainConfig) -> list[str]:
     """The values that depend on the data: every dataset directory must be readable, each
-    stage's max_atoms hold the largest structure, a stress metric have stress labels."""
+    stage's max_atoms hold the largest structure, a stress metric have stress labels.
+    Returns warnings: validation data with elements the training data lacks."""
     largest, where, has_stress = _largest_structure(config)
     for stage in config.stages:
         settings: StageConfig = getattr(config, stage)
@@ -353,6 +354,23 @@ def check_against_data(config: TrainConfig) -> None:
             )
         if settings.best_metric == "stress_mae_mev_per_A3" and not has_stress:
             raise ConfigError(f"{stage}.best_metric=stress_mae_mev_per_A3, but data.train has no stress labels")
+    return _untrained_validation_elements(config)
+
+
+def _untrained_validation_elements(config: TrainConfig) -> list[str]:
+    """A warning per validation dataset with elements no training dataset has: this run teaches
+    the model nothing about them (an embedding as initialised, a reference energy of 0), so
+    the validation errors on them, and the best checkpoint chosen by those errors, say little."""
+    if not config.data.train:  # the built-in EMT data: one generator makes both splits
+        return []
+    trained = {number for directory in config.data.train for number in Manifest.load(directory).elements}
+    warnings = []
+    for directory in config.data.val:
+        untrained = [chemical_symbols[number] for number in Manifest.load(directory).elements if number not in trained]
+        if untrained:
+            warnings.append(f"data.val {directory} has {', '.join(untrained)}, which data.train lacks: validation "
+                            "errors on them measure elements this run does not train")
+    return warnings
 
 
 def _largest_structure(config: TrainConfig) -> tuple[int, str, bool]:

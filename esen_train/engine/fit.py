@@ -27,7 +27,7 @@ def fit(config: TrainConfig) -> Path:
     Raises ConfigError, before anything is created, for a value out of its range, one that
     does not fit the data, or a run directory of a run on other data (`check_resume`)."""
     config.check()
-    check_against_data(config)
+    data_warnings = check_against_data(config)
     check_resume(config)
     if config.keep_freed_host_memory:
         keep_freed_host_memory()
@@ -42,6 +42,8 @@ def fit(config: TrainConfig) -> Path:
                 _ensure_emt_data(config, run_dir)
                 for change in save_config(config, run_dir):
                     print(f"[run] config changed since the last start: {change}", flush=True)
+                for warning in data_warnings:
+                    print(f"[run] warning: {warning}", flush=True)
             distributed.barrier()
             train_dirs, val_dirs = _data_dirs(config, run_dir)
             logger = RunLogger(run_dir, config, dist.world_size, enabled=distributed.is_main())

@@ -20,7 +20,15 @@ from esen_train.cli.train import main
 from esen_train.data.convert import convert
 from esen_train.data.emt import MAX_ATOMS, generate_emt_dataset
 from esen_train.data.manifest import Manifest, load_natoms
-from esen_train.engine.config import BEST_METRICS, ConfigError, DataConfig, check_resume, load_train_config, save_config
+from esen_train.engine.config import (
+    BEST_METRICS,
+    ConfigError,
+    DataConfig,
+    check_against_data,
+    check_resume,
+    load_train_config,
+    save_config,
+)
 from esen_train.engine.fit import _ensure_emt_data, fit
 from esen_train.engine.losses import ErrorAccumulator
 from esen_train.engine.trainer import same_validation_data
@@ -136,6 +144,30 @@ def test_missing_data_and_a_stress_metric_without_stress_are_refused(tmp_path, c
     convert([str(tmp_path / "ch4.xyz")], tmp_path / "ch4", progress=False)
     error = refused(tmp_path, capsys, f"data.train=[{tmp_path / 'ch4'}]", "direct.best_metric=stress_mae_mev_per_A3")
     assert "direct.best_metric=stress_mae_mev_per_A3, but data.train has no stress labels" in error
+
+
+def labelled_molecules(path: Path, name: str) -> Path:
+    """Four rattled copies of an ASE molecule with EMT labels, converted to a dataset at `path`."""
+    molecules = []
+    for index in range(4):
+        atoms = molecule(name)
+        atoms.rattle(0.05, seed=index)
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        molecules.append(atoms)
+    ase.io.write(path.with_suffix(".xyz"), molecules, format="extxyz")
+    convert([str(path.with_suffix(".xyz"))], path, progress=False)
+    return path
+
+
+def test_validation_elements_the_training_data_lacks_are_warned_of(tmp_path):
+    methane, ammonia = labelled_molecules(tmp_path / "ch4", "CH4"), labelled_molecules(tmp_path / "nh3", "NH3")
+    config = load_train_config(TINY, [f"data.train=[{methane}]", f"data.val=[{methane},{ammonia}]"])
+    assert check_against_data(config) == [
+        f"data.val {ammonia} has N, which data.train lacks: validation errors on them measure elements this run "
+        "does not train"
+    ]
+    assert check_against_data(load_train_config(TINY, [f"data.train=[{methane},{ammonia}]", f"data.val=[{ammonia}]"])) == []
 
 
 def test_resuming_with_other_data_is_refused_unless_told_and_every_config_is_kept(tmp_path, capsys):
