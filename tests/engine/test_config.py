@@ -88,6 +88,14 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert "direct.max_stpes" in capsys.readouterr().err
 
 
+def test_single_strategy_named_with_several_processes_is_refused_before_they_start(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["fit", str(TINY), "strategy.name=single", f"run_dir={run_dir}", "--nproc", "2"])
+    assert code == 2
+    assert "strategy.name=single runs one process, but --nproc asks for 2" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_config_command_prints_the_resolved_config(capsys):
     assert main(["config", "tiny", "direct.lr=1e-3", "run_dir=runs/x"]) == 0
     printed = OmegaConf.create(capsys.readouterr().out)

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            _check_strategy_runs_processes(args, config.strategy.name)
             check_against_data(config)  # once here, rather than once per process
             check_resume(config)
             return _launch_local_processes(args, config.run_dir)
@@ -41,6 +42,14 @@ def run(args: argparse.Namespace) -> int:
         return fail("esen-train fit", error)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _check_strategy_runs_processes(args: argparse.Namespace, strategy: str) -> None:
+    """--nproc N > 1 turns a config's single-process strategy into ddp, but not one the command
+    line asks for by name: that would fail in every process, after they started."""
+    if strategy == "single" and any(o.startswith("strategy.name=") for o in args.overrides):
+        raise ConfigError(f"strategy.name=single runs one process, but --nproc asks for {args.nproc}: use "
+                          "strategy.name=ddp, fsdp or deepspeed, or leave strategy.name out (then ddp)")
 
 
 def _launch_local_processes(args: argparse.Namespace, run_dir: str) -> int:
