@@ -209,6 +209,12 @@ def test_bad_training_override_is_refused_before_launch(no_slurm, tmp_path, caps
     assert "direct.lrr" in capsys.readouterr().err
 
 
+def test_single_strategy_named_for_several_tasks_is_refused(no_slurm, tmp_path, capsys):
+    status = main([TINY, "cluster=example-gpu", "strategy.name=single", f"run_dir={tmp_path}/run", "--dry-run"])
+    assert status == 2
+    assert "strategy.name=single runs one process, but the job has 16 tasks" in capsys.readouterr().err
+
+
 def test_missing_cluster_is_refused(capsys):
     assert main([TINY, "--dry-run"]) == 2
     assert "choose a cluster profile with cluster=NAME" in capsys.readouterr().err
