@@ -198,7 +198,9 @@ def _describe_state(status: dict) -> str:
     if state == "failed":
         return f"failed: {status['error']}"
     if state == "preempted":
-        return f"preempted {format_duration(ago)} ago ({where}): SLURM requeues the job, which resumes from the last checkpoint"
+        resumes = ("SLURM requeues the job, which resumes" if status.get("slurm_job_id")
+                   else "start the same command again to resume")
+        return f"preempted {format_duration(ago)} ago ({where}), the step it was at saved: {resumes} from the last checkpoint"
     if state == "running" and status.get("process_alive") is False:
         return (f"stopped: status.json says running, but {where} is gone (killed?); "
                 "start the same command again to resume from the last checkpoint")

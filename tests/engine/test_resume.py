@@ -1,7 +1,8 @@
 """Nothing lost: a run killed, crashed, stopped by a signal or left with damaged files
 continues where it stopped and ends with the weights of a run that was never interrupted.
 
-- A real training process killed with SIGKILL mid-run, started again.
+- A real training process killed with SIGKILL mid-run, started again; one stopped with Ctrl-C
+  (SIGINT) or SIGTERM, which saves the step it was at.
 - A crash after the step-8 checkpoint, then: the `last` link lost (a copy tool that drops
   symlinks), checkpoints damaged in the ways files get damaged (truncated, overwritten with
   garbage, an unparsable JSON file), a torn last line in metrics.jsonl.
@@ -109,6 +110,37 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, nproc):
     for name in expected:
         assert torch.equal(expected[name], actual[name]), f"{name} differs after resume from step {resumed_from}"
     assert_each_step_logged_once(interrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_the_step_in_progress_and_the_same_command_resumes(tmp_path, signum):
+    """`esen-train fit`, one process, no periodic checkpoint in reach: Ctrl-C (or SIGTERM) once
+    a few steps are logged stops it at the end of a step with that step saved and exit code 128
+    + the signal; the same command then ends with the uninterrupted run's weights."""
+    steps = 40
+
+    def command(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "esen_train.cli", "fit", str(TINY), *OVERRIDES, f"direct.max_steps={steps}",
+                "direct.checkpoint_every=1000", f"run_dir={run_dir}"]
+
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    subprocess.run(command(reference), check=True, env=environment(), capture_output=True)
+    process = subprocess.Popen(command(stopped), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if (stopped / "metrics.jsonl").exists() and len(read_metrics(stopped)) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "every completed step is saved: the same command resumes" in stderr
+    saved = int(os.readlink(stopped / "checkpoints" / "direct" / "last").split("_")[-1])
+    assert 0 < saved < steps and max(row["step"] for row in read_metrics(stopped)) == saved
+
+    subprocess.run(command(stopped), check=True, env=environment(), capture_output=True)
+    assert_bitwise_equal(weights_at(stopped, step=steps), weights_at(reference, step=steps))
 
 
 # ----- in one process: crashes, lost links, damaged files, signals ---------------------------

@@ -2,15 +2,21 @@
 
 With --nproc N (N > 1) the command starts N local processes through torch.distributed.run,
 each running this same command; a config that is wrong stops it before any process starts.
+
+Ctrl-C (SIGINT) or SIGTERM stops training at the end of the step in progress, with that step
+saved, and exits with 128 + the signal's number; the same command resumes it. In a single
+process a second Ctrl-C quits at once (the steps since the last checkpoint are lost).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
 from esen_train.cli.common import fail
+from esen_train.engine import preemption
 from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
 from esen_train.engine.config_keys import config_keys_help
 
@@ -35,13 +41,43 @@ def run(args: argparse.Namespace) -> int:
             check_against_data(config)  # once here, rather than once per process
             check_resume(config)
             return _launch_local_processes(args, config.run_dir)
-        from esen_train.engine.fit import fit
-
-        run_dir = fit(config)
+        run_dir = _fit_until_stopped(config)
     except ConfigError as error:
         return fail("esen-train fit", error)
+    if run_dir is None:
+        received = preemption.stop_requested()
+        print(f"esen-train fit: stopped by {received or 'another process'}; every completed step is saved: "
+              "the same command resumes", file=sys.stderr)
+        return 128 + signal.Signals[received] if received in signal.Signals.__members__ else 1
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _fit_until_stopped(config):
+    """`fit(config)`, with Ctrl-C and SIGTERM asking it to stop at a step boundary (the trainer
+    saves that step); returns None when it stopped so. torch.distributed.run forwards the
+    signal to every process; on its own, a second Ctrl-C quits at once."""
+    from esen_train.engine.fit import fit
+
+    preemption.reset()
+    replaced = preemption.catch_signals((signal.SIGINT, signal.SIGTERM))
+    if "WORLD_SIZE" not in os.environ:
+        signal.signal(signal.SIGINT, _stop_then_quit)
+    try:
+        return fit(config)
+    except preemption.Preempted:
+        return None
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+def _stop_then_quit(signum: int, frame) -> None:
+    if preemption.stop_requested():
+        raise KeyboardInterrupt
+    preemption.request_stop(signal.Signals(signum).name)
+    print("\nesen-train fit: stopping after the step in progress, with it saved (Ctrl-C again quits now)",
+          file=sys.stderr, flush=True)
 
 
 def _check_strategy_runs_processes(args: argparse.Namespace, strategy: str) -> None:
@@ -62,4 +98,15 @@ def _launch_local_processes(args: argparse.Namespace, run_dir: str) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         "-m", "esen_train.cli", "fit", args.config, *overrides,
     ]
-    return subprocess.call(command)
+    processes, interrupted = subprocess.Popen(command), False
+    while True:
+        try:
+            code = processes.wait()
+            break
+        except KeyboardInterrupt:  # the processes got the Ctrl-C too: wait while they save their step
+            interrupted = True
+    if interrupted:  # torch.distributed.run reports the signal as its own failure
+        print("esen-train fit: stopped by SIGINT; every completed step is saved: the same command resumes",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    return code
