@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("esen-train fit", error)
     if run_dir is None:
         received = preemption.stop_requested()
-        print(f"esen-train fit: stopped by {received or 'another process'}; every completed step is saved: "
-              "the same command resumes", file=sys.stderr)
+        _say_stopped(received or "another process's signal")
         return 128 + signal.Signals[received] if received in signal.Signals.__members__ else 1
     print(f"run directory: {run_dir}")
     return 0
@@ -106,7 +105,11 @@ def _launch_local_processes(args: argparse.Namespace, run_dir: str) -> int:
         except KeyboardInterrupt:  # the processes got the Ctrl-C too: wait while they save their step
             interrupted = True
     if interrupted:  # torch.distributed.run reports the signal as its own failure
-        print("esen-train fit: stopped by SIGINT; every completed step is saved: the same command resumes",
-              file=sys.stderr)
+        _say_stopped("SIGINT")
         return 128 + signal.SIGINT
     return code
+
+
+def _say_stopped(reason: str) -> None:
+    print(f"esen-train fit: stopped by {reason}; every completed step is saved: the same command resumes",
+          file=sys.stderr)
