@@ -17,13 +17,3 @@ def shared_data(relative: str) -> Path:
         pytest.skip(f"real DFT data not available: {path} is absent (set ESEN_SHARED_DATA)")
     return path
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's `--dist loadgroup` (tools/run_tests.sh), the tests of every module that
-    uses the local SLURM cluster run on one worker, one after another: the cluster's two small
-    nodes run one two-node job at a time, so a job of another worker would wait in the queue and
-    eat into a test's time limit, and the module's fixtures (reference runs) are built once."""
-    slurm_modules = {item.module.__name__ for item in items if item.get_closest_marker("slurm")}
-    for item in items:
-        if item.module.__name__ in slurm_modules:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
