@@ -213,7 +213,7 @@ class StageTrainer:
         if self.progress.step > 0 and self.checkpoints.saved_step != self.progress.step:
             self._checkpoint({})
         reason = preemption.stop_requested() or "another rank's signal"
-        message = (f"{self.stage} stopped after step {self.progress.step} ({reason}); a requeued job, or the same "
+        message = (f"{self.stage} preempted after step {self.progress.step} ({reason}); a requeued job, or the same "
                    f"command again, resumes at step {self.progress.step + 1} from {self.checkpoints.stage_dir}")
         self.status.preempted()
         self.console.write(message)
