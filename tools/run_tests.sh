@@ -12,10 +12,9 @@ bash tools/install.sh "${install_args[@]}" || exit 1
 slurm_env=$(bash launch/local_slurm.sh start) || { echo "local SLURM cluster failed to start" >&2; exit 1; }
 eval "$slurm_env"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# One pytest worker per core (pytest-xdist; most tests use one thread). --dist=loadfile keeps
-# each test file on one worker: a file's module fixtures (reference runs) are built once, and
-# the SLURM jobs of tests/launch/test_launch.py run one after another.
-python3 -m pytest --numprocesses=auto --dist=loadfile tests "$@"
+# One pytest worker per core (pytest-xdist; most tests use one thread), each taking the next
+# test when it finishes one.
+python3 -m pytest --numprocesses=auto --dist=load tests "$@"
 status=$?
 bash launch/local_slurm.sh stop >/dev/null 2>&1 || true
 if [ "$status" -eq 5 ]; then
