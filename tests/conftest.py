@@ -16,4 +16,3 @@ def shared_data(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real DFT data not available: {path} is absent (set ESEN_SHARED_DATA)")
     return path
-

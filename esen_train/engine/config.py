@@ -391,6 +391,18 @@ def _largest_structure(config: TrainConfig) -> tuple[int, str, bool]:
     return largest, where, has_stress
 
 
+def strategy_for_processes(strategy: str, overrides: list[str], processes: str) -> list[str]:
+    """The overrides that run a config on several processes: a single-process strategy becomes
+    ddp, unless the command line named it, which is refused (it would fail in every process,
+    after they started). `processes` says how many, for the message ("--nproc asks for 2")."""
+    if strategy != "single":
+        return []
+    if any(o.startswith("strategy.name=") for o in overrides):
+        raise ConfigError(f"strategy.name=single runs one process, but {processes}: use strategy.name=ddp, fsdp "
+                          "or deepspeed, or leave strategy.name out (then ddp)")
+    return ["strategy.name=ddp"]
+
+
 def check_resume(config: TrainConfig) -> None:
     """Starting again in a run directory that has a config.yaml resumes that run: refuse when
     its data differs, unless `resume_with_other_data` says that is meant."""
@@ -424,17 +436,19 @@ def save_config(config: TrainConfig, run_dir: Path) -> list[str]:
     ("direct.lr: 0.003 -> 0.001 (the earlier config kept as config.1.yaml)"); empty for a new
     run or the same config."""
     path = run_dir / "config.yaml"
-    text = OmegaConf.to_yaml(OmegaConf.structured(config))
-    if not path.is_file() or path.read_text() == text:
+    structured = OmegaConf.structured(config)
+    text = OmegaConf.to_yaml(structured)
+    before = path.read_text() if path.is_file() else text
+    if before == text:
         _write_atomically(path, text)
         return []
     number = 1
     while (run_dir / f"config.{number}.yaml").exists():
         number += 1
     kept = run_dir / f"config.{number}.yaml"
-    _write_atomically(kept, path.read_text())
-    changes = _changed_keys(_flat(OmegaConf.to_container(OmegaConf.load(kept))),
-                            _flat(OmegaConf.to_container(OmegaConf.structured(config))))
+    _write_atomically(kept, before)
+    changes = _changed_keys(_flat(OmegaConf.to_container(OmegaConf.create(before))),
+                            _flat(OmegaConf.to_container(structured)))
     _write_atomically(path, text)
     return [f"{change} (the earlier config kept as {kept.name})" for change in changes]
 

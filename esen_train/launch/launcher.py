@@ -14,7 +14,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from esen_train import shipped_config
-from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
+from esen_train.engine.config import check_against_data, check_resume, load_train_config, strategy_for_processes
 from esen_train.engine.tracking import resolve_wandb_mode
 from esen_train.launch.profile import LAUNCH_KEYS, ProfileError, check_against_cluster, load_profile
 from esen_train.launch.slurm_info import SlurmUnreachable, query_cluster
@@ -34,11 +34,8 @@ def plan_launch(config: str, overrides: list[str], sweeps: list[str]) -> LaunchP
     base = load_train_config(config_path, training_overrides)
     base_run_dir = Path(base.run_dir).resolve()
     tasks = profile.nodes * profile.tasks_per_node
-    if tasks > 1 and base.strategy.name == "single":
-        if any(o.startswith("strategy.name=") for o in training_overrides):  # asked for by name: refuse, as fit does
-            raise ConfigError(f"strategy.name=single runs one process, but the job has {tasks} tasks: use "
-                              "strategy.name=ddp, fsdp or deepspeed, or leave strategy.name out (then ddp)")
-        training_overrides.append("strategy.name=ddp")  # several tasks: data parallel, as `--nproc` does
+    if tasks > 1:  # several tasks: data parallel, as `--nproc` does
+        training_overrides += strategy_for_processes(base.strategy.name, training_overrides, f"the job has {tasks} tasks")
     if sweeps and not any(o.startswith("logging.wandb.group=") for o in training_overrides):
         training_overrides.append(f"logging.wandb.group={base_run_dir.name}")  # one wandb group per sweep
     runs = []

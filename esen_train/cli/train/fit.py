@@ -17,7 +17,13 @@ import sys
 
 from esen_train.cli.common import fail
 from esen_train.engine import preemption
-from esen_train.engine.config import ConfigError, check_against_data, check_resume, load_train_config
+from esen_train.engine.config import (
+    ConfigError,
+    check_against_data,
+    check_resume,
+    load_train_config,
+    strategy_for_processes,
+)
 from esen_train.engine.config_keys import config_keys_help
 
 HELP = "train the stages of a config"
@@ -37,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            _check_strategy_runs_processes(args, config.strategy.name)
+            strategy = strategy_for_processes(config.strategy.name, args.overrides, f"--nproc asks for {args.nproc}")
             check_against_data(config)  # once here, rather than once per process
             check_resume(config)
-            return _launch_local_processes(args, config.run_dir)
+            return _launch_local_processes(args, config.run_dir, strategy)
         run_dir = _fit_until_stopped(config)
     except ConfigError as error:
         return fail("esen-train fit", error)
@@ -79,20 +85,11 @@ def _stop_then_quit(signum: int, frame) -> None:
           file=sys.stderr, flush=True)
 
 
-def _check_strategy_runs_processes(args: argparse.Namespace, strategy: str) -> None:
-    """--nproc N > 1 turns a config's single-process strategy into ddp, but not one the command
-    line asks for by name: that would fail in every process, after they started."""
-    if strategy == "single" and any(o.startswith("strategy.name=") for o in args.overrides):
-        raise ConfigError(f"strategy.name=single runs one process, but --nproc asks for {args.nproc}: use "
-                          "strategy.name=ddp, fsdp or deepspeed, or leave strategy.name out (then ddp)")
-
-
-def _launch_local_processes(args: argparse.Namespace, run_dir: str) -> int:
-    """Re-run this command under torch's launcher with N processes on this machine.
-    The run directory is fixed here so every process agrees on it."""
-    overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
-    if not any(o.startswith("strategy.name=") for o in overrides) and load_train_config(args.config, overrides).strategy.name == "single":
-        overrides.append("strategy.name=ddp")
+def _launch_local_processes(args: argparse.Namespace, run_dir: str, strategy: list[str]) -> int:
+    """Re-run this command under torch's launcher with N processes on this machine, with the
+    `strategy` overrides of `strategy_for_processes`. The run directory is fixed here so every
+    process agrees on it."""
+    overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"] + strategy
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         "-m", "esen_train.cli", "fit", args.config, *overrides,
