@@ -171,7 +171,7 @@ def keep_freed_memory() -> None:
     global TRIM_FREED_MEMORY
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, -1) != 1:
         raise RuntimeError("mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD) failed")
     TRIM_FREED_MEMORY = False
 

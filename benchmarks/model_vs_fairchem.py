@@ -29,8 +29,11 @@ process that ran only that case's steps, imports included (fairchem's are larger
 `step_rss_mb` is that peak minus the resident set once model and batch were built
 (`build_rss_mb`): the memory the steps need. The two children of a case take turns step
 by step (ours, fairchem, fairchem, ours, ...), because the machine's cores are shared:
-load hits both alike. Warm-up steps are not timed; times are medians; CPU seconds of the
-process per step are reported beside wall seconds (less sensitive to other processes).
+load hits both alike. `--one-side-at-a-time` runs one side's steps and closes it before the
+other's open, for steps too large for the machine's memory twice (esen-30m's conservative
+training on a 24 GB host); use it on an idle machine. Warm-up steps are not timed; times are
+medians; CPU seconds of the process per step are reported beside wall seconds (less
+sensitive to other processes).
 The 1-minute load average is recorded per case. FLOPs per step are counted with torch's
 FlopCounterMode (matmul-like ops: mm, addmm, bmm, ...; elementwise work is not counted)
 in one extra step, and compared with a float32 2048x2048 matmul on the same threads,
@@ -293,6 +296,9 @@ def wait_for_memory(need_mb: float, limit_s: float) -> float:
 def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argparse.Namespace,
                  need_mb: dict[str, float]) -> dict:
     """Open the case on both sides, alternate their steps, count FLOPs, close; raw figures per side.
+    With `args.one_side_at_a_time`, one side runs all its steps and closes before the other
+    opens, so only one case process holds memory at a time (for steps that would not fit the
+    machine twice; the machine's load is then not shared alike, so use it idle).
 
     Before each step, waits until the machine has the memory that side's step needs
     (`need_mb` at first, an estimate; then what its previous step took), so that the
@@ -300,26 +306,44 @@ def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argpa
     raw = {side: {"steps": [], "memory_wait_s": 0.0} for side in servers}
     need_mb = dict(need_mb)
     open_sides = []
-    try:
-        for side, server in servers.items():
-            raw[side]["opened"] = server.ask({"cmd": "open", "case": case, "batch": batch})
-            open_sides.append(side)
-        for index in range(args.warmup + args.repeats):
-            order = SIDES if index % 2 == 0 else SIDES[::-1]  # ABBA: neither side always goes first
-            for side in order:
-                raw[side]["memory_wait_s"] += wait_for_memory(need_mb[side], args.memory_wait_limit)
-                reply = servers[side].ask({"cmd": "step"})
-                need_mb[side] = 1.1 * (reply["peak_rss_mb"] - reply["rss_mb"])
-                if index >= args.warmup:
-                    raw[side]["steps"].append(reply)
+
+    def open_side(side: str) -> None:
+        raw[side]["opened"] = servers[side].ask({"cmd": "open", "case": case, "batch": batch})
+        open_sides.append(side)
+
+    def step(side: str, timed: bool) -> None:
+        raw[side]["memory_wait_s"] += wait_for_memory(need_mb[side], args.memory_wait_limit)
+        reply = servers[side].ask({"cmd": "step"})
+        need_mb[side] = 1.1 * (reply["peak_rss_mb"] - reply["rss_mb"])
+        if timed:
+            raw[side]["steps"].append(reply)
+
+    def extras_and_close(side: str) -> None:
         # The last step's peak is the steps' peak: the FLOP and profile steps come after it.
-        for side in servers:
-            if side == "ours" or args.fairchem_flops:
-                wait_for_memory(need_mb[side], args.memory_wait_limit)
-                raw[side]["flops"] = servers[side].ask({"cmd": "flops"})["flops"]
-            if args.profile:
-                wait_for_memory(need_mb[side], args.memory_wait_limit)
-                raw[side]["profile"] = servers[side].ask({"cmd": "profile", "top": args.profile})["profile"]
+        if side == "ours" or args.fairchem_flops:
+            wait_for_memory(need_mb[side], args.memory_wait_limit)
+            raw[side]["flops"] = servers[side].ask({"cmd": "flops"})["flops"]
+        if args.profile:
+            wait_for_memory(need_mb[side], args.memory_wait_limit)
+            raw[side]["profile"] = servers[side].ask({"cmd": "profile", "top": args.profile})["profile"]
+        open_sides.remove(side)
+        servers[side].ask({"cmd": "close"})
+
+    try:
+        if args.one_side_at_a_time:
+            for side in servers:
+                open_side(side)
+                for index in range(args.warmup + args.repeats):
+                    step(side, timed=index >= args.warmup)
+                extras_and_close(side)
+        else:
+            for side in servers:
+                open_side(side)
+            for index in range(args.warmup + args.repeats):
+                for side in SIDES if index % 2 == 0 else SIDES[::-1]:  # ABBA: neither side always goes first
+                    step(side, timed=index >= args.warmup)
+            for side in servers:
+                extras_and_close(side)
     except SideError as error:
         if error.side in open_sides:
             open_sides.remove(error.side)  # its process has gone; the other side's still waits
@@ -423,6 +447,7 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
         "model": args.model,
         "hyperparameters": args.hyperparameters,
         "keep_freed_host_memory": args.keep_freed_host_memory,
+        "steps": "one side's, then the other's" if args.one_side_at_a_time else "the two sides' in turn (ABBA)",
         "threads": args.threads,
         "dtype": "float32",
         "warmup_steps": args.warmup,
@@ -473,6 +498,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="add each side's TOP operators by self CPU time in one more, profiled step")
+    parser.add_argument("--one-side-at-a-time", action="store_true",
+                        help="each case: one side's steps, then the other's, so that one case process holds memory "
+                             "at a time (for steps too large for two on the machine; run it on an idle machine)")
     parser.add_argument("--memory-wait-limit", type=float, default=1800, metavar="SECONDS",
                         help="longest wait for free memory before a step (then it runs anyway)")
     parser.add_argument("--ours-commit", metavar="REV",

@@ -30,4 +30,6 @@ def keep_freed_host_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):
         return False
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    # A trim threshold of -1 never trims (mallopt(3)); any positive int is at most 2 GiB, which
+    # a large model's freed step memory exceeds, and glibc then gives it back at every step.
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from esen_train.engine import distributed
+from esen_train.engine import distributed, host_memory
 from esen_train.engine.config import load_train_config
 
 fit_module = importlib.import_module("esen_train.engine.fit")
@@ -43,6 +43,23 @@ def test_freed_host_memory_is_reused_instead_of_faulted_in_again():
     assert default["faults"] >= 4 * 3 * pages_per_tensor * 0.9  # every allocation is a fresh mapping
     assert kept["applied"] is True
     assert kept["faults"] < pages_per_tensor  # freed blocks are reused
+
+
+def test_the_heap_is_never_trimmed_whatever_its_size(monkeypatch):
+    """The trim threshold is -1 (mallopt(3): never trim), not a positive int: the largest,
+    2^31 - 1, is 2 GiB, which esen-30m's conservative step frees at once, and glibc then gave
+    it back to the kernel and faulted it in again at every step (benchmarks/README.md)."""
+    calls = []
+
+    def mallopt(parameter, value):
+        calls.append((parameter, value))
+        return 1
+
+    glibc = type("FakeGlibc", (), {"gnu_get_libc_version": staticmethod(lambda: b"2.36")})()
+    glibc.mallopt = mallopt
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: glibc)
+    assert host_memory.keep_freed_host_memory.__wrapped__() is True
+    assert dict(calls) == {host_memory.M_MMAP_MAX: 0, host_memory.M_TRIM_THRESHOLD: -1}
 
 
 @pytest.mark.parametrize("keep", [True, False])
