@@ -47,8 +47,9 @@ def test_freed_host_memory_is_reused_instead_of_faulted_in_again():
 
 def test_the_heap_is_never_trimmed_whatever_its_size(monkeypatch):
     """The trim threshold is -1 (mallopt(3): never trim), not a positive int: the largest,
-    2^31 - 1, is 2 GiB, which esen-30m's conservative step frees at once, and glibc then gave
-    it back to the kernel and faulted it in again at every step (benchmarks/README.md)."""
+    2^31 - 1, is 2 GiB, less than esen-30m's conservative step frees at once, and with it glibc
+    gives that memory back to the kernel, to be faulted in again at the next step
+    (benchmarks/README.md, "The heap's trim threshold")."""
     calls = []
 
     def mallopt(parameter, value):
