@@ -497,7 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fairchem-flops", action="store_true",
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
-                        help="add each side's TOP operators by self CPU time in one more, profiled step")
+                        help="add each side's TOP operators by self CPU time in a profiled step (profiled "
+                             "until one runs without page faults: case_server.profile_until_steady)")
     parser.add_argument("--one-side-at-a-time", action="store_true",
                         help="each case: one side's steps, then the other's, so that one case process holds memory "
                              "at a time (for steps too large for two on the machine; run it on an idle machine)")

@@ -16,9 +16,11 @@ split into its three phases:
   saves for the first backward, the first backward (create_graph) for the second; bytes of
   distinct storages, split into per-edge tensors (leading size = edges), per-atom and other,
   and by the model module that saved them (forward only: backward nodes have no module);
-- `phases`: one profiled step (torch.profiler, record_shapes and profile_memory): per phase
+- `phases`: a profiled step (torch.profiler, record_shapes and profile_memory): per phase
   the self CPU time and memory allocated, by module and by op (op and input shapes), top
-  `top` each. Backward ops are charged to the module whose forward op made their autograd
+  `top` each. The profiler's records make the first profiled steps of a large system
+  fault fresh pages in, so steps are profiled until one runs without (`profiled`: how many,
+  and the reported step's page faults). Backward ops are charged to the module whose forward op made their autograd
   node (the profiler's sequence numbers), so the second backward's time lands on the
   module whose forward (through its first backward) it differentiates.
 `--times-only` reports `phase_s` alone (the other two take a step each, slow for esen-30m).
@@ -196,24 +198,26 @@ def saved_for_backward(model, batch, targets, stress: bool, top: int) -> dict:
 
 
 # ----- the profiled step ------------------------------------------------------------------------
-def profiled_step(model, batch, targets, stress: bool, top: int) -> dict:
+def profiled_step(model, batch, targets, stress: bool, top: int) -> tuple[dict, dict]:
+    """(the phases' tables of a profiled step, how it was reached: profiled steps and page faults)."""
     stack: list[str] = []
     handles = track_modules(model, stack, ranges=True)
 
     def phase_hook(name):
         return torch.profiler.record_function(f"phase:{name}")
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
+    def step() -> None:
+        loss = conservative_loss(model, batch, targets, stress, phase_hook)
+        with phase_hook("second_backward"):
+            case_server.backward_to_parameters(loss, model)
+        model.zero_grad(set_to_none=True)
+
     try:
-        with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as profiler:
-            loss = conservative_loss(model, batch, targets, stress, phase_hook)
-            with phase_hook("second_backward"):
-                case_server.backward_to_parameters(loss, model)
+        profiler, steps, faults = case_server.profile_until_steady(step, record_shapes=True, profile_memory=True)
     finally:
         for handle in handles:
             handle.remove()
-    model.zero_grad(set_to_none=True)
-    return attribute(profiler.events(), top)
+    return attribute(profiler.events(), top), {"profiled_steps": steps, "page_faults": faults}
 
 
 def attribute(events, top: int) -> dict:
@@ -306,7 +310,7 @@ def profile_system(name: str, args) -> dict:
     }
     if not args.times_only:
         report["saved_for_backward"] = saved_for_backward(model, batch, targets, periodic, args.top)
-        report["phases"] = profiled_step(model, batch, targets, periodic, args.top)
+        report["phases"], report["profiled"] = profiled_step(model, batch, targets, periodic, args.top)
     return report
 
 

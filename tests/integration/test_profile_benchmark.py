@@ -11,6 +11,7 @@ from tests.model_helpers import rattled_alloy, tiny_model, to_batch
 
 
 PROFILE = load_benchmark("profile_conservative")
+CASE_SERVER = PROFILE.case_server  # the module the profiler script uses
 CONV1 = "backbone.blocks.*.edgewise.conv1"
 
 
@@ -33,8 +34,9 @@ def test_saved_tensors_and_every_phase_s_time_are_charged_to_modules():
     saved = PROFILE.saved_for_backward(model, batch, targets, stress=True, top=50)
     assert saved["for_first_backward"]["tensors"] > 0 and saved["for_second_backward"]["tensors"] > 0
     assert CONV1 in saved["for_first_backward"]["by_module_mb"]
-    phases = PROFILE.profiled_step(model, batch, targets, stress=True, top=5)
+    phases, profiled = PROFILE.profiled_step(model, batch, targets, stress=True, top=5)
     assert set(phases) == set(PROFILE.PHASES)
+    assert 1 <= profiled["profiled_steps"] <= CASE_SERVER.MAX_PROFILED_STEPS
     for phase in PROFILE.PHASES:
         modules = {row["module"] for row in phases[phase]["by_module"]}
         # The backward phases reach conv1 only through the forward ops' sequence numbers.
@@ -52,3 +54,28 @@ def test_times_only_profiles_the_chosen_model_s_phases_and_nothing_else():
     assert "saved_for_backward" not in report and "phases" not in report
     # The batch's edges follow the chosen model's cutoff (3 Å: the 12 nearest neighbours of fcc Cu).
     assert report["edges"] == 12 * report["atoms"]
+
+
+def test_steps_are_profiled_until_one_faults_no_pages_in(monkeypatch):
+    # Page faults a run adds, as the profiler's records push the heap's tensors into fresh pages.
+    faults_per_run = iter([400_000, 40_000, 10, 10])
+    counter = {"faults": 0, "runs": 0}
+
+    def run():
+        counter["runs"] += 1
+        counter["faults"] += next(faults_per_run)
+
+    monkeypatch.setattr(CASE_SERVER, "page_faults", lambda: counter["faults"])
+    _, steps, faults = CASE_SERVER.profile_until_steady(run)
+    assert (steps, faults, counter["runs"]) == (3, 10, 3)
+
+
+def test_profiling_stops_at_its_limit_when_the_faults_never_settle(monkeypatch):
+    counter = {"faults": 0}
+
+    def run():
+        counter["faults"] += 50_000
+
+    monkeypatch.setattr(CASE_SERVER, "page_faults", lambda: counter["faults"])
+    _, steps, faults = CASE_SERVER.profile_until_steady(run)
+    assert (steps, faults) == (CASE_SERVER.MAX_PROFILED_STEPS, 50_000)
