@@ -329,6 +329,7 @@ def save_then_die(stage_dir: Path) -> None:
 
 
 # ----- processes ------------------------------------------------------------------
+mp.set_forkserver_preload([__name__])
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -359,9 +360,12 @@ def run_in_processes(world_size: int, task, args: tuple, out_dir: Path, attempts
     out_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
         try:
-            # fork: the children start at once with torch already imported (spawn re-imports everything).
+            # forkserver, not fork: the test process may have threads by now (torch.compile's
+            # pools, tqdm's monitor), and a child forked from a threaded process inherits
+            # whatever state they left behind. The server imports this module once and forks
+            # clean children from it, so a world still starts in about a second.
             mp.start_processes(_worker, args=(world_size, free_port(), task, args, str(out_dir)),
-                               nprocs=world_size, join=True, start_method="fork")
+                               nprocs=world_size, join=True, start_method="forkserver")
             break
         except mp.ProcessRaisedException as error:
             finished = list(out_dir.glob("results_rank*.pt"))

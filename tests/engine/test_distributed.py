@@ -164,7 +164,7 @@ def deepspeed_group_timeout(timeout_s: float, dist) -> dict:
     def stop(**kwargs):
         raise GroupMade
 
-    zero.deepspeed.initialize = stop  # in this forked child only
+    zero.deepspeed.initialize = stop  # in this child process only
     strategy = build_strategy(StrategyConfig(name="deepspeed", process_group_timeout_s=timeout_s), StageConfig(), dist)
     with pytest.raises(GroupMade):
         strategy.setup(ToyPotential(direct_forces=True), OptimSettings(lr=1e-3, weight_decay=0.0), conservative=False,
