@@ -329,7 +329,10 @@ def save_then_die(stage_dir: Path) -> None:
 
 
 # ----- processes ------------------------------------------------------------------
+# The fork server (run_in_processes) imports this module, and with it torch, before it forks.
 mp.set_forkserver_preload([__name__])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
