@@ -19,11 +19,13 @@ split into its three phases:
 - `phases`: a profiled step (torch.profiler, record_shapes and profile_memory): per phase
   the self CPU time and memory allocated, by module and by op (op and input shapes), top
   `top` each. The profiler's records make the first profiled steps of a large system
-  fault fresh pages in, so steps are profiled until one runs without (`profiled`: how many,
-  and the reported step's page faults). Backward ops are charged to the module whose forward op made their autograd
-  node (the profiler's sequence numbers), so the second backward's time lands on the
-  module whose forward (through its first backward) it differentiates.
-`--times-only` reports `phase_s` alone (the other two take a step each, slow for esen-30m).
+  fault fresh pages in, so steps are profiled until one runs without (`profiled`: how
+  many, and the reported step's page faults). Backward ops are charged to the module whose
+  forward op made their autograd node (the profiler's sequence numbers), so the second
+  backward's time lands on the module whose forward (through its first backward) it
+  differentiates.
+`--times-only` reports `phase_s` alone (the other two take one or more steps each, slow for
+esen-30m).
 """
 from __future__ import annotations
 
