@@ -365,8 +365,8 @@ def run_in_processes(world_size: int, task, args: tuple, out_dir: Path, attempts
         try:
             # forkserver, not fork: the test process may have threads by now (torch.compile's
             # pools, tqdm's monitor), and a child forked from a threaded process inherits
-            # whatever state they left behind. The server imports this module once and forks
-            # clean children from it, so a world still starts in about a second.
+            # whatever state they left behind. The server imports this module (and torch) once
+            # and forks clean children from it, so no world imports torch again.
             mp.start_processes(_worker, args=(world_size, free_port(), task, args, str(out_dir)),
                                nprocs=world_size, join=True, start_method="forkserver")
             break
