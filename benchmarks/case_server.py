@@ -137,13 +137,14 @@ MAX_PROFILED_STEPS = 8
 STEADY_PAGE_FAULTS = 1000  # 4 MB of fresh pages: noise against a step's gigabytes
 
 
-def profile_until_steady(run: Callable[[], None], **profiler_options) -> tuple[torch.profiler.profile, int, int]:
+def profile_until_steady(run: Callable[[], None], max_steps: int = MAX_PROFILED_STEPS,
+                         **profiler_options) -> tuple[torch.profiler.profile, int, int]:
     """(profiler, steps, page faults) of `run` under torch.profiler, repeated until a run
-    faults no fresh pages in (at most MAX_PROFILED_STEPS). The profiler's own records take
+    faults no fresh pages in (at most `max_steps` runs). The profiler's own records take
     heap memory between the step's tensors, so with freed memory kept the first profiled
     steps of a large system fault pages in (Cu108: up to 1.8 GB a step), which inflates every
     op that writes a new tensor (zero fills, bmm) against an unprofiled step."""
-    for steps in range(1, MAX_PROFILED_STEPS + 1):
+    for steps in range(1, max_steps + 1):
         faults = page_faults()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], **profiler_options) as profiler:
             run()

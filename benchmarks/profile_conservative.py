@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/profile_conservative.py [--systems cu108,aspirin]
         [--cu-cells 1] [--aspirin-molecules 8] [--threads 2] [--repeats 3] [--top 20]
-        [--model small|esen-sm|esen-30m] [--times-only]
+        [--model small|esen-sm|esen-30m] [--times-only] [--max-profiled-steps 8]
 
 The step of model_vs_fairchem.py's "train conservative" case (the spec's "small" eSEN, or
 one of our presets with `--model`; float32, random weights, the same batches and loss),
@@ -200,7 +200,8 @@ def saved_for_backward(model, batch, targets, stress: bool, top: int) -> dict:
 
 
 # ----- the profiled step ------------------------------------------------------------------------
-def profiled_step(model, batch, targets, stress: bool, top: int) -> tuple[dict, dict]:
+def profiled_step(model, batch, targets, stress: bool, top: int,
+                  max_steps: int = case_server.MAX_PROFILED_STEPS) -> tuple[dict, dict]:
     """(the phases' tables of a profiled step, how it was reached: profiled steps and page faults)."""
     stack: list[str] = []
     handles = track_modules(model, stack, ranges=True)
@@ -215,7 +216,8 @@ def profiled_step(model, batch, targets, stress: bool, top: int) -> tuple[dict, 
         model.zero_grad(set_to_none=True)
 
     try:
-        profiler, steps, faults = case_server.profile_until_steady(step, record_shapes=True, profile_memory=True)
+        profiler, steps, faults = case_server.profile_until_steady(step, max_steps, record_shapes=True,
+                                                                   profile_memory=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -312,7 +314,8 @@ def profile_system(name: str, args) -> dict:
     }
     if not args.times_only:
         report["saved_for_backward"] = saved_for_backward(model, batch, targets, periodic, args.top)
-        report["phases"], report["profiled"] = profiled_step(model, batch, targets, periodic, args.top)
+        report["phases"], report["profiled"] = profiled_step(model, batch, targets, periodic, args.top,
+                                                             args.max_profiled_steps)
     return report
 
 
@@ -327,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="small", choices=["small", "esen-sm", "esen-30m"],
                         help="the spec's small eSEN, or one of our presets")
+    parser.add_argument("--max-profiled-steps", type=int, default=case_server.MAX_PROFILED_STEPS,
+                        help="profile at most this many steps while waiting for one without page faults "
+                             "(each profiled step can grow the heap: 1 for a model near the host's memory)")
     parser.add_argument("--times-only", action="store_true",
                         help="phase times only: no saved-tensor count, no profiled step")
     parser.add_argument("--release-freed-host-memory", action="store_true",

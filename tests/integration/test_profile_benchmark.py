@@ -79,3 +79,5 @@ def test_profiling_stops_at_its_limit_when_the_faults_never_settle(monkeypatch):
     monkeypatch.setattr(CASE_SERVER, "page_faults", lambda: counter["faults"])
     _, steps, faults = CASE_SERVER.profile_until_steady(run)
     assert (steps, faults) == (CASE_SERVER.MAX_PROFILED_STEPS, 50_000)
+    _, steps, _ = CASE_SERVER.profile_until_steady(run, max_steps=1)  # a model near the host's memory
+    assert steps == 1
