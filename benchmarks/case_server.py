@@ -25,10 +25,21 @@ model, optimizer state and batch while the other model's child runs.
 Both sides share the step definitions below (`forward_step`, `training_step`, the loss,
 AdamW), so the only thing that differs between them is the model: each side provides
 `build(case, arrays) -> (model, predict)` where `predict()` runs the model on the batch
-and returns {"energy" [B], "forces" [N, 3], "stress" [B, 3, 3] (if case["stress"])}.
+and returns {"energy" [B], "forces" [N, 3], "stress" [B, 3, 3] (if case["stress"])}, with
+model and batch on `case["device"]`.
+
+On a GPU (case["device"] "cuda") a step is timed between two synchronisations, and its
+reply adds `peak_device_mb`, the most GPU memory allocated since the case opened (torch's
+allocator; the resident set then counts the host side only). case["precision"] "bf16" runs
+the steps, forward and backward, under bf16 autocast, as the trainer does on a GPU (on a CPU
+the CPU's autocast, which checks the path but is not what training runs). The server itself
+never touches the GPU, since a child forked from a process that has initialised CUDA cannot
+use it; the driver starts it with PYTORCH_NVML_BASED_CUDA_CHECK=1, so that a library asking at
+import whether there is a GPU does not initialise CUDA either.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -53,10 +64,10 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def batch_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The batch fields both models read, as float32 tensors: each side adds its own."""
+def batch_tensors(arrays: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
+    """The batch fields both models read, float32 on `device`: each side adds its own."""
     natoms = torch.from_numpy(arrays["natoms"])
-    return {
+    fields = {
         "pos": torch.from_numpy(arrays["pos"]).float(),
         "atomic_numbers": torch.from_numpy(arrays["atomic_numbers"]),
         "cell": torch.from_numpy(arrays["cell"]).float(),
@@ -66,15 +77,23 @@ def batch_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         "cell_offsets": torch.from_numpy(arrays["cell_offsets"]).float(),
         "batch": torch.repeat_interleave(torch.arange(len(natoms)), natoms),
     }
+    return {name: value.to(device) for name, value in fields.items()}
 
 
-def targets_of(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {
+def targets_of(arrays: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
+    targets = {
         "energy": torch.from_numpy(arrays["target_energy"]).float(),
         "forces": torch.from_numpy(arrays["target_forces"]).float(),
         "stress": torch.from_numpy(arrays["target_stress"]).float(),
         "natoms": torch.from_numpy(arrays["natoms"]).float(),
     }
+    return {name: value.to(device) for name, value in targets.items()}
+
+
+def precision_context(case: dict) -> Callable[[], contextlib.AbstractContextManager]:
+    """A new context for each step: bf16 autocast on the case's device, or nothing (fp32)."""
+    device_type = torch.device(case["device"]).type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=case["precision"] == "bf16")
 
 
 def loss_of(out: dict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,12 +105,12 @@ def loss_of(out: dict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def forward_step(model: torch.nn.Module, predict: Predict) -> Callable[[], None]:
+def forward_step(model: torch.nn.Module, predict: Predict, precision) -> Callable[[], None]:
     """Inference: energy and forces (and stress), no parameter gradients."""
     model.eval()
 
     def step() -> None:
-        with torch.no_grad():  # both models switch autograd on inside for conservative forces
+        with torch.no_grad(), precision():  # both models switch autograd on inside for conservative forces
             predict()
 
     return step
@@ -103,13 +122,14 @@ def backward_to_parameters(loss: torch.Tensor, model: torch.nn.Module) -> None:
     loss.backward(inputs=[parameter for parameter in model.parameters() if parameter.requires_grad])
 
 
-def training_step(model: torch.nn.Module, predict: Predict, targets: dict) -> Callable[[], None]:
+def training_step(model: torch.nn.Module, predict: Predict, targets: dict, precision) -> Callable[[], None]:
     """Loss, backward (a double backward for conservative forces), AdamW step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        backward_to_parameters(loss_of(predict(), targets), model)
+        with precision():  # forward and backward, as the trainer's autocast
+            backward_to_parameters(loss_of(predict(), targets), model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -283,10 +303,12 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
     torch.manual_seed(case["seed"])
     arrays = load_arrays(command["batch"])
     model, predict = build(case, arrays)
+    precision = precision_context(case)
     if case["task"] == "train":
-        step = training_step(model, predict, targets_of(arrays))
+        step = training_step(model, predict, targets_of(arrays, case["device"]), precision)
     else:
-        step = forward_step(model, predict)
+        step = forward_step(model, predict, precision)
+    on_gpu = torch.device(case["device"]).type == "cuda"
     release_free_memory()
     channel.reply({
         "num_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -297,12 +319,17 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
     while True:
         command = channel.receive()
         if command["cmd"] == "step":
+            synchronize(on_gpu)
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
+            synchronize(on_gpu)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             release_free_memory()
             rss, peak_rss = memory_mb()
-            channel.reply({"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss, "peak_rss_mb": peak_rss})
+            reply = {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss, "peak_rss_mb": peak_rss}
+            if on_gpu:
+                reply["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            channel.reply(reply)
         elif command["cmd"] == "flops":
             with FlopCounterMode(display=False) as counter:
                 step()
@@ -315,6 +342,12 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
             return
         else:
             channel.reply({"error": f"unknown command {command['cmd']!r}"})
+
+
+def synchronize(on_gpu: bool) -> None:
+    """Wait for the GPU's queued work, so that a step's time is its work's (no-op on a CPU)."""
+    if on_gpu:
+        torch.cuda.synchronize()
 
 
 def main(build: Build, versions: dict[str, str]) -> None:

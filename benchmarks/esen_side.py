@@ -31,8 +31,8 @@ def model_config(hyper: dict, direct_forces: bool) -> ModelConfig:
     return ModelConfig(**hyper, direct_forces=direct_forces)
 
 
-def batch_of(arrays: dict[str, np.ndarray]) -> Data:
-    return Data(**case_server.batch_tensors(arrays))
+def batch_of(arrays: dict[str, np.ndarray], device: str) -> Data:
+    return Data(**case_server.batch_tensors(arrays, device))
 
 
 def model_version() -> str:
@@ -50,8 +50,8 @@ def model_version() -> str:
 
 def build(case: dict, arrays: dict[str, np.ndarray]) -> tuple[torch.nn.Module, case_server.Predict]:
     direct = case["mode"] == "direct"
-    model = ESEN(model_config(case["model"], direct_forces=direct))
-    batch = batch_of(arrays)
+    model = ESEN(model_config(case["model"], direct_forces=direct)).to(case["device"])
+    batch = batch_of(arrays, case["device"])
     forces = "direct" if direct else "conservative"
 
     def predict() -> dict:

@@ -78,23 +78,23 @@ class FairchemESEN(nn.Module):
         return {key: value for key, value in self.head(data, embedding).items() if key != "embeddings"}
 
 
-def atomic_data(arrays: dict[str, np.ndarray]) -> AtomicData:
+def atomic_data(arrays: dict[str, np.ndarray], device: str) -> AtomicData:
     natoms = torch.from_numpy(arrays["natoms"])
     num_atoms = int(natoms.sum())
     return AtomicData(
-        **case_server.batch_tensors(arrays),
-        nedges=torch.from_numpy(arrays["nedges"]),
-        charge=torch.zeros(len(natoms), dtype=torch.long),
-        spin=torch.zeros(len(natoms), dtype=torch.long),
-        fixed=torch.zeros(num_atoms, dtype=torch.long),
-        tags=torch.zeros(num_atoms, dtype=torch.long),
+        **case_server.batch_tensors(arrays, device),
+        nedges=torch.from_numpy(arrays["nedges"]).to(device),
+        charge=torch.zeros(len(natoms), dtype=torch.long, device=device),
+        spin=torch.zeros(len(natoms), dtype=torch.long, device=device),
+        fixed=torch.zeros(num_atoms, dtype=torch.long, device=device),
+        tags=torch.zeros(num_atoms, dtype=torch.long, device=device),
         sid=[str(i) for i in range(len(natoms))],
     )
 
 
 def build(case: dict, arrays: dict[str, np.ndarray]) -> tuple[nn.Module, case_server.Predict]:
-    model = FairchemESEN(case["model"], direct=case["mode"] == "direct", stress=case["stress"])
-    data = atomic_data(arrays)
+    model = FairchemESEN(case["model"], direct=case["mode"] == "direct", stress=case["stress"]).to(case["device"])
+    data = atomic_data(arrays, case["device"])
 
     def predict() -> dict:
         return model(data)

@@ -44,8 +44,9 @@ def child(system: str, mode: str, steps: int, threads: int) -> dict:
     batch_args = argparse.Namespace(cu_cells=1, aspirin_molecules=8, seed=0, hyperparameters=bench.SMALL)
     arrays, periodic = profile.system_batch(system, batch_args)
     torch.manual_seed(0)
-    model = esen_side.build({"mode": "conservative", "model": bench.SMALL, "stress": periodic}, arrays)[0]
-    batch, targets = esen_side.batch_of(arrays), case_server.targets_of(arrays)
+    case = {"mode": "conservative", "model": bench.SMALL, "stress": periodic, "device": "cpu"}
+    model = esen_side.build(case, arrays)[0]
+    batch, targets = esen_side.batch_of(arrays, "cpu"), case_server.targets_of(arrays, "cpu")
 
     def step() -> tuple[float, float, int]:
         usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -3,7 +3,8 @@
     python benchmarks/model_vs_fairchem.py [--repeats 3] [--warmup 1] [--systems aspirin,cu108]
                                            [--tasks forward,train] [--modes direct,conservative]
                                            [--fairchem-flops] [--profile 25] [--ours-commit REV]
-                                           [--output figures.json]
+                                           [--device cpu|cuda] [--precision fp32|bf16]
+                                           [--sides ours,fairchem] [--output figures.json]
 
 Models: the "small" preset of ../shared/ESEN_SPEC.md (4 layers, 64 sphere channels, 128
 hidden, 128 edge, lmax = mmax = 2, 64 Gaussians, 6 Å, RMS norm, gate activation on edges,
@@ -54,6 +55,12 @@ sides alike: no mmap at all and no trimming (what `esen-train fit` does on glibc
 blocks of any size are reused and large tensors cost no page faults.
 `--model esen-sm` or `esen-30m` benchmarks one of our presets instead of the spec's small
 model (fairchem_side.py gives fairchem the same hyperparameters in its names).
+GPU: `--device cuda` puts both models and batches on the GPU, times each step between two
+synchronisations, reports each side's peak GPU memory (`peak_device_mb`) and takes the
+matmul peak there; `--precision bf16` runs the steps under bf16 autocast, as training with
+`precision: bf16` does, and takes the peak of a bfloat16 matmul. `--sides ours` runs our
+side alone (no ratios), for a machine where fairchem-core cannot be installed; fairchem's
+side runs with any interpreter that imports it (`--venv`).
 """
 from __future__ import annotations
 
@@ -114,6 +121,7 @@ FAIRCHEM_EXTRA_MODULES = ("backbone.mix_csd",)
 SIDES = ("ours", "fairchem")
 TASKS = ("forward", "train")
 MODES = ("direct", "conservative")
+PRECISIONS = {"fp32": "float32", "bf16": "bf16 autocast (forward and backward) over float32 weights"}
 
 
 # ----- the fairchem virtualenv --------------------------------------------------------------
@@ -199,16 +207,24 @@ def write_batches(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
 
 
 # ----- the machine's matmul rate ----------------------------------------------------------------
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 7) -> float:
-    """Median GFLOP/s of a float32 [size, size] @ [size, size] on `threads` threads."""
+def matmul_gflops(threads: int, device: str = "cpu", precision: str = "fp32", repeats: int = 7) -> float:
+    """Median GFLOP/s of a square matmul on `threads` threads or the GPU: float32 [2048, 2048]
+    on a CPU; on a GPU [8192, 8192], in bfloat16 for bf16 (what autocast's matmuls run in)."""
+    on_gpu = torch.device(device).type == "cuda"
+    size = 8192 if on_gpu else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
+        if on_gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     torch.set_num_threads(previous)
     return 2 * size**3 / statistics.median(times) / 1e9
@@ -264,11 +280,19 @@ def export_commit(revision: str, workdir: Path) -> dict:
     return os.environ | {"ESEN_TRAIN_SOURCE": str(source), "ESEN_TRAIN_COMMIT": commit}
 
 
-def start_servers(fairchem_python: Path, ours_env: dict | None) -> dict[str, Server]:
-    return {
-        "ours": Server("ours", [sys.executable, BENCHMARKS / "esen_side.py"], env=ours_env),
-        "fairchem": Server("fairchem", [fairchem_python, BENCHMARKS / "fairchem_side.py"]),
-    }
+def start_servers(sides: list[str], fairchem_python: Path | None, ours_env: dict | None) -> dict[str, Server]:
+    # The servers fork a child per case, and a child forked after CUDA was initialised cannot
+    # use the GPU: torch.cuda.is_available() (which libraries call at import) then asks NVML
+    # for the devices instead of initialising CUDA.
+    fork_safe = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    servers = {}
+    if "ours" in sides:
+        servers["ours"] = Server("ours", [sys.executable, BENCHMARKS / "esen_side.py"],
+                                 env=(ours_env or dict(os.environ)) | fork_safe)
+    if "fairchem" in sides:
+        servers["fairchem"] = Server("fairchem", [fairchem_python, BENCHMARKS / "fairchem_side.py"],
+                                     env=dict(os.environ) | fork_safe)
+    return servers
 
 
 def available_mb() -> float:
@@ -339,8 +363,9 @@ def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argpa
         else:
             for side in servers:
                 open_side(side)
+            sides = list(servers)
             for index in range(args.warmup + args.repeats):
-                for side in SIDES if index % 2 == 0 else SIDES[::-1]:  # ABBA: neither side always goes first
+                for side in sides if index % 2 == 0 else sides[::-1]:  # ABBA: neither side always goes first
                     step(side, timed=index >= args.warmup)
             for side in servers:
                 extras_and_close(side)
@@ -375,6 +400,8 @@ def side_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
         "build_rss_mb": round(raw["opened"]["rss_mb"]),
         "memory_wait_s": round(raw["memory_wait_s"], 1),
     }
+    if "peak_device_mb" in raw["steps"][-1]:
+        figures["peak_device_mb"] = round(raw["steps"][-1]["peak_device_mb"])
     if "flops" in raw:
         figures["gflop_per_step"] = round(raw["flops"] / 1e9, 2)
         figures["gflop_per_s"] = round(raw["flops"] / median / 1e9, 2)
@@ -385,18 +412,20 @@ def side_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
 
 
 def case_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
-    ours = side_figures(raw["ours"], atoms, peak_gflops)
-    theirs = side_figures(raw["fairchem"], atoms, peak_gflops)
-    return {
-        "ours": ours,
-        "fairchem": theirs,
-        "ours_over_fairchem": {
-            "throughput": ratio(ours["atoms_per_s"], theirs["atoms_per_s"]),
-            "throughput_per_cpu_s": ratio(ours["atoms_per_cpu_s"], theirs["atoms_per_cpu_s"]),
-            "peak_rss": ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
-            "step_rss": ratio(ours["step_rss_mb"], theirs["step_rss_mb"]),
-        },
+    """Each side's figures and, when both sides ran, ours over fairchem's."""
+    figures = {side: side_figures(raw[side], atoms, peak_gflops) for side in raw}
+    if set(figures) != set(SIDES):
+        return figures
+    ours, theirs = figures["ours"], figures["fairchem"]
+    figures["ours_over_fairchem"] = {
+        "throughput": ratio(ours["atoms_per_s"], theirs["atoms_per_s"]),
+        "throughput_per_cpu_s": ratio(ours["atoms_per_cpu_s"], theirs["atoms_per_cpu_s"]),
+        "peak_rss": ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+        "step_rss": ratio(ours["step_rss_mb"], theirs["step_rss_mb"]),
     }
+    if "peak_device_mb" in ours:
+        figures["ours_over_fairchem"]["peak_device_memory"] = ratio(ours["peak_device_mb"], theirs["peak_device_mb"])
+    return figures
 
 
 def parameter_counts(measured: list[dict]) -> dict:
@@ -406,14 +435,11 @@ def parameter_counts(measured: list[dict]) -> dict:
         mode, raw = item["case"]["mode"], item.get("raw")
         if mode in counts or raw is None:
             continue
-        opened = {side: raw[side]["opened"] for side in SIDES}
-        extra = sum(count for module, count in opened["fairchem"]["parameters_by_module"].items()
-                    if module in FAIRCHEM_EXTRA_MODULES)
-        counts[mode] = {
-            "ours": opened["ours"]["num_parameters"],
-            "fairchem": opened["fairchem"]["num_parameters"],
-            "fairchem_without_charge_spin_mixing": opened["fairchem"]["num_parameters"] - extra,
-        }
+        counts[mode] = {side: raw[side]["opened"]["num_parameters"] for side in raw}
+        if "fairchem" in raw:
+            extra = sum(count for module, count in raw["fairchem"]["opened"]["parameters_by_module"].items()
+                        if module in FAIRCHEM_EXTRA_MODULES)
+            counts[mode]["fairchem_without_charge_spin_mixing"] = counts[mode]["fairchem"] - extra
     return counts
 
 
@@ -425,7 +451,8 @@ def conservative_to_direct(cases: list[dict]) -> dict:
         direct = done.get((system, task, "direct"))
         if mode == "conservative" and direct is not None:
             out[f"{system}_{task}"] = {
-                side: ratio(conservative[side]["median_s"], direct[side]["median_s"]) for side in SIDES
+                side: ratio(conservative[side]["median_s"], direct[side]["median_s"])
+                for side in SIDES if side in conservative
             }
     return out
 
@@ -449,11 +476,13 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
         "keep_freed_host_memory": args.keep_freed_host_memory,
         "steps": "one side's, then the other's" if args.one_side_at_a_time else "the two sides' in turn (ABBA)",
         "threads": args.threads,
-        "dtype": "float32",
+        "device": args.device,
+        "precision": PRECISIONS[args.precision],
         "warmup_steps": args.warmup,
         "timed_steps": args.repeats,
         "memory": "peak_rss_mb: VmHWM of a fresh process (forked after imports) running only the case's steps; "
-                  "step_rss_mb: that minus build_rss_mb, its resident set once model and batch were built",
+                  "step_rss_mb: that minus build_rss_mb, its resident set once model and batch were built; "
+                  "on a GPU peak_device_mb: the most GPU memory allocated (torch) since the case opened",
         "versions": versions,
         "matmul_peak_gflops": {name: round(value, 1) for name, value in peaks.items()} | {"used": round(peak, 1)},
         "load_average_1_5_15": {"start": [round(x, 2) for x in load_at_start],
@@ -492,8 +521,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-freed-host-memory", action="store_true",
                         help="both sides' children keep freed memory in glibc's heap, as `esen-train fit` does "
                              "by default (keep_freed_host_memory): no page faults for large tensors at every step")
-    parser.add_argument("--model", default="small", choices=["small", "esen-sm", "esen-30m"],
-                        help="the spec's small eSEN, or one of our presets (both sides get the same hyperparameters)")
+    parser.add_argument("--model", default="small", choices=["small", "esen-sm", "esen-30m", "tiny"],
+                        help="the spec's small eSEN, or one of our presets (both sides get the same hyperparameters; "
+                             "tiny: a quick check of the benchmark itself)")
+    parser.add_argument("--sides", default=",".join(SIDES), type=lambda s: s.split(","),
+                        help="ours, fairchem or both (ratios need both; ours alone where fairchem-core cannot "
+                             "be installed)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: steps timed between synchronisations, "
+                                                        "and each side's peak GPU memory")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="bf16: the steps under bf16 autocast, as training with precision=bf16 on a GPU")
     parser.add_argument("--fairchem-flops", action="store_true",
                         help="count fairchem's FLOPs too (one more step per case; ours are always counted)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -517,6 +554,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--keep-freed-host-memory and --malloc-mmap-threshold are opposites: pick one")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if not args.sides or any(side not in SIDES for side in args.sides):
+        parser.error(f"--sides takes ours, fairchem or both, got {','.join(args.sides)!r}")
+    if args.profile and torch.device(args.device).type != "cpu":
+        parser.error("--profile reports CPU self times: on a GPU profile with torch.profiler's CUDA activity")
     args.hyperparameters = hyperparameters(args.model)  # read once: every case and the report use it
     return args
 
@@ -542,7 +583,7 @@ class MemoryEstimate:
                 for side in SIDES}
 
     def record(self, case: dict, edges: int, raw: dict) -> None:
-        for side in SIDES:
+        for side in raw:
             step_mb = max(step["peak_rss_mb"] for step in raw[side]["steps"]) - raw[side]["opened"]["rss_mb"]
             key = (side, case["task"], case["mode"])
             self.mb_per_edge[key] = max(self.mb_per_edge.get(key, 0.0), step_mb / edges)
@@ -576,6 +617,7 @@ def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[
                 case = {"system": system, "task": task, "mode": mode, "model": args.hyperparameters,
                         "stress": mode == "conservative" and info["periodic"],
                         "threads": args.threads, "seed": args.seed,
+                        "device": args.device, "precision": args.precision,
                         "malloc_mmap_threshold": args.malloc_mmap_threshold,
                         "keep_freed_host_memory": args.keep_freed_host_memory}
                 print(f"{system} {task} {mode} ...", file=sys.stderr, flush=True)
@@ -589,13 +631,13 @@ def run_cases(args, systems: dict, servers: dict[str, Server], on_case) -> list[
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    fairchem_python = ensure_fairchem_venv(args.venv)
+    fairchem_python = ensure_fairchem_venv(args.venv) if "fairchem" in args.sides else None
     load_at_start = os.getloadavg()
-    peaks = {"start": matmul_gflops(args.threads)}
+    peaks = {"start": matmul_gflops(args.threads, args.device, args.precision)}
     with tempfile.TemporaryDirectory(prefix="esen-vs-fairchem-") as workdir:
         systems = write_batches(args, Path(workdir))
         ours_env = export_commit(args.ours_commit, Path(workdir)) if args.ours_commit else None
-        servers = start_servers(fairchem_python, ours_env)
+        servers = start_servers(args.sides, fairchem_python, ours_env)
         versions = {side: server.hello["versions"] for side, server in servers.items()}
 
         def save_so_far(measured: list[dict]) -> None:
@@ -608,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.close()
-    peaks["end"] = matmul_gflops(args.threads)
+    peaks["end"] = matmul_gflops(args.threads, args.device, args.precision)
     text = json.dumps(build_report(args, systems, measured, versions, peaks, load_at_start, started), indent=2)
     print(text)
     if args.output:

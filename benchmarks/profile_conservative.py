@@ -299,9 +299,10 @@ def system_batch(name: str, args) -> tuple[dict, bool]:
 def profile_system(name: str, args) -> dict:
     arrays, periodic = system_batch(name, args)
     torch.manual_seed(args.seed)
-    model = esen_side.build({"mode": "conservative", "model": args.hyperparameters, "stress": periodic}, arrays)[0]
+    case = {"mode": "conservative", "model": args.hyperparameters, "stress": periodic, "device": "cpu"}
+    model = esen_side.build(case, arrays)[0]
     model.train()
-    batch, targets = esen_side.batch_of(arrays), case_server.targets_of(arrays)
+    batch, targets = esen_side.batch_of(arrays, "cpu"), case_server.targets_of(arrays, "cpu")
     check_same_loss(model, batch, targets, periodic)
     timed_phases(model, batch, targets, periodic)  # warm-up
     runs = [timed_phases(model, batch, targets, periodic) for _ in range(args.repeats)]
