@@ -1,57 +1,88 @@
 #!/usr/bin/env bash
-# Our eSEN's figures on a GPU: benchmarks/model_vs_fairchem.py in float32 and in bf16.
+# On a GPU: benchmarks/model_vs_fairchem.py in float32 and bf16, and short bf16 trainings
+# with the DDP and FSDP2 strategies, in one prepared run.
 #
-#   bash benchmarks/gpu_figures.sh prepare                  # here, with a package index: fills .whl/
-#   bash benchmarks/gpu_figures.sh run OUT [ARGS...]        # on the GPU machine, with .whl/ carried
+#   bash benchmarks/gpu_figures.sh prepare      # here, with a package index: fills .whl/
+#   bash benchmarks/gpu_figures.sh run OUT      # on the GPU machine, with .whl/ carried
 #
 # The GPU machines lent to this project run an image that has CUDA torch, e3nn,
-# torch-geometric, numba and scipy, and reaches no package index. `prepare` downloads the
-# wheels our side needs beyond that image (ase, omegaconf, vesin, at the versions of
+# torch-geometric, numba, scipy and matplotlib, and reaches no package index. `prepare`
+# downloads the wheels the project needs beyond that image (WHEELS below, at the versions of
 # requirements/lock.txt) into .whl/ (git ignores it) and copies the rMD17 aspirin molecules
-# there; `run` installs the wheels into a private directory and writes OUT/fp32.json and
-# OUT/bf16.json (the eight cases, our side, the spec's small model, `--device cuda`) and
-# OUT/gpu.txt (nvidia-smi). ARGS go to both runs after the script's own (argparse keeps the
-# last of a repeated option): `--device cpu --model tiny` checks the script on a CPU.
+# there. `run` installs the wheels into a private directory and writes into OUT:
+#   gpu.txt             nvidia-smi
+#   fp32.json bf16.json model_vs_fairchem.py's eight cases, our side, the spec's small model
+#   fit_ddp.txt fit_fsdp.txt
+#                       `esen-train fit configs/tiny.yaml` with precision bf16 in both stages,
+#                       one process: the run's status, then its metrics.jsonl (atoms/s,
+#                       gpu_mem_gb). The lent machines have one GPU, so no NCCL group forms
+#                       (a process group needs two ranks, and NCCL two GPUs).
+#   log.txt             everything the commands printed
+# BENCH_ARGS and FIT_ARGS (environment) are appended to the benchmark's and fit's arguments
+# (argparse and the config keep the last of a repeated setting): on a CPU,
+#   BENCH_ARGS="--device cpu --model tiny" FIT_ARGS="direct.max_steps=4 ..." bash ... run OUT
+# checks the script itself.
 #
 # fairchem's side stays on the CPU: fairchem-core 2.24 pins torch 2.13 (the image has another)
-# and imports warp-lang and wandb at import time, whose wheels alone are larger than the
-# 64 MiB that travels to the machine.
+# and imports warp-lang and wandb at import time, whose wheels together exceed the 64 MiB that
+# travels to the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=.whl
-PACKAGES=(ase omegaconf vesin)
+WHEEL_DIR=.whl
+# What `esen-train fit` and the benchmark import that the GPU image lacks (wandb and its needs
+# included: the tracking module imports it whatever the mode).
+WHEELS=(ase lmdb omegaconf vesin wandb protobuf pydantic pydantic_core annotated-types typing-inspection
+        platformdirs googleapis-common-protos opentelemetry-api opentelemetry-sdk opentelemetry-proto
+        opentelemetry-semantic-conventions opentelemetry-exporter-otlp-proto-http
+        opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-common
+        opentelemetry-exporter-http-transport)
 
 prepare() {
-    mkdir -p "$WHEELS/data/rmd17"
+    mkdir -p "$WHEEL_DIR/data/rmd17"
     local pins=()
-    for package in "${PACKAGES[@]}"; do
+    for package in "${WHEELS[@]}"; do
         pins+=("$(grep -i "^${package}==" requirements/lock.txt)")
     done
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    # The image's Python is 3.12; WHEEL_PYTHON=3.11 fills .whl/ for a check on a 3.11 machine.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$WHEELS" "${pins[@]}"
-    install -m 0644 "${ESEN_SHARED_DATA:-../shared/data}/rmd17/aspirin_train.xyz" "$WHEELS/data/rmd17/"
-    ls -l "$WHEELS" "$WHEELS/data/rmd17"
+        -d "$WHEEL_DIR" "${pins[@]}"
+    install -m 0644 "${ESEN_SHARED_DATA:-../shared/data}/rmd17/aspirin_train.xyz" "$WHEEL_DIR/data/rmd17/"
+    du -sh "$WHEEL_DIR"
+}
+
+fit() {
+    local strategy=$1 out=$2 run_dir
+    run_dir=$(mktemp -d)
+    # shellcheck disable=SC2086  # FIT_ARGS is a list of key=value words
+    python3 -m esen_train.cli fit configs/tiny.yaml \
+        strategy.name="$strategy" direct.precision=bf16 conservative.precision=bf16 \
+        logging.wandb.mode=disabled run_dir="$run_dir" ${FIT_ARGS:-} --quiet
+    python3 -m esen_train.cli status "$run_dir" --json > "$out/fit_$strategy.txt"
+    cat "$run_dir/metrics.jsonl" >> "$out/fit_$strategy.txt"
 }
 
 run() {
     local out=$1
-    shift
     mkdir -p "$out"
+    exec > >(tee "$out/log.txt") 2>&1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/esen-site \
-        "$WHEELS"/*.whl
-    export PYTHONPATH=/tmp/esen-site ESEN_SHARED_DATA="$PWD/$WHEELS/data"
+        "$WHEEL_DIR"/*.whl
+    export PYTHONPATH="/tmp/esen-site:$PWD" ESEN_SHARED_DATA="$PWD/$WHEEL_DIR/data"
     (nvidia-smi || echo "no nvidia-smi") > "$out/gpu.txt" 2>&1
     for precision in fp32 bf16; do
+        # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
         python3 benchmarks/model_vs_fairchem.py --sides ours --device cuda --precision "$precision" \
-            --repeats 5 --warmup 2 --output "$out/$precision.json" "$@" > /dev/null
+            --repeats 5 --warmup 2 --output "$out/$precision.json" ${BENCH_ARGS:-} > /dev/null
     done
+    fit ddp "$out"
+    fit fsdp "$out"
     ls -l "$out"
 }
 
 case "${1:-}" in
     prepare) prepare ;;
-    run) shift; run "$@" ;;
-    *) echo "usage: $0 prepare | run OUT [ARGS...]" >&2; exit 2 ;;
+    run) run "$2" ;;
+    *) echo "usage: $0 prepare | run OUT" >&2; exit 2 ;;
 esac
