@@ -474,7 +474,7 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
         "model": args.model,
         "hyperparameters": args.hyperparameters,
         "keep_freed_host_memory": args.keep_freed_host_memory,
-        "steps": "one side's, then the other's" if args.one_side_at_a_time else "the two sides' in turn (ABBA)",
+        "steps": steps_order(args),
         "threads": args.threads,
         "device": args.device,
         "precision": PRECISIONS[args.precision],
@@ -494,6 +494,12 @@ def build_report(args, systems, measured, versions, peaks, load_at_start, starte
         "conservative_to_direct": conservative_to_direct(cases),
         "wall_s": round(time.time() - started, 1),
     }
+
+
+def steps_order(args) -> str:
+    if len(set(args.sides)) == 1:
+        return f"one side only: {args.sides[0]}"
+    return "one side's, then the other's" if args.one_side_at_a_time else "the two sides' in turn (ABBA)"
 
 
 def write_atomically(path: Path, text: str) -> None:

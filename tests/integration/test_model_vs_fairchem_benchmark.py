@@ -21,6 +21,7 @@ def test_our_side_alone_runs_every_case_and_reports_no_ratios(tmp_path, capsys, 
     report = json.loads(output.read_text())
     assert report == json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and report["precision"] == BENCHMARK.PRECISIONS[precision]
+    assert report["steps"] == "one side only: ours"
     cases = {(case["task"], case["mode"]): case for case in report["cases"]}
     assert set(cases) == {(task, mode) for task in BENCHMARK.TASKS for mode in BENCHMARK.MODES}
     for case in cases.values():
