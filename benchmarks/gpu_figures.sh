@@ -17,10 +17,12 @@
 #                       one process: the run's status, then its metrics.jsonl (atoms/s,
 #                       gpu_mem_gb). The lent machines have one GPU, so no NCCL group forms
 #                       (a process group needs two ranks, and NCCL two GPUs).
+#   eval_md.txt         the DDP run's model on the GPU in float64 and float32: `esen-train
+#                       eval --json` on its validation data, `esen-train md --json` (NVE drift)
 #   log.txt             everything the commands printed
-# BENCH_ARGS and FIT_ARGS (environment) are appended to the benchmark's and fit's arguments
-# (argparse and the config keep the last of a repeated setting): on a CPU,
-#   BENCH_ARGS="--device cpu --model tiny" FIT_ARGS="direct.max_steps=4 ..." bash ... run OUT
+# DEVICE (default cuda) is where everything runs; BENCH_ARGS and FIT_ARGS are appended to the
+# benchmark's and fit's arguments (the last of a repeated setting wins). On a CPU,
+#   DEVICE=cpu BENCH_ARGS="--model tiny ..." FIT_ARGS="direct.max_steps=4 ..." bash ... run OUT
 # checks the script itself.
 #
 # fairchem's side stays on the CPU: fairchem-core 2.24 pins torch 2.13 (the image has another)
@@ -30,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEEL_DIR=.whl
+DEVICE=${DEVICE:-cuda}
 # What `esen-train fit` and the benchmark import that the GPU image lacks (wandb and its needs
 # included: the tracking module imports it whatever the mode).
 WHEELS=(ase lmdb omegaconf vesin wandb protobuf pydantic pydantic_core annotated-types typing-inspection
@@ -53,14 +56,26 @@ prepare() {
 }
 
 fit() {
-    local strategy=$1 out=$2 run_dir
-    run_dir=$(mktemp -d)
+    local strategy=$1 out=$2 run_dir=$3
     # shellcheck disable=SC2086  # FIT_ARGS is a list of key=value words
     python3 -m esen_train.cli fit configs/tiny.yaml \
         strategy.name="$strategy" direct.precision=bf16 conservative.precision=bf16 \
         logging.wandb.mode=disabled run_dir="$run_dir" ${FIT_ARGS:-} --quiet
     python3 -m esen_train.cli status "$run_dir" --json > "$out/fit_$strategy.txt"
     cat "$run_dir/metrics.jsonl" >> "$out/fit_$strategy.txt"
+}
+
+evaluate_on_gpu() {
+    local run_dir=$1 out=$2 structure
+    structure=$(mktemp --suffix=.extxyz)
+    python3 -c 'import sys; from esen_train.cli.data import main; sys.exit(main())' \
+        export "$run_dir/data/val" --out "$structure" --overwrite
+    for dtype in float64 float32; do
+        python3 -m esen_train.cli eval "$run_dir" --data "$run_dir/data/val" --device "$DEVICE" --dtype "$dtype" \
+            --json --quiet --out "$(mktemp -d)"
+        python3 -m esen_train.cli md "$run_dir" --structure "$structure" --steps 200 --timestep 2 --temperature 300 \
+            --device "$DEVICE" --dtype "$dtype" --json --quiet --out "$(mktemp -d)"
+    done > "$out/eval_md.txt"
 }
 
 run() {
@@ -73,11 +88,14 @@ run() {
     (nvidia-smi || echo "no nvidia-smi") > "$out/gpu.txt" 2>&1
     for precision in fp32 bf16; do
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-        python3 benchmarks/model_vs_fairchem.py --sides ours --device cuda --precision "$precision" \
+        python3 benchmarks/model_vs_fairchem.py --sides ours --device "$DEVICE" --precision "$precision" \
             --repeats 5 --warmup 2 --output "$out/$precision.json" ${BENCH_ARGS:-} > /dev/null
     done
-    fit ddp "$out"
-    fit fsdp "$out"
+    local ddp_run fsdp_run
+    ddp_run=$(mktemp -d) fsdp_run=$(mktemp -d)
+    fit ddp "$out" "$ddp_run"
+    fit fsdp "$out" "$fsdp_run"
+    evaluate_on_gpu "$ddp_run" "$out"
     ls -l "$out"
 }
 
