@@ -259,6 +259,9 @@ def serve(build: Build, versions: dict[str, str]) -> None:
     """Answer "open" by forking a child that runs the case; exit on "quit" or end of input."""
     # No thread pool in the server: a forked child must not inherit a started OpenMP pool.
     torch.set_num_threads(1)
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised while the server imported its stack: a case forked from it "
+                           "could not use the GPU (start it with PYTORCH_NVML_BASED_CUDA_CHECK=1)")
     channel = Channel()
     channel.reply({"ready": True, "rss_mb": memory_mb()[0], "versions": {"torch": torch.__version__, **versions}})
     while True:
