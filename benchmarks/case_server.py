@@ -55,6 +55,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 Predict = Callable[[], dict]
+Precision = Callable[[], contextlib.AbstractContextManager]  # a new context for each step
 Build = Callable[[dict, dict], tuple[torch.nn.Module, Predict]]
 
 
@@ -90,8 +91,8 @@ def targets_of(arrays: dict[str, np.ndarray], device: str) -> dict[str, torch.Te
     return {name: value.to(device) for name, value in targets.items()}
 
 
-def precision_context(case: dict) -> Callable[[], contextlib.AbstractContextManager]:
-    """A new context for each step: bf16 autocast on the case's device, or nothing (fp32)."""
+def precision_context(case: dict) -> Precision:
+    """bf16 autocast on the case's device, or nothing (fp32)."""
     device_type = torch.device(case["device"]).type
     return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=case["precision"] == "bf16")
 
@@ -105,7 +106,7 @@ def loss_of(out: dict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def forward_step(model: torch.nn.Module, predict: Predict, precision) -> Callable[[], None]:
+def forward_step(model: torch.nn.Module, predict: Predict, precision: Precision) -> Callable[[], None]:
     """Inference: energy and forces (and stress), no parameter gradients."""
     model.eval()
 
@@ -122,7 +123,8 @@ def backward_to_parameters(loss: torch.Tensor, model: torch.nn.Module) -> None:
     loss.backward(inputs=[parameter for parameter in model.parameters() if parameter.requires_grad])
 
 
-def training_step(model: torch.nn.Module, predict: Predict, targets: dict, precision) -> Callable[[], None]:
+def training_step(model: torch.nn.Module, predict: Predict, targets: dict,
+                  precision: Precision) -> Callable[[], None]:
     """Loss, backward (a double backward for conservative forces), AdamW step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -84,6 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from esen_train.data.neighbors import build_neighbor_list  # noqa: E402
 from esen_train.model.config import load_model_config  # noqa: E402
+from case_server import synchronize  # noqa: E402
 from shared_data import ASPIRIN  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -219,12 +220,10 @@ def matmul_gflops(threads: int, device: str = "cpu", precision: str = "fp32", re
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
-        if on_gpu:
-            torch.cuda.synchronize()
+        synchronize(on_gpu)
         start = time.perf_counter()
         torch.mm(a, b)
-        if on_gpu:
-            torch.cuda.synchronize()
+        synchronize(on_gpu)
         times.append(time.perf_counter() - start)
     torch.set_num_threads(previous)
     return 2 * size**3 / statistics.median(times) / 1e9
