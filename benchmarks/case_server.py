@@ -8,6 +8,7 @@ needs only torch, numpy and the standard library) and speaks JSON lines with it:
     {"cmd": "step"}                                      -> {"seconds", "cpu_seconds", "rss_mb", "peak_rss_mb"}
     {"cmd": "flops"}                                     -> {"flops"}   (one step under FlopCounterMode)
     {"cmd": "profile", "top": 25}                        -> {"profile"} (one step under torch.profiler)
+    {"cmd": "matmuls"}                                   -> {"matmul_s", "calls", "shapes"} (`matmuls_alone`)
     {"cmd": "close"}                                     -> {"peak_rss_mb"}
     {"cmd": "quit"}
 
@@ -45,6 +46,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 import traceback
@@ -52,7 +54,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 Predict = Callable[[], dict]
 Precision = Callable[[], contextlib.AbstractContextManager]  # a new context for each step
@@ -192,6 +195,75 @@ def profile_step(step: Callable[[], None], top: int) -> dict:
             for event in events[:top]
         ],
     }
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Counts the calls of a step's matmul-like ops (those FlopCounterMode counts: mm, addmm,
+    bmm, ...) by their arguments: shapes, strides and dtypes of the tensors, other values as
+    they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in flop_registry:
+            key = (func, describe(args), describe(tuple(sorted(kwargs.items()))))
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **kwargs)
+
+
+def describe(value):
+    """A hashable stand-in for an op's argument, from which `rebuild` makes a like one."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, str(value.device))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(describe(item) for item in value))
+    return value
+
+
+def rebuild(description):
+    """Random data in the described layout (a transposed or broadcast operand stays so)."""
+    if isinstance(description, tuple) and description and description[0] == "tensor":
+        _, shape, stride, dtype, device = description
+        extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+        storage = torch.randn(extent, device=device).to(dtype)  # matmul operands are floating point
+        return storage.as_strided(shape, stride)
+    if isinstance(description, tuple) and description and description[0] in ("list", "tuple"):
+        items = [rebuild(item) for item in description[1]]
+        return items if description[0] == "list" else tuple(items)
+    return description
+
+
+def matmuls_alone(step: Callable[[], None], on_gpu: bool, repeats: int = 5) -> dict:
+    """The time a step's matmul-like ops take when run alone: one step records every call
+    (op and operand layouts), then each distinct call runs on random operands of the same
+    layout, once to warm up and `repeats` times timed; the sum over calls of count x median.
+    What the step would take if nothing but its matmuls cost time: a bound on its speed at
+    these FLOPs and this library's kernels."""
+    recorder = MatmulRecorder()
+    with recorder:
+        step()
+    release_free_memory()
+    total, shapes = 0.0, []
+    with torch.no_grad():
+        for (func, args, kwargs), count in recorder.calls.items():
+            args, kwargs = rebuild(args), dict(rebuild(kwargs))
+            func(*args, **kwargs)
+            times = []
+            for _ in range(repeats):
+                synchronize(on_gpu)
+                start = time.perf_counter()
+                func(*args, **kwargs)
+                synchronize(on_gpu)
+                times.append(time.perf_counter() - start)
+            seconds = count * statistics.median(times)
+            total += seconds
+            shapes.append({"op": str(func), "shapes": [list(a.shape) for a in args if isinstance(a, torch.Tensor)],
+                           "calls": count, "seconds": round(seconds, 4)})
+    shapes.sort(key=lambda entry: entry["seconds"], reverse=True)
+    return {"matmul_s": total, "calls": sum(recorder.calls.values()), "shapes": shapes[:10]}
 
 
 def parameters_by_module(model: torch.nn.Module, depth: int = 2) -> dict[str, int]:
@@ -342,6 +414,8 @@ def run_case(channel: Channel, build: Build, command: dict) -> None:
             channel.reply({"flops": counter.get_total_flops()})
         elif command["cmd"] == "profile":
             channel.reply({"profile": profile_step(step, command.get("top", 25))})
+        elif command["cmd"] == "matmuls":
+            channel.reply(matmuls_alone(step, on_gpu))
         elif command["cmd"] == "close":
             channel.reply({"peak_rss_mb": memory_mb()[1]})
             return

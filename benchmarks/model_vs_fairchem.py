@@ -2,7 +2,8 @@
 
     python benchmarks/model_vs_fairchem.py [--repeats 3] [--warmup 1] [--systems aspirin,cu108]
                                            [--tasks forward,train] [--modes direct,conservative]
-                                           [--fairchem-flops] [--profile 25] [--ours-commit REV]
+                                           [--fairchem-flops] [--profile 25] [--matmuls-alone]
+                                           [--ours-commit REV]
                                            [--device cpu|cuda] [--precision fp32|bf16]
                                            [--sides ours,fairchem] [--output figures.json]
 
@@ -39,6 +40,11 @@ The 1-minute load average is recorded per case. FLOPs per step are counted with 
 FlopCounterMode (matmul-like ops: mm, addmm, bmm, ...; elementwise work is not counted)
 in one extra step, and compared with a float32 2048x2048 matmul on the same threads,
 measured before and after the cases (the higher one is the machine's peak).
+`--matmuls-alone` also times, per side, the matmul-like calls of one step each run on its
+own with operands of the same layout (`matmuls_alone_s`): what the step would take if
+nothing but its matmuls cost time. Ours over it is `atoms_per_s_matmuls_alone`, and that
+over fairchem's measured speed (`throughput_bound`) is the most the speed ratio can reach
+with these FLOPs and torch's kernels.
 Shared machine: before each step the driver waits until the memory the step needs is
 available (what that side's previous step took; for a case's first step, an estimate per
 edge from the smaller system, which runs first), and the case processes volunteer to be
@@ -349,6 +355,9 @@ def measure_case(servers: dict[str, Server], case: dict, batch: str, args: argpa
         if args.profile:
             wait_for_memory(need_mb[side], args.memory_wait_limit)
             raw[side]["profile"] = servers[side].ask({"cmd": "profile", "top": args.profile})["profile"]
+        if args.matmuls_alone:
+            wait_for_memory(need_mb[side], args.memory_wait_limit)
+            raw[side]["matmuls"] = servers[side].ask({"cmd": "matmuls"})
         open_sides.remove(side)
         servers[side].ask({"cmd": "close"})
 
@@ -405,6 +414,12 @@ def side_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
         figures["gflop_per_step"] = round(raw["flops"] / 1e9, 2)
         figures["gflop_per_s"] = round(raw["flops"] / median / 1e9, 2)
         figures["fraction_of_matmul_peak"] = round(raw["flops"] / median / 1e9 / peak_gflops, 4)
+    if "matmuls" in raw:
+        matmul_s = raw["matmuls"]["matmul_s"]
+        figures["matmuls_alone_s"] = round(matmul_s, 3)
+        figures["matmul_share_of_step"] = round(matmul_s / median, 3)
+        figures["atoms_per_s_matmuls_alone"] = round(atoms / matmul_s, 2)
+        figures["matmul_shapes"] = raw["matmuls"]["shapes"]
     if "profile" in raw:
         figures["profile"] = raw["profile"]
     return figures
@@ -422,6 +437,9 @@ def case_figures(raw: dict, atoms: int, peak_gflops: float) -> dict:
         "peak_rss": ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
         "step_rss": ratio(ours["step_rss_mb"], theirs["step_rss_mb"]),
     }
+    if "atoms_per_s_matmuls_alone" in ours:
+        # The most the speed ratio can be at these FLOPs: ours if only its matmuls cost time.
+        figures["ours_over_fairchem"]["throughput_bound"] = ratio(ours["atoms_per_s_matmuls_alone"], theirs["atoms_per_s"])
     if "peak_device_mb" in ours:
         figures["ours_over_fairchem"]["peak_device_memory"] = ratio(ours["peak_device_mb"], theirs["peak_device_mb"])
     return figures
@@ -541,6 +559,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="add each side's TOP operators by self CPU time in a profiled step (profiled "
                              "until one runs without page faults: case_server.profile_until_steady)")
+    parser.add_argument("--matmuls-alone", action="store_true",
+                        help="time each side's matmul-like calls of one step run alone (case_server.matmuls_alone): "
+                             "the step's time if nothing else cost any, and so the most the speed ratio can be")
     parser.add_argument("--one-side-at-a-time", action="store_true",
                         help="each case: one side's steps, then the other's, so that one case process holds memory "
                              "at a time (for steps too large for two on the machine; run it on an idle machine)")
