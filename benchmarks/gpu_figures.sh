@@ -11,7 +11,8 @@
 # requirements/lock.txt) into .whl/ (git ignores it) and copies the rMD17 aspirin molecules
 # there. `run` installs the wheels into a private directory and writes into OUT:
 #   gpu.txt             nvidia-smi
-#   fp32.json bf16.json model_vs_fairchem.py's eight cases, our side, the spec's small model
+#   fp32.json bf16.json model_vs_fairchem.py's eight cases, our side, the spec's small model,
+#                       with each step's matmuls timed alone (how matmul-bound the GPU step is)
 #   fit_ddp.txt fit_fsdp.txt
 #                       `esen-train fit configs/tiny.yaml` with precision bf16 in both stages,
 #                       one process: the run's status, then its metrics.jsonl (atoms/s,
@@ -89,7 +90,7 @@ run() {
     for precision in fp32 bf16; do
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
         python3 benchmarks/model_vs_fairchem.py --sides ours --device "$DEVICE" --precision "$precision" \
-            --repeats 5 --warmup 2 --output "$out/$precision.json" ${BENCH_ARGS:-} > /dev/null
+            --repeats 5 --warmup 2 --matmuls-alone --output "$out/$precision.json" ${BENCH_ARGS:-} > /dev/null
     done
     local ddp_run fsdp_run
     ddp_run=$(mktemp -d) fsdp_run=$(mktemp -d)
