@@ -332,12 +332,11 @@ def test_handover_tolerances_and_adamw_settings_take_effect(two_stage_run, tmp_p
         fit(load_train_config(TINY, overrides + [f"run_dir={tmp_path / 'run'}"]))
     fit(load_train_config(TINY, overrides + [f"run_dir={tmp_path / 'run'}", "conservative.handover_rel_tol=0.05",
                                              "conservative.adam_betas=[0.8,0.95]", "conservative.adam_eps=1e-6"]))
-    state = torch.load(tmp_path / "run" / "checkpoints" / "conservative" / "last" / "train_state" / "state.pt",
-                       weights_only=True)
+    state_file = Path("checkpoints") / "conservative" / "last" / "train_state" / "state.pt"
+    state = torch.load(tmp_path / "run" / state_file, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert groups and all(tuple(g["betas"]) == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
-    default_state = torch.load(two_stage_run / "checkpoints" / "conservative" / "last" / "train_state" / "state.pt",
-                               weights_only=True)
+    default_state = torch.load(two_stage_run / state_file, weights_only=True)
     assert all(tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8 for g in default_state["optimizer"]["param_groups"])
 
     copy_with_recorded_error_off(two_stage_run, tmp_path / "absolute", 1.01)
