@@ -3,7 +3,9 @@ and the arguments several commands take."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from types import ModuleType
 
 from esen_train import __version__
@@ -44,7 +46,31 @@ def fail(prog: str, error: Exception | str) -> int:
     return BAD_INPUT_EXIT_CODE
 
 
+def show_warnings_plainly(prog: str) -> None:
+    """Warnings as one line naming the command, without Python's file, line and source line."""
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
+
+
+def output_reader_gone() -> int:
+    """Where the reader of a command's output went away (`esen-data inspect DIR | head -1`):
+    the rest of the output goes nowhere, without a traceback, and the exit code is a shell's
+    for a process ended by SIGPIPE, as for any Unix tool."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
+
+
 # ----- arguments more than one command takes ------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 LABEL_HELP = {
     "energy": "total energy in eV, e.g. REF_energy or free_energy",

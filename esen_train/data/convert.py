@@ -10,8 +10,11 @@ conversion, or with `skip_invalid` the dataset is rewritten without them.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
+import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -20,13 +23,14 @@ from pathlib import Path
 
 from esen_train.data.manifest import Manifest
 from esen_train.data.outliers import find_energy_outliers
-from esen_train.data.sources import InputChunk, LabelKeys, atoms_to_record, plan_chunks, read_chunk
+from esen_train.data.sources import InputChunk, InputError, LabelKeys, atoms_to_record, plan_chunks, read_chunk
 from esen_train.data.validate import InvalidStructure, check_record
 from esen_train.data.writer import DatasetWriter, EncodedChunk, check_output_free
 from esen_train.progress import ConsoleProgress
 
 CHUNK_SIZE = 1000  # structures per unit of work
 STRUCTURES_PER_SHARD = 100_000  # default shard size when --shards is not given
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def convert_chunk(chunk: InputChunk, skip_invalid: bool, keys: LabelKeys) -> EncodedChunk:
@@ -54,9 +58,23 @@ def _start_workers(workers: int) -> ProcessPoolExecutor:
     process starts threads of its own (the progress bar's monitor): the warm-up task makes the pool
     launch all its processes here.
     """
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     pool.submit(int).result()
     return pool
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the converting process ends, however it ends.
+
+    A conversion killed outright (SIGKILL, or SIGTERM, which Python does not catch) runs no
+    pool shutdown, and its workers would wait on their task queue forever. Linux's
+    PR_SET_PDEATHSIG has the kernel kill them instead; elsewhere they stay as before."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _converted_chunks(
@@ -129,6 +147,9 @@ def convert(
         for result in _converted_chunks(chunks, pool, workers, skip_invalid, keys):
             writer.write_chunk(result)
             console.update(len(result.records) + len(result.skipped))
+        if writer.num_structures == 0:
+            skipped = f" ({len(writer.skipped)} skipped as invalid)" if writer.skipped else ""
+            raise InputError(f"{', '.join(inputs)}: no structures to convert{skipped}")
         writer.seal()
         outliers = find_energy_outliers(writer.read_written, writer.num_structures)
         if outliers:

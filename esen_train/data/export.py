@@ -1,7 +1,8 @@
 """`esen-data export`: a dataset directory back to an extended XYZ file.
 
-Records are streamed shard by shard in the dataset's global order, so a dataset of any size
-exports in constant memory. Each structure gets its energy, forces and stress (ASE's
+Records are streamed in the order they were converted (the input's order, whatever the shard
+count), so a dataset of any size exports in constant memory, and converting the file again
+with the same shard count gives the same shards. Each structure gets its energy, forces and stress (ASE's
 SinglePointCalculator: `energy=`, `stress=` and the `forces` columns, which
 `esen-data convert` reads back by default) and, in its comment line, its config type,
 weight, charge, spin and where it was first converted from. extxyz keeps scalars exactly and
@@ -18,6 +19,7 @@ import ase.io
 
 from esen_train.data.manifest import DatasetDirectory, with_default_permissions
 from esen_train.data.sources import record_to_atoms
+from esen_train.data.writer import write_order
 
 FORMATS = ("extxyz",)
 
@@ -34,10 +36,9 @@ def export_dataset(dataset_dir: str | Path, out_path: str | Path, format: str = 
     count = 0
     with tempfile.NamedTemporaryFile("w", dir=out_path.parent, prefix=f".{out_path.name}.", delete=False) as stream:
         try:
-            for reader in dataset.readers:
-                for record in reader:
-                    ase.io.write(stream, record_to_atoms(record), format=format)
-                    count += 1
+            for shard, local in write_order([shard.num_structures for shard in dataset.manifest.shards]):
+                ase.io.write(stream, record_to_atoms(dataset.readers[shard].read(local)), format=format)
+                count += 1
         except BaseException:
             Path(stream.name).unlink()
             raise

@@ -94,7 +94,7 @@ class Manifest:
 
     def save(self, directory: str | Path) -> None:
         """Write DIR/manifest.json atomically (temporary file, then rename)."""
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
         atomic_write_bytes(Path(directory) / MANIFEST_NAME, text.encode())
 
     @classmethod
@@ -108,7 +108,7 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not directory.is_dir():
-            raise DatasetError(f"{directory}: dataset directory does not exist")
+            raise DatasetError(f"{directory}: dataset directory does not exist{_set_aside_hint(directory)}")
         if not path.is_file():
             if not any(directory.iterdir()):
                 raise DatasetError(f"{directory}: directory is empty, not a dataset")
@@ -123,11 +123,21 @@ class Manifest:
                 f"{path}: format_version {version!r}, this esen-train reads {FORMAT_VERSION}"
             )
         manifest = cls.from_dict(data, where=str(path))
+        manifest._check_fields(path)
         manifest._check_totals(path)
         if check_shards:
             for shard in manifest.shards:
                 _check_shard_file(directory, shard)
         return manifest
+
+    def _check_fields(self, path: Path) -> None:
+        """The values other code indexes with: atomic numbers, and shard names that stay
+        inside the dataset directory."""
+        if not all(isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= 118 for z in self.elements):
+            raise DatasetError(f"{path}: field 'elements': {self.elements!r} are not all atomic numbers")
+        for shard in self.shards:
+            if not isinstance(shard.name, str) or Path(shard.name).name != shard.name or shard.name.startswith("."):
+                raise DatasetError(f"{path}: shard name {shard.name!r} is not a file name in the dataset directory")
 
     def _check_totals(self, path: Path) -> None:
         structures = sum(shard.num_structures for shard in self.shards)
@@ -137,6 +147,15 @@ class Manifest:
                 f"{path}: shards hold {structures} structures / {atoms} atoms but the manifest "
                 f"says {self.num_structures} / {self.num_atoms}"
             )
+
+
+def _set_aside_hint(directory: Path) -> str:
+    """Where a writer that died while replacing `directory` left the dataset it replaced."""
+    for aside in sorted(directory.parent.glob(f".{directory.name}.old-*/dataset")):
+        if (aside / MANIFEST_NAME).is_file():
+            return (f" (a writer replacing it died halfway and left the previous dataset in {aside}: "
+                    "move it back, or run the command again, which restores it first)")
+    return ""
 
 
 def _check_shard_file(directory: Path, shard: ShardInfo) -> None:
@@ -193,6 +212,22 @@ def load_natoms(directory: str | Path, mmap: bool = False) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable ({error})") from None
 
 
+def checked_natoms(directory: str | Path, manifest: Manifest, mmap: bool = False) -> np.ndarray:
+    """`load_natoms`, checked against the manifest: one count per structure, and each
+    shard's counts adding up to its atoms."""
+    natoms = load_natoms(directory, mmap=mmap)
+    path = Path(directory) / NATOMS_NAME
+    if natoms.shape != (manifest.num_structures,):
+        raise DatasetError(f"{path}: shape {natoms.shape}, expected ({manifest.num_structures},) from {MANIFEST_NAME}")
+    starts = list(accumulate((shard.num_structures for shard in manifest.shards), initial=0))
+    for shard, start, end in zip(manifest.shards, starts, starts[1:]):
+        atoms = int(natoms[start:end].sum(dtype=np.int64))
+        if atoms != shard.num_atoms:
+            raise DatasetError(f"{path}: the counts of {shard.name} add up to {atoms} atoms, "
+                               f"{MANIFEST_NAME} says {shard.num_atoms}")
+    return natoms
+
+
 def file_checksum(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -221,13 +256,7 @@ class DatasetDirectory:
         return self.manifest.num_structures
 
     def natoms(self, mmap: bool = False) -> np.ndarray:
-        natoms = load_natoms(self.path, mmap=mmap)
-        if natoms.shape != (len(self),):
-            raise DatasetError(
-                f"{self.path / NATOMS_NAME}: shape {natoms.shape}, expected ({len(self)},) "
-                f"from {MANIFEST_NAME}"
-            )
-        return natoms
+        return checked_natoms(self.path, self.manifest, mmap=mmap)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, index inside that shard) of global structure `index`."""

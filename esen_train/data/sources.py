@@ -25,7 +25,8 @@ import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.io.formats import filetype, get_compression
+from ase.data import atomic_numbers
+from ase.io.formats import filetype, get_compression, ioformats
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
@@ -92,6 +93,8 @@ def plan_chunks(path: str | Path, chunk_size: int, format: str | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: input file does not exist")
+    if format is not None and format not in ioformats:
+        raise InputError(f"{path}: unknown --format {format!r}; ase.io reads e.g. extxyz, traj, vasp-out, vasp-xml")
     kind = input_kind(path, format)
     if kind == EXTXYZ:
         return _plan_extxyz(path, chunk_size)
@@ -106,14 +109,19 @@ def plan_chunks(path: str | Path, chunk_size: int, format: str | None = None) ->
 
 
 def _plan_extxyz(path: Path, chunk_size: int) -> list[InputChunk]:
-    """Byte ranges of chunks of frames, found by reading only the atom-count lines."""
+    """Byte ranges of chunks of frames, found by reading only the atom-count lines.
+
+    A blank line ends the file for ASE's reader, which would silently drop every frame after
+    it; so one that is followed by more text is an error, not the end."""
     chunks = []
     with open(path, "rb") as f:
-        frame, chunk_start, chunk_begin = 0, 0, 0
+        frame, chunk_start, chunk_begin, line_number, declared = 0, 0, 0, 0, None
         while True:
             position = f.tell()
             line = f.readline()
+            line_number += 1
             if not line.strip():
+                _check_only_blank_lines_follow(f, path, frame, line_number, bool(line))
                 break
             if frame - chunk_start == chunk_size:
                 chunks.append(
@@ -121,15 +129,18 @@ def _plan_extxyz(path: Path, chunk_size: int) -> list[InputChunk]:
                 )
                 chunk_start, chunk_begin = frame, position
             try:
-                natoms = int(line)
+                declared = int(line)
             except ValueError:
+                looks_like_an_atom = len(line.split()) >= 4  # symbol and position: the count above was short
+                hint = f" (is structure {frame - 1}'s atom count, {declared}, right?)" if frame and looks_like_an_atom else ""
                 raise InputError(
-                    f"{path} structure {frame}: expected an atom count line, got {line[:60]!r}"
+                    f"{path} structure {frame}: line {line_number}: expected an atom count line, "
+                    f"got {line[:60]!r}{hint}"
                 ) from None
-            for _ in range(natoms + 1):  # comment line, then one line per atom
+            for _ in range(declared + 1):  # comment line, then one line per atom
                 if not f.readline():
                     raise InputError(f"{path} structure {frame}: file ends inside the frame")
-            _skip_vec_lines(f)
+            line_number += declared + 1 + _skip_vec_lines(f)
             frame += 1
         if frame > chunk_start:
             chunks.append(
@@ -138,13 +149,27 @@ def _plan_extxyz(path: Path, chunk_size: int) -> list[InputChunk]:
     return chunks
 
 
-def _skip_vec_lines(f) -> None:
-    # Old-style extxyz may put lattice vectors on "VEC1 ..." lines after a frame.
+def _check_only_blank_lines_follow(f, path: Path, frame: int, line_number: int, at_blank_line: bool) -> None:
+    if not at_blank_line:  # end of file
+        return
+    for offset, line in enumerate(f, start=1):
+        if line.strip():
+            raise InputError(
+                f"{path} structure {frame}: line {line_number} is blank but more structures follow "
+                f"(line {line_number + offset}); remove the blank line, or every structure after it "
+                "would be lost"
+            )
+
+
+def _skip_vec_lines(f) -> int:
+    """Skip the "VEC1 ..." lattice lines old-style extxyz may put after a frame; how many."""
+    skipped = 0
     while True:
         position = f.tell()
         if not f.readline().lstrip().startswith(b"VEC"):
             f.seek(position)
-            return
+            return skipped
+        skipped += 1
 
 
 def _open_database(path: Path):
@@ -165,7 +190,16 @@ def read_chunk(chunk: InputChunk) -> Iterator[tuple[int, Atoms]]:
     except InvalidStructure:
         raise
     except Exception as error:  # parsers raise anything from ValueError to IndexError
+        if _is_unknown_symbol(error):
+            raise InputError(f"{chunk.path} structure {index}: field 'atomic_numbers': "
+                             f"unknown element symbol {error.args[0]!r}") from error
         raise InputError(f"{chunk.path} structure {index}: cannot read ({error})") from error
+
+
+def _is_unknown_symbol(error: Exception) -> bool:
+    """ASE's readers raise KeyError(symbol) for a species they do not know."""
+    symbol = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else None
+    return isinstance(symbol, str) and symbol not in atomic_numbers
 
 
 def _chunk_atoms(chunk: InputChunk) -> Iterator[Atoms]:
@@ -257,6 +291,8 @@ def _keys_present(atoms: Atoms) -> str:
 
 
 def _number(value, field: str, source_file: str, source_index: int) -> float:
+    if isinstance(value, (bool, np.bool_)):  # extxyz reads `energy=T` as True
+        raise InvalidStructure(source_file, source_index, field, f"not a number: {value!r}")
     try:
         return float(np.asarray(value).reshape(()))
     except (TypeError, ValueError):

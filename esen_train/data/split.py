@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from esen_train.data.manifest import DatasetDirectory, Manifest
-from esen_train.data.writer import DatasetWriter, check_output_free
+from esen_train.data.writer import DatasetWriter, check_output_free, finish_together
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -56,7 +56,6 @@ def split_dataset(
     out_dirs = split_output_dirs(out_prefix, len(parts))
     for out_dir in out_dirs:  # refuse before writing anything
         check_output_free(out_dir.absolute(), overwrite)
-    manifests = {}
     with ExitStack() as stack:
         stack.callback(source.close)
         writers = []
@@ -71,6 +70,4 @@ def split_dataset(
         for writer, part in zip(writers, parts):
             for index in part:
                 writer.write(source.read(int(index)))
-        for name, writer in zip(SPLIT_NAMES, writers):
-            manifests[name] = writer.finish()
-    return manifests
+        return dict(zip(SPLIT_NAMES, finish_together(writers)))

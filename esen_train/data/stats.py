@@ -9,11 +9,12 @@ dataset writer feeds every record it writes through a `StatsAccumulator` and
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from esen_train.data.manifest import DatasetDirectory, DatasetStats, Manifest, load_natoms
+from esen_train.data.manifest import DatasetDirectory, DatasetError, DatasetStats, Manifest, checked_natoms
 from esen_train.data.records import StructureRecord
 from esen_train.data.validate import MAX_ATOMIC_NUMBER
 
@@ -147,10 +148,19 @@ def compute_stats(directory: str | Path) -> DatasetStats:
 def write_stats(directory: str | Path) -> DatasetStats:
     """Recompute the statistics and store them in the manifest (atomically)."""
     stats = compute_stats(directory)
+    if non_finite_fields(stats):
+        raise DatasetError(f"{directory}: statistics {', '.join(non_finite_fields(stats))} are not finite: the dataset "
+                           f"holds non-finite labels (`esen-data verify {directory}` names the records); nothing written")
     manifest = Manifest.load(directory)
     manifest.stats = stats
     manifest.save(directory)
     return stats
+
+
+def non_finite_fields(stats: DatasetStats) -> list[str]:
+    """The statistics that are NaN or infinite (a JSON manifest cannot hold them)."""
+    values = {name: list(value.values()) if isinstance(value, dict) else [value] for name, value in asdict(stats).items()}
+    return [name for name, numbers in values.items() if not np.all(np.isfinite(numbers))]
 
 
 def atoms_histogram(natoms: np.ndarray, max_bins: int = 12) -> dict:
@@ -165,7 +175,7 @@ def atoms_histogram(natoms: np.ndarray, max_bins: int = 12) -> dict:
 def describe_dataset(directory: str | Path) -> dict:
     """What `esen-data inspect --json` prints: the manifest plus an atom-count summary."""
     manifest = Manifest.load(directory)
-    natoms = load_natoms(directory)
+    natoms = checked_natoms(directory, manifest)
     summary = manifest.to_dict()
     summary["atoms_per_structure"] = {
         "min": int(natoms.min()),

@@ -4,7 +4,12 @@
 (`.NAME.partial-<host>-<pid>-<random suffix>`, same file system) and renames it into place in
 `finish()`; on an error the temporary directory is removed, so a failed run leaves nothing
 behind. A process killed outright cannot remove it: the next writer in the same directory
-removes such leftovers (`remove_stale_partials`).
+removes such leftovers (`remove_stale_partials`). An existing dataset is replaced by one atomic
+exchange of the two directories (Linux's `renameat2(RENAME_EXCHANGE)`); where the file system
+cannot exchange (NFS and some cluster file systems), the old dataset is first renamed aside to
+`.NAME.old-<host>-<pid>-<suffix>/dataset`, and if the writer dies before the new one is in
+place, the next writer puts the old one back. `finish_together` does this for several outputs
+(the parts of a split) only after all of them are written, so they change together.
 Structure i goes to shard i mod num_shards, which balances the shards without knowing
 in advance how many structures will come. Between `seal` and `finish` the written records
 can be read back (conversion looks for energy outliers there) and, with `without`,
@@ -12,6 +17,8 @@ rewritten leaving some out.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import shutil
@@ -20,6 +27,7 @@ import tempfile
 import time
 import warnings
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +36,7 @@ import numpy as np
 
 from esen_train.data.manifest import (
     MANIFEST_NAME,
+    DatasetError,
     Manifest,
     ShardInfo,
     file_checksum,
@@ -36,17 +45,30 @@ from esen_train.data.manifest import (
 )
 from esen_train.data.records import StructureRecord, encode_record
 from esen_train.data.shards import ShardReader, ShardWriter
-from esen_train.data.stats import StatsAccumulator
+from esen_train.data.stats import StatsAccumulator, non_finite_fields
 
 OPTIONAL_PROPERTIES = ("stress", "charge", "spin", "config_type", "weight")
 # A temporary output in which nothing changed for this long is a dead process's leftover, also
 # where its process cannot be looked up (written from another host).
 STALE_PARTIAL_AGE_S = 24 * 3600
-_PARTIAL_NAME = re.compile(r"\..+\.partial-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+_LEFTOVER_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>partial|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
 
 def shard_name(number: int) -> str:
     return f"shard_{number:05d}.lmdb"
+
+
+def write_order(shard_counts: list[int]) -> Iterator[tuple[int, int]]:
+    """(shard, index in the shard) of each structure in the order `DatasetWriter` wrote them,
+    which is the input's order. Shards not laid out round-robin (not written by it) are taken
+    one after another."""
+    total, num_shards = sum(shard_counts), len(shard_counts)
+    if list(shard_counts) != [len(range(k, total, num_shards)) for k in range(num_shards)]:
+        yield from ((shard, local) for shard, count in enumerate(shard_counts) for local in range(count))
+        return
+    yield from ((position % num_shards, position // num_shards) for position in range(total))
 
 
 def present_properties(record: StructureRecord) -> set[str]:
@@ -87,27 +109,56 @@ def check_output_free(out_dir: Path, overwrite: bool) -> None:
 
 
 def remove_stale_partials(parent: Path) -> list[Path]:
-    """Remove the temporary outputs (`.NAME.partial-*`) in `parent` that no running writer
-    owns: their process on this host is gone, or nothing in them changed for
-    STALE_PARTIAL_AGE_S. Returns what was removed."""
+    """Clear what dead writers left in `parent`: their temporary outputs (`.NAME.partial-*`),
+    and the old datasets they had renamed aside (`.NAME.old-*`), which go back to NAME if
+    nothing took its place. A leftover is a dead writer's when its process on this host is
+    gone, or nothing in it changed for STALE_PARTIAL_AGE_S. Returns the leftovers removed
+    without restoring anything."""
     removed = []
-    for path in sorted(parent.glob(".*.partial-*")):
+    for path in sorted([*parent.glob(".*.partial-*"), *parent.glob(".*.old-*")]):
         try:
             stale = path.is_dir() and _is_stale(path)
         except FileNotFoundError:  # its writer finished or removed it meanwhile
             continue
         if stale:
+            if not _restore_set_aside(path):
+                removed.append(path)
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
     return removed
 
 
+def _restore_set_aside(leftover: Path) -> bool:
+    """Put back the old dataset a dead writer set aside, if nothing took its place."""
+    match = _LEFTOVER_NAME.fullmatch(leftover.name)
+    target = leftover.parent / match["target"] if match and match["kind"] == "old" else None
+    if target is None or target.exists() or not (leftover / "dataset").is_dir():
+        return False
+    os.replace(leftover / "dataset", target)
+    warnings.warn(f"restored {target}: a writer replacing it died before the new dataset was in place", stacklevel=3)
+    return True
+
+
 def _is_stale(partial: Path) -> bool:
-    match = _PARTIAL_NAME.fullmatch(partial.name)
+    match = _LEFTOVER_NAME.fullmatch(partial.name)
     if match and match["host"] == socket.gethostname() and not _process_alive(int(match["pid"])):
         return True
     last_change = max([partial.stat().st_mtime, *(path.stat().st_mtime for path in partial.iterdir())])
     return time.time() - last_change > STALE_PARTIAL_AGE_S
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step; False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # not Linux, or a C library before glibc 2.28
+        return False
+    status = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if status == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, f"cannot exchange {first} and {second}: {os.strerror(code)}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -128,10 +179,10 @@ class DatasetWriter:
             raise ValueError(f"num_shards must be at least 1, got {num_shards}")
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
-        check_output_free(self.out_dir, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in remove_stale_partials(self.out_dir.parent):
-            warnings.warn(f"removed {leftover}: the unfinished output of a writer that is gone", stacklevel=2)
+        for leftover in remove_stale_partials(self.out_dir.parent):  # first: it may restore out_dir
+            warnings.warn(f"removed {leftover}: left unfinished by a writer that is gone", stacklevel=2)
+        check_output_free(self.out_dir, overwrite)
         self.tmp_dir = Path(
             tempfile.mkdtemp(
                 dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-"
@@ -188,6 +239,10 @@ class DatasetWriter:
                 )
             )
             natoms.append(np.frombuffer(shard_natoms, dtype=np.int32))
+        stats = self.stats.result()
+        if stats is not None and non_finite_fields(stats):
+            raise DatasetError(f"{self.out_dir}: statistics {', '.join(non_finite_fields(stats))} of the records are "
+                               "not finite: they hold non-finite labels; nothing written")
         natoms = np.concatenate(natoms)
         save_natoms(self.tmp_dir, natoms)
         self.manifest = Manifest(
@@ -203,7 +258,7 @@ class DatasetWriter:
                 "skipped_examples": self.skipped[:20],
             },
             skipped=len(self.skipped),
-            stats=self.stats.result(),
+            stats=stats,
         )
         self.manifest.save(self.tmp_dir)
         self._readers = [ShardReader(self.tmp_dir / shard.name) for shard in infos]
@@ -226,25 +281,26 @@ class DatasetWriter:
 
     def finish(self) -> Manifest:
         """Seal (unless done) and move the dataset into place; returns its manifest."""
-        manifest = self.manifest or self.seal()
-        self._close_readers()
-        self._move_into_place()
-        return manifest
+        return finish_together([self])[0]
 
     def _close_readers(self) -> None:
         for reader in self._readers:
             reader.close()
         self._readers = []
 
-    def _move_into_place(self) -> None:
-        if self.out_dir.exists():
-            check_output_free(self.out_dir, self.overwrite)  # may have appeared meanwhile
-            old = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.old-"))
-            os.replace(self.out_dir, old / "dataset")
+    def _move_into_place(self) -> Path | None:
+        """Put the sealed dataset at `out_dir`; returns where the dataset it replaced now is."""
+        if not self.out_dir.exists():
             os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
+            return None
+        check_output_free(self.out_dir, self.overwrite)  # may have appeared meanwhile
+        if exchange_paths(self.tmp_dir, self.out_dir):
+            return self.tmp_dir
+        prefix = f".{self.out_dir.name}.old-{socket.gethostname()}-{os.getpid()}-"
+        aside = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=prefix))
+        os.replace(self.out_dir, aside / "dataset")
+        os.replace(self.tmp_dir, self.out_dir)
+        return aside
 
     def abort(self) -> None:
         self._close_readers()
@@ -261,3 +317,17 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         if exc_type is not None or self.tmp_dir.exists():
             self.abort()
+
+
+def finish_together(writers: list[DatasetWriter]) -> list[Manifest]:
+    """Seal every writer, then move all the datasets into place one right after another, and
+    only then delete the datasets they replaced: outputs that belong together (a split's
+    parts) are never left half old, half new by a slow step between them."""
+    manifests = [writer.manifest or writer.seal() for writer in writers]
+    for writer in writers:
+        writer._close_readers()
+    replaced = [writer._move_into_place() for writer in writers]
+    for path in replaced:
+        if path is not None:
+            shutil.rmtree(path)
+    return manifests

@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from esen_train import shipped_config
 from esen_train.config_loading import ConfigError, omegaconf_errors
 from esen_train.data import emt
-from esen_train.data.manifest import DatasetError, Manifest, load_natoms
+from esen_train.data.manifest import DatasetError, Manifest, checked_natoms
 from esen_train.model.config import ModelConfig, load_model_config
 from esen_train.model.model_file import MODEL_FILE, CheckpointError, checkpoint_model_config, resolve_checkpoint
 
@@ -382,7 +382,7 @@ def _largest_structure(config: TrainConfig) -> tuple[int, str, bool]:
         for directory in getattr(config.data, key):
             try:
                 manifest = Manifest.load(directory)
-                natoms = int(load_natoms(directory, mmap=True).max())
+                natoms = int(checked_natoms(directory, manifest, mmap=True).max())
             except DatasetError as error:
                 raise ConfigError(f"data.{key}: {error}") from None
             if natoms > largest:

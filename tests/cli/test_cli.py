@@ -80,7 +80,9 @@ BAD_INPUT = [
     ("esen-data", ["split", "absent", "--out", "part"], "absent: dataset directory does not exist"),
     ("esen-data", ["split", "absent", "--out", "part", "--fractions", "0.9;0.1"], "expected comma-separated numbers"),
     ("esen-data", ["stats", "absent"], "absent: dataset directory does not exist"),
-    ("esen-data", ["emt", "--out", "emt", "--num", "0"], "no valid structures to write"),
+    ("esen-data", ["emt", "--out", "emt", "--num", "0"], "argument --num: must be at least 1, got 0"),
+    ("esen-data", ["emt", "--out", "emt.xyz", "--num", "-3", "--extxyz"], "argument --num: must be at least 1, got -3"),
+    ("esen-data", ["convert", "absent.xyz", "--out", "data", "--workers", "0"], "argument --workers: must be at least 1"),
     ("esen-launch", ["tiny", "--dry-run"], "choose a cluster profile with cluster=NAME"),
 ]
 

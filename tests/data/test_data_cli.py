@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import ase.io
 import numpy as np
@@ -141,3 +145,16 @@ def test_emt_command_writes_a_dataset(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["emt", "--out", str(out), "--num", "8", "--seed", "0", "--overwrite"]) == 0
     assert Manifest.load(out).num_structures == 8
+
+
+def test_a_reader_that_stops_reading_ends_the_output_without_a_traceback(tmp_path, emt_xyz):
+    """`esen-data inspect DIR | head -1`: head exits, and the next line written finds no reader."""
+    out = tmp_path / "data"
+    assert main(["convert", str(emt_xyz), "--out", str(out), "--quiet"]) == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    esen_data = "import sys; from esen_train.cli.data import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", esen_data, "inspect", str(out)], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")

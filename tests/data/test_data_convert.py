@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 
 import ase.db
@@ -28,11 +29,12 @@ from esen_train.data.manifest import (
 )
 from esen_train.data.records import StructureRecord
 from esen_train.data.export import export_dataset
-from esen_train.data.sources import InputError, LabelKeys
+from esen_train.data.sources import InputError, LabelKeys, atoms_to_record
 from esen_train.data.split import split_dataset, split_indices
-from esen_train.data.stats import StatsAccumulator, compute_stats
+from esen_train.data.stats import StatsAccumulator, compute_stats, describe_dataset, write_stats
 from esen_train.data.validate import InvalidStructure
 from esen_train.data.verify import verify_dataset
+from esen_train.data.writer import DatasetWriter
 
 
 def labelled(atoms: Atoms, rng, stress=True, energy=None, forces=None) -> Atoms:
@@ -331,12 +333,15 @@ def test_export_then_convert_gives_the_same_dataset(tmp_path):
     first = tmp_path / "first"
     convert([str(write_extxyz(tmp_path / "in.xyz", originals))], first, num_shards=3, progress=False)
     assert export_dataset(first, tmp_path / "exported.xyz") == 7
+    exported = ase.io.read(tmp_path / "exported.xyz", ":")
+    assert [atoms.info["source_index"] for atoms in exported] == list(range(7))  # the input's order
     second = tmp_path / "second"
-    convert([str(tmp_path / "exported.xyz")], second, progress=False)
+    convert([str(tmp_path / "exported.xyz")], second, num_shards=3, progress=False)
     before, after = DatasetDirectory(first), DatasetDirectory(second)
     assert len(before) == len(after) == 7
+    assert [s.num_structures for s in after.manifest.shards] == [s.num_structures for s in before.manifest.shards]
     for index in range(7):
-        a, b = before.read(index), after.read(index)  # the export keeps the global order
+        a, b = before.read(index), after.read(index)  # the same shards, record by record
         np.testing.assert_allclose(b.positions, a.positions, atol=1e-8)  # extxyz: 8 decimals
         np.testing.assert_allclose(b.forces, a.forces, atol=1e-8)
         np.testing.assert_array_equal(b.atomic_numbers, a.atomic_numbers)
@@ -366,10 +371,56 @@ def test_unreadable_input_names_file_and_structure(tmp_path):
     natoms_line = [i for i, line in enumerate(text) if line.strip().isdigit()][2]
     text[natoms_line] = "three"
     path.write_text("\n".join(text) + "\n")
-    with pytest.raises(InputError, match="in.xyz structure 2: expected an atom count"):
+    with pytest.raises(InputError, match=r"in.xyz structure 2: line 16: expected an atom count line, got b'three\\n'$"):
         convert([str(path)], tmp_path / "out", progress=False)
     with pytest.raises(InputError, match="does not exist"):
         convert([str(tmp_path / "absent.xyz")], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_blank_line_between_structures_is_refused_not_the_end_of_the_file(tmp_path):
+    """ASE's reader stops at a blank line: the structures after it would be lost silently."""
+    lines = write_extxyz(tmp_path / "in.xyz", sample_structures(5)).read_text().splitlines()
+    second_frame = 2 + int(lines[0])  # 0-based line of structure 1's atom count
+    for name, blank_at in (("middle.xyz", second_frame), ("leading.xyz", 0)):
+        path = tmp_path / name
+        path.write_text("\n".join(lines[:blank_at] + [""] + lines[blank_at:]) + "\n\n")
+        structure = 1 if blank_at else 0
+        with pytest.raises(InputError, match=f"{name} structure {structure}: line {blank_at + 1} is blank but more "
+                                             f"structures follow \\(line {blank_at + 2}\\)"):
+            convert([str(path)], tmp_path / "out", progress=False)
+    (tmp_path / "trailing.xyz").write_text("\n".join(lines) + "\n\n\n")
+    assert convert([str(tmp_path / "trailing.xyz")], tmp_path / "out", progress=False).num_structures == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xyz", "leading.xyz", "middle.xyz", "out", "trailing.xyz"]
+
+
+def test_an_atom_count_too_small_names_the_structure_that_declares_it(tmp_path):
+    lines = write_extxyz(tmp_path / "in.xyz", sample_structures(4)).read_text().splitlines()
+    second_frame = 2 + int(lines[0])
+    declared = int(lines[second_frame])
+    lines[second_frame] = str(declared - 1)
+    (tmp_path / "in.xyz").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=f"structure 2: .*expected an atom count line.*"
+                                         f"is structure 1's atom count, {declared - 1}, right"):
+        convert([str(tmp_path / "in.xyz")], tmp_path / "out", progress=False)
+
+
+def test_odd_input_is_named(tmp_path):
+    path = write_extxyz(tmp_path / "in.xyz", sample_structures(2))
+    text = path.read_text()
+    unknown = tmp_path / "unknown.xyz"
+    unknown.write_text(text.replace("\nCu ", "\nXx ", 1))
+    with pytest.raises(InputError, match="unknown.xyz structure 1: field 'atomic_numbers': unknown element symbol 'Xx'"):
+        convert([str(unknown)], tmp_path / "out", progress=False)
+    flag = tmp_path / "flag.xyz"
+    flag.write_text(re.sub(r"energy=[-0-9.e]+", "energy=T", text, count=1))
+    with pytest.raises(InvalidStructure, match="flag.xyz structure 0: field 'energy': not a number: True"):
+        convert([str(flag)], tmp_path / "out", progress=False)
+    with pytest.raises(InputError, match="in.xyz: unknown --format 'nonsense'"):
+        convert([str(path)], tmp_path / "out", format="nonsense", progress=False)
+    (tmp_path / "blank.xyz").write_text("\n\n")
+    with pytest.raises(InputError, match="blank.xyz: no structures to convert"):
+        convert([str(tmp_path / "blank.xyz")], tmp_path / "out", format="extxyz", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -428,12 +479,31 @@ def test_manifest_load_errors_name_the_file(tmp_path, dataset_dir):
     with load_with(lambda d: d.pop("shards")) as error:
         Manifest.load(dataset_dir)
     assert "malformed manifest" in str(error.value)
+    for elements in ([999], ["Si"], [True]):
+        with load_with(lambda d: d.update(elements=elements)) as error:
+            Manifest.load(dataset_dir)
+        assert f"field 'elements': {elements!r} are not all atomic numbers" in str(error.value)
+    with load_with(lambda d: d["shards"][0].update(name="../elsewhere/shard_00000.lmdb")) as error:
+        Manifest.load(dataset_dir)
+    assert "'../elsewhere/shard_00000.lmdb' is not a file name in the dataset directory" in str(error.value)
     manifest_path.write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         Manifest.load(dataset_dir)
     manifest_path.unlink()
     with pytest.raises(DatasetError, match="manifest.json: missing"):
         Manifest.load(dataset_dir)
+
+
+def test_natoms_that_disagree_with_the_manifest_are_refused(dataset_dir):
+    natoms = load_natoms(dataset_dir)
+    changed = natoms.copy()
+    changed[7] += 1  # structure 7 is in shard 1 (5 structures a shard)
+    np.save(dataset_dir / "natoms.npy", changed)
+    with pytest.raises(DatasetError, match="the counts of shard_00001.lmdb add up to"):
+        describe_dataset(dataset_dir)
+    np.save(dataset_dir / "natoms.npy", np.stack([natoms[:5], natoms[5:]]))
+    with pytest.raises(DatasetError, match=r"natoms.npy: shape \(2, 5\), expected \(10,\)"):
+        DatasetDirectory(dataset_dir).natoms()
 
 
 def test_truncated_shard_and_bad_natoms_are_reported(dataset_dir):
@@ -509,6 +579,22 @@ def test_stats_of_a_single_molecule_dataset_are_finite():
     assert all(math.isfinite(e) for e in stats.element_references.values())
     assert total == pytest.approx(-6300, abs=0.5)
     assert abs(stats.residual_energy_per_atom_mean) < 0.05
+
+
+def test_non_finite_statistics_are_refused_and_the_manifest_kept(tmp_path):
+    structures = sample_structures(3)
+    structures[1].calc.results["forces"][0, 0] = np.inf
+    path = write_extxyz(tmp_path / "in.xyz", structures)
+    shards = tmp_path / "data"
+    with DatasetWriter(shards, 1, {"tool": "another tool"}) as writer:  # past conversion's checks
+        for index, atoms in enumerate(ase.io.read(path, ":")):
+            writer.write(atoms_to_record(atoms, str(path), index))
+        writer.stats.result = lambda: None  # a tool that writes no statistics
+        writer.finish()
+    before = (shards / "manifest.json").read_text()
+    with pytest.raises(DatasetError, match="statistics force_rms are not finite"):
+        write_stats(shards)
+    assert (shards / "manifest.json").read_text() == before
 
 
 def test_stats_stored_at_conversion_match_recomputation(dataset_dir):

@@ -142,7 +142,8 @@ def test_float64_reader_keeps_full_precision(dataset_dirs):
 def test_natoms_that_disagree_with_a_record_name_the_shard(tmp_path):
     _write_dataset(tmp_path / "data", _crystals(4), num_shards=1)
     natoms = np.load(tmp_path / "data" / "natoms.npy")
-    natoms[2] += 1
+    natoms[2] += 1  # and one less in record 3: the shard's total still agrees with the manifest
+    natoms[3] -= 1
     save_natoms(tmp_path / "data", natoms)
     dataset = LMDBDataset(tmp_path / "data", cutoff=CUTOFF)
     with pytest.raises(DatasetError, match=r"shard_00000\.lmdb record 2.*natoms\.npy"):

@@ -13,9 +13,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from esen_train.cli.data import main
 from esen_train.data.convert import convert
-from esen_train.data.manifest import DatasetDirectory, Manifest
+from esen_train.data.manifest import DatasetDirectory, DatasetError, Manifest
 from esen_train.data.outliers import MIN_OUTLIER_EV_PER_ATOM, fit_robust_references
 from esen_train.data.sources import atoms_to_record
+from esen_train.data.split import split_dataset
 from esen_train.data.stats import StatsAccumulator
 from esen_train.data.validate import InvalidStructure, UnphysicalGeometry, check_geometry
 from esen_train.data.verify import verify_dataset
@@ -252,4 +253,14 @@ def write_unchecked(directory, records) -> None:
     with DatasetWriter(directory, num_shards=2, provenance={}, overwrite=True) as writer:
         for record in records:
             writer.write(record)
+        writer.stats.result = lambda: None  # a tool that writes no statistics (they would not be finite)
         writer.finish()
+
+
+def test_split_refuses_to_copy_non_finite_labels(tmp_path):
+    records = [atoms_to_record(atoms, "in.xyz", index) for index, atoms in enumerate(copper_cells(10))]
+    records[5].forces[1, 2] = np.nan
+    write_unchecked(tmp_path / "data", records)
+    with pytest.raises(DatasetError, match="part_(train|val): statistics force_rms of the records are not finite"):
+        split_dataset(tmp_path / "data", tmp_path / "part", [0.5, 0.5], seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esen_train.data.emt import write_emt_extxyz
-from esen_train.data.manifest import Manifest
+from esen_train.data.manifest import DatasetError, Manifest
 from esen_train.data.writer import STALE_PARTIAL_AGE_S, remove_stale_partials
 
 
@@ -41,7 +41,7 @@ def test_partial_output_of_a_killed_convert_is_removed_by_the_next(tmp_path):
 
     result = subprocess.run(convert_command(small, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"removed {leftover}: the unfinished output of a writer that is gone" in result.stderr
+    assert f"removed {leftover}: left unfinished by a writer that is gone" in result.stderr
     assert sorted(path.name for path in out.parent.iterdir()) == ["mine"]
     assert Manifest.load(out).num_structures == 20
 
@@ -76,3 +76,133 @@ def test_a_partial_in_which_nothing_changed_for_a_day_is_removed_whatever_its_na
     directory.mkdir()
     age(directory, STALE_PARTIAL_AGE_S + 60)
     assert remove_stale_partials(tmp_path) == [directory]
+
+
+# A command run in a child process with one function of esen_train.data patched to SIGKILL the
+# process at a chosen point: a real kill, at a moment timing alone would rarely hit.
+KILLED_AT = """
+import os, signal, sys
+from esen_train.data import writer
+{patch}
+from esen_train.cli.data import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed(patch: str, *argv: str) -> subprocess.CompletedProcess:
+    script = KILLED_AT.format(patch=patch)
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+
+
+def run_esen_data(*argv: str) -> subprocess.CompletedProcess:
+    return run_killed("", *argv)
+
+
+def test_an_overwrite_killed_halfway_loses_nothing(tmp_path):
+    """Where directories cannot be exchanged atomically, the old dataset is renamed aside
+    first; killed right after that, the next writer beside it puts the old one back."""
+    source = tmp_path / "emt.xyz"
+    write_emt_extxyz(source, num=12, seed=0)
+    out = tmp_path / "data"
+    assert run_esen_data("convert", str(source), "--out", str(out), "--quiet").returncode == 0
+    patch = (
+        "writer.exchange_paths = lambda first, second: False\n"
+        "real_replace = os.replace\n"
+        "def replace(source, target):\n"
+        "    real_replace(source, target)\n"
+        "    if str(target).endswith('/dataset'): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+    )
+    smaller = tmp_path / "smaller.xyz"
+    write_emt_extxyz(smaller, num=5, seed=1)
+    killed = run_killed(patch, "convert", str(smaller), "--out", str(out), "--overwrite", "--quiet")
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.raises(DatasetError, match="a writer replacing it died halfway and left the previous dataset in"):
+        Manifest.load(out)
+
+    other = run_esen_data("convert", str(smaller), "--out", str(tmp_path / "other"), "--quiet")
+    assert other.returncode == 0, other.stderr
+    assert f"restored {out}: a writer replacing it died before the new dataset was in place" in other.stderr
+    assert Manifest.load(out).num_structures == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "emt.xyz", "other", "smaller.xyz"]
+
+
+def test_an_overwrite_replaces_the_dataset_in_one_exchange(tmp_path):
+    source = tmp_path / "emt.xyz"
+    write_emt_extxyz(source, num=6, seed=0)
+    out = tmp_path / "data"
+    assert run_esen_data("convert", str(source), "--out", str(out), "--quiet").returncode == 0
+    patch = (
+        "real_exchange = writer.exchange_paths\n"
+        "def exchange(first, second):\n"
+        "    assert real_exchange(first, second)\n"
+        "    print('exchanged', flush=True)\n"
+        "    return True\n"
+        "writer.exchange_paths = exchange\n"
+    )
+    result = run_killed(patch, "convert", str(source), "--out", str(out), "--overwrite", "--quiet")
+    assert result.returncode == 0 and "exchanged" in result.stdout, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "emt.xyz"]
+
+
+def test_a_split_killed_before_its_last_part_is_written_changes_no_part(tmp_path):
+    source = tmp_path / "emt.xyz"
+    write_emt_extxyz(source, num=30, seed=0)
+    data = tmp_path / "data"
+    assert run_esen_data("convert", str(source), "--out", str(data), "--quiet").returncode == 0
+    prefix = tmp_path / "part"
+    assert run_esen_data("split", str(data), "--out", str(prefix), "--seed", "0").returncode == 0
+    patch = (
+        "real_seal, sealed = writer.DatasetWriter.seal, []\n"
+        "def seal(self):\n"
+        "    sealed.append(self)\n"
+        "    if len(sealed) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_seal(self)\n"
+        "writer.DatasetWriter.seal = seal\n"
+    )
+    killed = run_killed(patch, "split", str(data), "--out", str(prefix), "--seed", "1", "--overwrite")
+    assert killed.returncode == -signal.SIGKILL
+    seeds = {name: Manifest.load(f"{prefix}_{name}").provenance["options"]["seed"] for name in ("train", "val", "test")}
+    assert seeds == {"train": 0, "val": 0, "test": 0}
+
+
+def test_conversion_workers_end_with_a_killed_conversion(tmp_path):
+    small = tmp_path / "small.xyz"
+    write_emt_extxyz(small, num=20, seed=0)
+    big = tmp_path / "big.xyz"
+    big.write_text(small.read_text() * 500)
+    command = [*convert_command(big, tmp_path / "data")[:-1], str(tmp_path / "data"), "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+        workers = children_of(process.pid)
+        time.sleep(0.01)
+    assert len(workers) == 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -15,8 +15,9 @@ command with a one-line message and exit code 2; `verify` exits with 1 when it f
 from __future__ import annotations
 
 import argparse
+import sys
 
-from esen_train.cli.common import add_subcommands, fail, new_parser
+from esen_train.cli.common import add_subcommands, fail, new_parser, output_reader_gone, show_warnings_plainly
 from esen_train.cli.data import convert, emt, export, inspect, split, stats, verify
 from esen_train.data.manifest import DatasetError
 from esen_train.data.records import RecordError
@@ -55,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_warnings_plainly(f"esen-data {args.command}")
     try:
-        return args.run(args)
+        exit_code = args.run(args)
+        sys.stdout.flush()  # so that a reader gone (`| head`) shows here, not at exit
+        return exit_code
     except INPUT_ERRORS as error:
         return fail(f"esen-data {args.command}", error)
+    except BrokenPipeError:
+        return output_reader_gone()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from esen_train.cli.common import add_label_key_arguments, label_keys
+from esen_train.cli.common import add_label_key_arguments, label_keys, positive_int
 from esen_train.data.convert import convert
 
 HELP = "convert ASE-readable files to LMDB shards"
@@ -16,8 +16,8 @@ HELP = "convert ASE-readable files to LMDB shards"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="extxyz, ASE db, *.aselmdb, OUTCAR, ...")
     parser.add_argument("--out", required=True, help="dataset directory to create")
-    parser.add_argument("--shards", type=int, help="number of shards (default: one per 100k structures)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--shards", type=positive_int, help="number of shards (default: one per 100k structures)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip and count invalid structures and energy outliers")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from esen_train.cli.common import positive_int
 from esen_train.data.emt import generate_emt_dataset, write_emt_extxyz
 
 HELP = "generate the built-in EMT dataset"
@@ -14,9 +15,9 @@ HELP = "generate the built-in EMT dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="dataset directory (or .xyz file with --extxyz)")
-    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--num", type=positive_int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--shards", type=positive_int, default=1)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--extxyz", action="store_true", help="write an extended XYZ file instead")
 

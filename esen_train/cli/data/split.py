@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from esen_train.cli.common import positive_int
 from esen_train.data.split import split_dataset, split_output_dirs
 
 HELP = "random PREFIX_train / PREFIX_val / PREFIX_test datasets"
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX_train, PREFIX_val, ...")
     parser.add_argument("--fractions", type=_fractions, default=[0.9, 0.05, 0.05])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, help="shards per part (default: scaled from the source)")
+    parser.add_argument("--shards", type=positive_int, help="shards per part (default: scaled from the source)")
     parser.add_argument("--overwrite", action="store_true")
 
 
