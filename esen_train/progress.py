@@ -41,7 +41,7 @@ END_REASONS = {
     "max_steps": "reached max_steps",
     "max_minutes": "used up max_minutes",
     "early_stopping": "early stopping",
-    "preempted": "preempted by SLURM (requeued: resumes from the last checkpoint)",
+    "preempted": "stopped by a signal, with its step saved (resumes from the last checkpoint)",
     "failed": "failed",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 import warnings
 from types import ModuleType
@@ -51,12 +52,29 @@ def show_warnings_plainly(prog: str) -> None:
     warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
 
 
-def output_reader_gone() -> int:
-    """Where the reader of a command's output went away (`esen-data inspect DIR | head -1`):
-    the rest of the output goes nowhere, without a traceback, and the exit code is a shell's
-    for a process ended by SIGPIPE, as for any Unix tool."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 128 + 13
+def run_for_a_reader(run, args: argparse.Namespace) -> int:
+    """`run(args)` with its output flushed before it returns. Where the reader of the output
+    went away (`esen-train status RUN | head -1`), the rest goes nowhere, without a traceback,
+    and the exit code is a shell's for a process ended by SIGPIPE, as for any Unix tool."""
+    try:
+        exit_code = run(args)
+        sys.stdout.flush()  # so that a reader gone shows here, not at exit
+        return exit_code
+    except BrokenPipeError:
+        if not _stdout_broken():  # a pipe or socket of the work itself
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll says POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this system, or no stdout descriptor
+        return False
 
 
 # ----- arguments more than one command takes ------------------------------------------------

@@ -230,8 +230,23 @@ class TrainConfig:
             self._check_stage_against_model_and_strategy(stage, settings, where)
         if self.seed < 0:
             raise ConfigError(f"{where}: seed must be >= 0, got {self.seed}")
+        self._check_conservative_start(where)
         self.logging.wandb.check(where)
         self.data.check(where)
+
+    def _check_conservative_start(self, where) -> None:
+        """An empty conservative.init_from means this run's best direct checkpoint: either the
+        direct stage trains first, or an earlier start of the run left that checkpoint."""
+        if "conservative" not in self.stages or self.conservative.init_from:
+            return
+        direct_best = Path(self.run_dir) / "checkpoints" / "direct" / "best"
+        if "direct" in self.stages[: self.stages.index("conservative")] or direct_best.exists():
+            return
+        raise ConfigError(
+            f"{where}: the conservative stage starts from this run's direct checkpoint, but stages={list(self.stages)} "
+            f"does not train direct before it and {direct_best} does not exist: train direct first, set "
+            f"conservative.init_from=CHECKPOINT, or conservative.init_from={FRESH_WEIGHTS} to train from fresh weights"
+        )
 
     def _check_stage_against_model_and_strategy(self, stage: str, settings: StageConfig, where) -> None:
         if settings.compile and self.strategy.name not in ("single", "ddp"):

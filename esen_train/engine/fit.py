@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from esen_train.data.stats import StatsAccumulator
 from esen_train.engine import distributed
 from esen_train.engine.config import TrainConfig, check_against_data, check_resume, save_config
 from esen_train.engine.host_memory import keep_freed_host_memory
+from esen_train.engine.run_lock import exclusive_run
 from esen_train.engine.status import RunStatus
 from esen_train.engine.tracking import RunLogger, read_metrics
 from esen_train.engine.trainer import StageData, StageTrainer
@@ -25,7 +27,8 @@ def fit(config: TrainConfig) -> Path:
     """Train every stage in `config.stages`; returns the run directory.
 
     Raises ConfigError, before anything is created, for a value out of its range, one that
-    does not fit the data, or a run directory of a run on other data (`check_resume`)."""
+    does not fit the data, a run directory of a run on other data (`check_resume`), or one
+    another fit is running in (`run_lock`)."""
     config.check()
     data_warnings = check_against_data(config)
     check_resume(config)
@@ -34,33 +37,38 @@ def fit(config: TrainConfig) -> Path:
     dist = distributed.init_distributed(timeout_s=config.strategy.process_group_timeout_s)
     run_dir = Path(config.run_dir).resolve()
     try:
-        if distributed.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-        # RUN/status.json: running, then finished, or failed with the error (esen-train status).
-        with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
-            if distributed.is_main():
-                _ensure_emt_data(config, run_dir)
-                for change in save_config(config, run_dir):
-                    print(f"[run] config changed since the last start: {change}", flush=True)
-                for warning in data_warnings:
-                    print(f"[run] warning: {warning}", flush=True)
-            distributed.barrier()
-            train_dirs, val_dirs = _data_dirs(config, run_dir)
-            logger = RunLogger(run_dir, config, dist.world_size, enabled=distributed.is_main())
-            try:
-                logger.log_datasets(train_dirs, val_dirs)
-                for stage in config.stages:
-                    data = _stage_data(config, stage, train_dirs, val_dirs, dist)
-                    StageTrainer(stage, config, data, run_dir, logger, dist, status).run()
-                if distributed.is_main():
-                    curves = plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
-                    _write_summary(run_dir, config)
-                    logger.log_final(curves)
-            finally:
-                logger.close()
+        # one fit per run directory (rank 0 holds the lock; it creates the directory)
+        with exclusive_run(run_dir) if distributed.is_main() else nullcontext():
+            _train_stages(config, run_dir, dist, data_warnings)
     finally:
         distributed.cleanup()
     return run_dir
+
+
+def _train_stages(config: TrainConfig, run_dir: Path, dist, data_warnings: list[str]) -> None:
+    """The data, each stage in order, then the learning curves and summary (on every rank)."""
+    # RUN/status.json: running, then finished, or failed with the error (esen-train status).
+    with RunStatus(run_dir, config, enabled=distributed.is_main()) as status:
+        if distributed.is_main():
+            _ensure_emt_data(config, run_dir)
+            for change in save_config(config, run_dir):
+                print(f"[run] config changed since the last start: {change}", flush=True)
+            for warning in data_warnings:
+                print(f"[run] warning: {warning}", flush=True)
+        distributed.barrier()
+        train_dirs, val_dirs = _data_dirs(config, run_dir)
+        logger = RunLogger(run_dir, config, dist.world_size, enabled=distributed.is_main())
+        try:
+            logger.log_datasets(train_dirs, val_dirs)
+            for stage in config.stages:
+                data = _stage_data(config, stage, train_dirs, val_dirs, dist)
+                StageTrainer(stage, config, data, run_dir, logger, dist, status).run()
+            if distributed.is_main():
+                curves = plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+                _write_summary(run_dir, config)
+                logger.log_final(curves)
+        finally:
+            logger.close()
 
 
 def _ensure_emt_data(config: TrainConfig, run_dir: Path) -> None:

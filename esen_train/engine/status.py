@@ -114,10 +114,11 @@ class RunStatus:
         self._set_stage(stage, last_checkpoint=str(directory))
         self._update(last_checkpoint=str(directory))
 
-    def preempted(self) -> None:
-        """SLURM is stopping the job (to requeue it): the ranks stopped at a step boundary."""
+    def preempted(self, step: int) -> None:
+        """A signal stopped the run (SLURM requeueing the job, Ctrl-C, `kill`): the ranks
+        stopped after `step`, saved."""
         if self.enabled:
-            self._set_stage(self.status["stage"], state="ended", end_reason="preempted")
+            self._set_stage(self.status["stage"], state="ended", end_reason="preempted", step=step)
             self._update(state="preempted")
 
     def fail(self, error: BaseException) -> None:

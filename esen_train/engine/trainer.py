@@ -215,7 +215,7 @@ class StageTrainer:
         reason = preemption.stop_requested() or "another rank's signal"
         message = (f"{self.stage} preempted after step {self.progress.step} ({reason}); a requeued job, or the same "
                    f"command again, resumes at step {self.progress.step + 1} from {self.checkpoints.stage_dir}")
-        self.status.preempted()
+        self.status.preempted(self.progress.step)
         self.console.write(message)
         raise preemption.Preempted(message)
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
+import signal
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -71,6 +75,10 @@ BAD_INPUT = [
     ("esen-train", ["md", "no-run", "--structure", "s.xyz", "--steps", "1", "--timestep", "1", "--temperature", "300"],
      "checkpoint not found: no-run does not exist"),
     ("esen-train", ["quickstart", "--out", "quickstart", "direct.max_stpes=3"], "key 'direct.max_stpes'"),
+    ("esen-train", ["fit", "tiny", "stages=[conservative]"], "the conservative stage starts from this run's direct checkpoint"),
+    ("esen-train", ["fit", "tiny", "stages=[conservative,direct]"], "does not train direct before it"),
+    ("esen-train", ["fit", "tiny", "--nproc", "0"], "argument --nproc: must be at least 1, got 0"),
+    ("esen-train", ["eval", "no-run", "--data", "data.xyz", "--device", "foo"], "argument --device: not a torch device: 'foo'"),
     ("esen-train", ["import-fairchem", "absent.pt", "--out", "imported"], "fairchem checkpoint not found: absent.pt"),
     ("esen-train", ["export-fairchem", "no-run", "--out", "exported.pt"], "checkpoint not found: no-run does not exist"),
     ("esen-data", ["convert", "absent.xyz", "--out", "data"], "absent.xyz: input file does not exist"),
@@ -110,3 +118,14 @@ def test_no_package_below_the_commands_imports_them():
             if any(name == "esen_train.cli" or name.startswith("esen_train.cli.") for name in names):
                 importers.append(str(path.relative_to(REPO_ROOT)))
     assert importers == []
+
+
+def test_a_reader_that_stops_reading_ends_esen_train_quietly():
+    """`esen-train config tiny | head -1`: the next line written finds no reader."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    esen_train = "import sys; from esen_train.cli.train import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", esen_train, "config", "tiny"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")

@@ -51,6 +51,15 @@ def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
         load_train_config(bad)
 
 
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("direct:\n  max_steps: 10\n   lr: 3\n")  # lr indented one space too far
+    with pytest.raises(ConfigError, match=f"{bad}: not valid YAML at line 3, column 6: mapping values are not allowed"):
+        load_train_config(bad)
+    assert main(["config", str(bad)]) == 2
+    assert f"esen-train config: error: {bad}: not valid YAML at line 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

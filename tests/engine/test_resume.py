@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from esen_train.cli.train import main as train_main
 from esen_train.engine import preemption
 from esen_train.engine.checkpoint import CheckpointManager, damage_in
 from esen_train.engine.config import load_train_config
@@ -141,6 +142,29 @@ def test_ctrl_c_or_sigterm_saves_the_step_in_progress_and_the_same_command_resum
 
     subprocess.run(command(stopped), check=True, env=environment(), capture_output=True)
     assert_bitwise_equal(weights_at(stopped, step=steps), weights_at(reference, step=steps))
+
+
+def test_sigterm_to_the_command_alone_stops_every_process_of_nproc_2(tmp_path):
+    """`kill PID` (or `timeout`) signals `esen-train fit --nproc 2` itself, not its process
+    group: the command passes SIGTERM on, every process saves the step it is at and exits,
+    and none is left training."""
+    run_dir = tmp_path / "run"
+    command = [*fit_command(run_dir, 2), "direct.max_steps=200", "direct.checkpoint_every=1000"]
+    process = subprocess.Popen(command, env=environment(), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM; every completed step is saved" in stderr
+    saved = int(os.readlink(run_dir / "checkpoints" / "direct" / "last").split("_")[-1])
+    assert 0 < saved < 200 and max(row["step"] for row in read_metrics(run_dir)) == saved
+    with pytest.raises(ProcessLookupError):  # nothing of the command's process group is left
+        os.killpg(process.pid, 0)
 
 
 # ----- in one process: crashes, lost links, damaged files, signals ---------------------------
@@ -387,3 +411,27 @@ def test_damaged_training_state_errors_name_the_file(tmp_path, name, damage, mes
     with pytest.raises(CheckpointError, match=message) as error:
         strategy.load_from(directory)
     assert str(directory / name) in str(error.value)
+
+
+def test_a_second_fit_in_a_running_run_directory_is_refused(tmp_path, capsys):
+    """Two fits in one directory would resume from each other's checkpoints and interleave
+    their metrics: the second is refused, naming the first, and the first trains on."""
+    run_dir = tmp_path / "run"
+    command = [*fit_command(run_dir, 1), "direct.max_steps=200", "direct.checkpoint_every=1000"]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while process.poll() is None and time.time() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2:
+                break
+            time.sleep(0.01)
+        for nproc in ("1", "2"):
+            assert train_main(["fit", str(TINY), *OVERRIDES, f"run_dir={run_dir}", "--nproc", nproc]) == 2
+            error = capsys.readouterr().err
+            assert f"{run_dir} is in use by another esen-train fit (pid {process.pid} on " in error, error
+        assert process.poll() is None, "the first run is still training"
+    finally:
+        process.kill()
+        process.wait()
+    steps = [row["step"] for row in read_metrics(run_dir) if row["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))

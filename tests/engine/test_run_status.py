@@ -159,7 +159,7 @@ def test_an_error_during_training_fails_the_run_with_the_message(tmp_path, monke
 def test_preemption_is_recorded_and_the_requeued_run_finishes(tmp_path, monkeypatch, capsys):
     """What SLURM's warning does in a task (esen_train.launch.job): the signal asks for a stop
     during step 3; the trainer saves step 3 and stops."""
-    overrides = [*SHORT, "direct.max_steps=6", "direct.val_every=6", "direct.checkpoint_every=100", "direct.log_every=1",
+    overrides = [*SHORT, "direct.max_steps=6", "direct.val_every=6", "direct.checkpoint_every=100", "direct.log_every=2",
                  f"run_dir={tmp_path}"]
     train_step = StageTrainer._train_step
 
@@ -178,15 +178,18 @@ def test_preemption_is_recorded_and_the_requeued_run_finishes(tmp_path, monkeypa
     status = read_status(tmp_path)
     assert status["state"] == "preempted" and status["error"] is None
     assert status["stages"]["direct"]["end_reason"] == "preempted"
+    assert status["stages"]["direct"]["step"] == 3  # the step saved, though the last one logged is 2
     assert status["last_checkpoint"] == str(tmp_path / "checkpoints" / "direct" / "step_00000003")
-    assert "preempted" in status_text(tmp_path, capsys)
+    text = status_text(tmp_path, capsys)
+    assert "start the same command again to resume" in text  # not in a SLURM job
+    assert "direct ended at step 3/6 (stopped by a signal, with its step saved" in text
 
     monkeypatch.setattr(StageTrainer, "_train_step", train_step)
     fit(load_train_config(TINY, overrides))
     status = read_status(tmp_path)
     assert status["state"] == "finished"
     assert status["stages"]["direct"]["end_reason"] == "max_steps" and status["stages"]["direct"]["step"] == 6
-    assert [row["step"] for row in read_metrics(tmp_path) if row["split"] == "train"] == list(range(1, 7))
+    assert [row["step"] for row in read_metrics(tmp_path) if row["split"] == "train"] == [2, 4, 6]
 
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):

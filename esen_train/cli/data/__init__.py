@@ -15,9 +15,8 @@ command with a one-line message and exit code 2; `verify` exits with 1 when it f
 from __future__ import annotations
 
 import argparse
-import sys
 
-from esen_train.cli.common import add_subcommands, fail, new_parser, output_reader_gone, show_warnings_plainly
+from esen_train.cli.common import add_subcommands, fail, new_parser, run_for_a_reader, show_warnings_plainly
 from esen_train.cli.data import convert, emt, export, inspect, split, stats, verify
 from esen_train.data.manifest import DatasetError
 from esen_train.data.records import RecordError
@@ -58,10 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_warnings_plainly(f"esen-data {args.command}")
     try:
-        exit_code = args.run(args)
-        sys.stdout.flush()  # so that a reader gone (`| head`) shows here, not at exit
-        return exit_code
+        return run_for_a_reader(args.run, args)
     except INPUT_ERRORS as error:
         return fail(f"esen-data {args.command}", error)
-    except BrokenPipeError:
-        return output_reader_gone()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from esen_train.cli.common import add_subcommands, new_parser
+from esen_train.cli.common import add_subcommands, new_parser, run_for_a_reader, show_warnings_plainly
 from esen_train.cli.train import config, evaluate, export_fairchem, fit, import_fairchem, md, quickstart, status
 
 SUBCOMMANDS = {
@@ -43,4 +43,5 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
-    return args.run(args)
+    show_warnings_plainly(f"esen-train {args.command}")
+    return run_for_a_reader(args.run, args)

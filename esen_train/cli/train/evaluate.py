@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from esen_train.cli.common import add_label_key_arguments, fail, label_keys
 from esen_train.evaluation.calculator import FORCE_MODES, ESENCalculator
 from esen_train.evaluation.errors import error_table_rows, format_error_table
@@ -53,13 +55,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str) -> 
     parser.add_argument("checkpoint", help="checkpoint directory, or run directory (its last stage's best)")
     parser.add_argument("--forces", choices=FORCE_MODES, default=None,
                         help="force head (default: the checkpoint stage's own: direct or conservative)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
                         help=f"model precision (default {default_dtype})")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the results to the wandb run of the checkpoint's run directory")
+
+
+def torch_device(text: str) -> str:
+    """argparse type: a device name torch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({str(error).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here (torch {torch.__version__}, "
+                                         f"built {'with' if torch.version.cuda else 'without'} CUDA)")
+    return text
 
 
 def calculator_of(args: argparse.Namespace) -> ESENCalculator:

@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from esen_train.cli.common import fail
+from esen_train.cli.common import fail, positive_int
 from esen_train.engine import preemption
 from esen_train.engine.config import (
     ConfigError,
@@ -25,6 +26,7 @@ from esen_train.engine.config import (
     strategy_for_processes,
 )
 from esen_train.engine.config_keys import config_keys_help
+from esen_train.engine.run_lock import check_run_directory_free
 
 HELP = "train the stages of a config"
 
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = config_keys_help()
     parser.add_argument("config", help="a YAML path (configs/tiny.yaml) or a shipped config by name (tiny)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. direct.max_steps=100")
-    parser.add_argument("--nproc", type=int, default=1, help="start N local processes (torch.distributed.run)")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="start N local processes (torch.distributed.run)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines (same as logging.progress=false)")
 
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             strategy = strategy_for_processes(config.strategy.name, args.overrides, f"--nproc asks for {args.nproc}")
             check_against_data(config)  # once here, rather than once per process
             check_resume(config)
+            check_run_directory_free(Path(config.run_dir))
             return _launch_local_processes(args, config.run_dir, strategy)
         run_dir = _fit_until_stopped(config)
     except ConfigError as error:
@@ -94,16 +97,26 @@ def _launch_local_processes(args: argparse.Namespace, run_dir: str, strategy: li
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         "-m", "esen_train.cli", "fit", args.config, *overrides,
     ]
-    processes, interrupted = subprocess.Popen(command), False
-    while True:
-        try:
-            code = processes.wait()
-            break
-        except KeyboardInterrupt:  # the processes got the Ctrl-C too: wait while they save their step
-            interrupted = True
-    if interrupted:  # torch.distributed.run reports the signal as its own failure
-        _say_stopped("SIGINT")
-        return 128 + signal.SIGINT
+    launcher = subprocess.Popen(command)
+    received = []  # the stop signals this process got
+
+    def pass_on(signum: int, frame) -> None:  # `kill PID` reaches this process alone
+        received.append(signal.Signals(signum).name)
+        launcher.send_signal(signum)  # torch.distributed.run passes it to every process
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        while True:
+            try:
+                code = launcher.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the processes too: wait while they save their step
+                received.append("SIGINT")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:  # torch.distributed.run reports the signal as its own failure
+        _say_stopped(received[0])
+        return 128 + signal.Signals[received[0]]
     return code
 
 
