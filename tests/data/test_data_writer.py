@@ -98,13 +98,18 @@ def run_esen_data(*argv: str) -> subprocess.CompletedProcess:
     return run_killed("", *argv)
 
 
+def emt_dataset(tmp_path: Path, num: int) -> tuple[Path, Path]:
+    """TMP/emt.xyz of `num` EMT structures, converted to the dataset TMP/data."""
+    source, out = tmp_path / "emt.xyz", tmp_path / "data"
+    write_emt_extxyz(source, num=num, seed=0)
+    assert run_esen_data("convert", str(source), "--out", str(out), "--quiet").returncode == 0
+    return source, out
+
+
 def test_an_overwrite_killed_halfway_loses_nothing(tmp_path):
     """Where directories cannot be exchanged atomically, the old dataset is renamed aside
     first; killed right after that, the next writer beside it puts the old one back."""
-    source = tmp_path / "emt.xyz"
-    write_emt_extxyz(source, num=12, seed=0)
-    out = tmp_path / "data"
-    assert run_esen_data("convert", str(source), "--out", str(out), "--quiet").returncode == 0
+    _, out = emt_dataset(tmp_path, 12)
     patch = (
         "writer.exchange_paths = lambda first, second: False\n"
         "real_replace = os.replace\n"
@@ -128,10 +133,7 @@ def test_an_overwrite_killed_halfway_loses_nothing(tmp_path):
 
 
 def test_an_overwrite_replaces_the_dataset_in_one_exchange(tmp_path):
-    source = tmp_path / "emt.xyz"
-    write_emt_extxyz(source, num=6, seed=0)
-    out = tmp_path / "data"
-    assert run_esen_data("convert", str(source), "--out", str(out), "--quiet").returncode == 0
+    source, out = emt_dataset(tmp_path, 6)
     patch = (
         "real_exchange = writer.exchange_paths\n"
         "def exchange(first, second):\n"
@@ -146,10 +148,7 @@ def test_an_overwrite_replaces_the_dataset_in_one_exchange(tmp_path):
 
 
 def test_a_split_killed_before_its_last_part_is_written_changes_no_part(tmp_path):
-    source = tmp_path / "emt.xyz"
-    write_emt_extxyz(source, num=30, seed=0)
-    data = tmp_path / "data"
-    assert run_esen_data("convert", str(source), "--out", str(data), "--quiet").returncode == 0
+    _, data = emt_dataset(tmp_path, 30)
     prefix = tmp_path / "part"
     assert run_esen_data("split", str(data), "--out", str(prefix), "--seed", "0").returncode == 0
     patch = (
