@@ -4,8 +4,8 @@ as the trainer drives it (`optimizer_step` with loss shares and accumulation, EM
 
 The toy potential has what the strategies care about: an embedding (no weight decay), a
 LayerNorm, blocks (FSDP's per-block units, which `fsdp_units` names), an energy head, and
-either direct heads (a force head, and a stress head that goes unused, like ESEN's on data
-without stress) or conservative forces = -autograd.grad(E, pos, create_graph=True) inside
+either direct heads (a force head, and a stress head that the data leaves unused and that is
+frozen, as the trainer freezes ESEN's on data without stress) or conservative forces = -autograd.grad(E, pos, create_graph=True) inside
 forward. Scenarios with `model="esen"` train the real tiny eSEN on small EMT-labelled Cu/Ni
 clusters instead; with `isolated=True` every other structure has no neighbour within the
 cutoff, so on two ranks rank 1 trains on batches without a single edge.
@@ -210,6 +210,8 @@ def build(scenario: Scenario, dist: DistInfo, seed: int) -> Strategy:
         model = ESEN(tiny_config(direct_forces=not scenario.conservative)).to(scenario.dtype)
     else:
         model = ToyPotential(direct_forces=not scenario.conservative).to(scenario.dtype)
+    if not scenario.conservative:  # no stress labels here: the trainer freezes the direct stress head
+        (model.direct_heads.stress if scenario.model == "esen" else model.stress_head).requires_grad_(False)
     strategy = build_strategy(
         StrategyConfig(name=scenario.strategy, zero_stage=scenario.zero_stage),
         StageConfig(grad_accum_steps=scenario.grad_accum_steps, precision="fp32"),

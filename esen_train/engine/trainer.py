@@ -107,8 +107,9 @@ class StageTrainer:
             if new_heads:
                 self._say(f"{self.init_checkpoint} has no {', '.join(new_heads)}: they start from fresh weights")
         if model.direct_heads is not None and not self.data.has_stress:
-            # No stress labels: freeze the stress head, or ZeRO's flat zero gradients would
-            # still let AdamW's weight decay shrink it.
+            # No stress labels: freeze the stress head, so that every trainable parameter gets a
+            # gradient (DDP does not look for unused ones) and ZeRO's flat zero gradients do not
+            # let AdamW's weight decay shrink it.
             model.direct_heads.stress.requires_grad_(False)
         freeze(model, self.settings.freeze_embeddings, self.settings.freeze_blocks)
         model.to(self.dist.device)
