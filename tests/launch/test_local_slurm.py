@@ -78,13 +78,17 @@ def test_start_twice_status_job_and_stop(private_cluster):
     assert daemon_pids(run_script("status", env).stdout) == pids
 
     job_env = {**env, "SLURM_CONF": str(conf)}
-    output = state_dir / "job.out"
+    # srun's own messages ("step creation temporarily disabled, retrying" while the nodes
+    # finish setting up the job) go to stderr: a file of their own, so the output holds the
+    # node names alone.
+    output, errors = state_dir / "job.out", state_dir / "job.err"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--wait", "--nodes=2", f"--output={output}", "--wrap", "srun printenv SLURMD_NODENAME"],
+        ["sbatch", "--parsable", "--wait", "--nodes=2", f"--output={output}", f"--error={errors}",
+         "--wrap", "srun printenv SLURMD_NODENAME"],
         capture_output=True, text=True, env=job_env, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stderr
-    assert sorted(output.read_text().split()) == ["esen-n1", "esen-n2"]
+    assert sorted(output.read_text().split()) == ["esen-n1", "esen-n2"], errors.read_text()
     assert job_state(submitted.stdout.strip(), env=job_env) == "COMPLETED"
 
     stopped = run_script("stop", env)
