@@ -10,13 +10,14 @@ Steps, all through the user-facing commands:
    (rMD17: 50 of the 1000 training structures for validation; mlearn: 10%; AcAc has no
    published test file here, so 80/10/10 of train_300K). Existing directories are reused.
 2. training: `esen-train fit` with each stage ended by its wall clock (`max_minutes`): the
-   dataset's direct share of the budget (0.3; AcAc 0.15; or --direct-share) to the direct
-   stage, the rest to the conservative one (validation at each stage's end, a checkpoint
+   recipe's direct share of the budget (mlearn Si and Li 0.3; the rMD17 and AcAc recipes are
+   conservative only, share 0; or --direct-share) to the direct stage, the rest to the
+   conservative one (validation at each stage's end, a checkpoint
    every 1000 steps: the same command started again after a kill resumes the training);
    max_steps is lifted out of the way, and the cosine schedule runs on the fraction of each
    stage's time used.
-3. test: `esen-train eval` (float64) of both stages' best checkpoints on the test set.
-4. NVE (--nve-steps > 0): `esen-train md` of both checkpoints from the first test structure,
+3. test: `esen-train eval` (float64) of each trained stage's best checkpoint on the test set.
+4. NVE (--nve-steps > 0): `esen-train md` of those checkpoints from the first test structure,
    conservative forces beside direct ones.
 5. --mace: benchmarks/mace_side.py trains MACE on the same split for the same budget, at two
    sizes (a small one for a CPU budget and the paper's; see its docstring) one after the other,
@@ -54,7 +55,9 @@ from shared_data import SHARED_DATA  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "data" / "real"
 DIRECT_SHARE = 0.3  # of the training wall clock; the rest goes to the conservative stage
-# (0.3 beat 0.6 in every pair measured by two_stage.py; AcAc takes 0.15: benchmarks/README.md)
+# (0.3 beat 0.6 in every pair measured by two_stage.py). 0: a conservative-only recipe, which the
+# rMD17 and AcAc ones are: there conservative training from scratch beat the two-stage recipe at
+# MACE's budget (benchmarks/README.md, "Conservative only or two stages").
 UNLIMITED_STEPS = 10_000_000  # stages end by their wall clock
 # A checkpoint every 1000 steps (1.5-4 CPU-minutes of the rMD17 configs, 6-18 of mlearn Si's)
 # bounds what a killed benchmark run trains again when its command is started once more; these
@@ -95,7 +98,7 @@ class Dataset:
     published: dict = field(default_factory=dict)  # model -> (energy, forces meV/Å)
     published_source: str = ""
     published_energy_per_atom: bool = False  # published energy in meV/atom, not meV/structure
-    direct_share: float = DIRECT_SHARE  # the recipe's share of the budget for the direct stage
+    direct_share: float = DIRECT_SHARE  # the recipe's share of the budget for the direct stage (0: none)
 
     @property
     def config(self) -> Path:
@@ -107,15 +110,15 @@ class Dataset:
 
 DATASETS = {
     "rmd17-aspirin": Dataset("rmd17-aspirin", "rmd17/aspirin_train.xyz", "rmd17/aspirin_test.xyz", (0.95, 0.05),
-                             RMD17_PUBLISHED["aspirin"], RMD17_SOURCE),
+                             RMD17_PUBLISHED["aspirin"], RMD17_SOURCE, direct_share=0.0),
     "rmd17-ethanol": Dataset("rmd17-ethanol", "rmd17/ethanol_train.xyz", "rmd17/ethanol_test.xyz", (0.95, 0.05),
-                             RMD17_PUBLISHED["ethanol"], RMD17_SOURCE),
+                             RMD17_PUBLISHED["ethanol"], RMD17_SOURCE, direct_share=0.0),
     "mlearn-si": Dataset("mlearn-si", "mlearn/Si_train.xyz", "mlearn/Si_test.xyz", (0.9, 0.1),
                          MLEARN_PUBLISHED["si"], MLEARN_SOURCE, published_energy_per_atom=True),
     "mlearn-li": Dataset("mlearn-li", "mlearn/Li_train.xyz", "mlearn/Li_test.xyz", (0.9, 0.1),
                          MLEARN_PUBLISHED["li"], MLEARN_SOURCE, published_energy_per_atom=True),
     "acac": Dataset("acac", "acac/train_300K.xyz", None, (0.8, 0.1, 0.1), published_source=ACAC_SOURCE,
-                    direct_share=0.15),
+                    direct_share=0.0),
 }
 
 
@@ -173,10 +176,21 @@ def fit(config: Path, run_dir: Path, overrides: list[str]) -> float:
     return seconds
 
 
+def stage_minutes(direct_share: float, budget_minutes: float) -> dict[str, float]:
+    """Each stage's share of the budget; a direct share of 0 trains the conservative stage alone."""
+    if direct_share == 0:
+        return {"conservative": budget_minutes}
+    return {"direct": direct_share * budget_minutes, "conservative": (1 - direct_share) * budget_minutes}
+
+
 def stage_overrides(minutes: dict[str, float], clock: str = "wall") -> list[str]:
     """`stages` and each stage's time on `clock` (wall or cpu); validation only at a stage's
-    end, a checkpoint every CHECKPOINT_EVERY steps to resume from."""
+    end, a checkpoint every CHECKPOINT_EVERY steps to resume from. With both stages the
+    conservative one starts from this run's direct checkpoint, also where the recipe is
+    conservative only (its `conservative.init_from: none`)."""
     overrides = [f"stages=[{','.join(minutes)}]"]
+    if list(minutes) == ["direct", "conservative"]:
+        overrides.append('conservative.init_from=""')
     for stage, stage_minutes in minutes.items():
         overrides += [f"{stage}.max_minutes={stage_minutes:.6g}", f"{stage}.clock={clock}",
                       f"{stage}.max_steps={UNLIMITED_STEPS}",
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     report["esen_budget_minutes"] = esen_budget_minutes
 
     direct_share = dataset.direct_share if args.direct_share is None else args.direct_share
-    minutes = {"direct": direct_share * esen_budget_minutes, "conservative": (1 - direct_share) * esen_budget_minutes}
+    minutes = stage_minutes(direct_share, esen_budget_minutes)
     report["direct_share"], report["stage_minutes"] = direct_share, minutes
     seed = [] if args.seed is None else [f"seed={args.seed}"]
     report["seed"] = args.seed
@@ -339,14 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = stage_steps(out / "esen")
 
     results = {}
-    for stage in ("direct", "conservative"):
+    for stage in minutes:
         checkpoint = out / "esen" / "checkpoints" / stage / "best"
         test = evaluate(checkpoint, dirs["test"], stage, out / f"eval_{stage}")
         results[f"eSEN {stage}"] = {"test": test, "train_wall_s": train_wall, "steps": steps[stage]}
     if args.nve_steps > 0:
         structure = SHARED_DATA / (dataset.test_file or dataset.train_file)
         report["nve"] = {stage: nve(out / "esen" / "checkpoints" / stage / "best", structure, stage, args,
-                                    out / f"md_{stage}") for stage in ("direct", "conservative")}
+                                    out / f"md_{stage}") for stage in minutes}
     report["results"] = results
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if MACE fails
     if args.mace:
@@ -359,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = results["eSEN conservative"]["test"]
         if args.mace_test_structures is not None:
             subset = write_test_subset(dirs["test"], args.mace_test_structures, out / "mace_test_subset.xyz")
-            for stage in ("direct", "conservative"):
+            for stage in minutes:
                 checkpoint = out / "esen" / "checkpoints" / stage / "best"
                 results[f"eSEN {stage}, MACE's test subset"] = {
                     "test": evaluate(checkpoint, subset, stage, out / f"eval_{stage}_mace_subset"),

@@ -91,7 +91,7 @@ def prepare(dataset: str, out: Path) -> dict:
 def arm_overrides(arm: str, budget_minutes: float, direct_share: float | None, clock: str = "wall") -> list[str]:
     """The stages and time limits of an arm (accuracy.stage_overrides)."""
     if arm == "two_stage":
-        minutes = {"direct": direct_share * budget_minutes, "conservative": (1 - direct_share) * budget_minutes}
+        minutes = accuracy.stage_minutes(direct_share, budget_minutes)
     else:
         minutes = {"scratch": {"conservative": budget_minutes}, "direct": {"direct": budget_minutes}}[arm]
     return accuracy.stage_overrides(minutes, clock) + (["conservative.init_from=none"] if arm == "scratch" else [])

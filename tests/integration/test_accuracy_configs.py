@@ -1,6 +1,6 @@
-"""The accuracy configs (configs/<dataset>.yaml, used by benchmarks/accuracy.py): each loads,
-trains both stages, reads the dataset directories the benchmark writes, and one of them trains
-end to end on real DFT data."""
+"""The accuracy configs (configs/<dataset>.yaml, used by benchmarks/accuracy.py): each loads
+with its recipe's stages (two stages, or conservative only from fresh weights), reads the
+dataset directories the benchmark writes, and one of them trains end to end on real DFT data."""
 from __future__ import annotations
 
 import importlib.util
@@ -33,10 +33,13 @@ ACCURACY = _accuracy_benchmark()
 
 
 @pytest.mark.parametrize("name", sorted(ACCURACY.DATASETS))
-def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
+def test_config_loads_with_its_recipe_stages_and_the_benchmark_data_dirs(name):
     dataset = ACCURACY.DATASETS[name]
     config = load_train_config(dataset.config)
-    assert config.stages == ["direct", "conservative"]
+    if dataset.direct_share == 0:  # conservative only, from fresh weights
+        assert config.stages == ["conservative"] and config.conservative.init_from == "none"
+    else:
+        assert config.stages == ["direct", "conservative"] and config.conservative.init_from == ""
     assert [REPO_ROOT / path for path in config.data.train] == [dataset.split_dir("train")]
     assert [REPO_ROOT / path for path in config.data.val] == [dataset.split_dir("val")]
     assert config.model.cutoff == 5.0
@@ -44,7 +47,8 @@ def test_config_loads_with_both_stages_and_the_benchmark_data_dirs(name):
         assert stage.force_weight > 0 and stage.energy_weight > 0
         assert stage.warmup_steps < stage.max_steps
     # The conservative stage learns its energy gradient almost from scratch: at half the direct
-    # learning rate its forces ended worse (benchmarks/README.md, the hand-over), so the same rate.
+    # learning rate its forces ended worse (benchmarks/README.md, the hand-over), so the same rate
+    # (also in the two-stage variant of a conservative-only recipe).
     assert config.conservative.lr == config.direct.lr
 
 
@@ -69,9 +73,18 @@ def test_budget_gives_each_stage_its_share_of_the_wall_clock():
     config = load_train_config(dataset.config, overrides)
     assert config.stages == ["direct", "conservative"]
     assert (config.direct.max_minutes, config.conservative.max_minutes) == (6.0, 4.0)
+    assert config.conservative.init_from == ""  # the hand-over, though this recipe is conservative only
     for stage in (config.direct, config.conservative):  # the clock, not the step count, ends each stage
         assert stage.max_steps == stage.val_every == ACCURACY.UNLIMITED_STEPS
         assert stage.checkpoint_every == ACCURACY.CHECKPOINT_EVERY  # to resume a killed run from
+
+
+@pytest.mark.parametrize("share, stages", [(0.0, ["conservative"]), (0.3, ["direct", "conservative"])])
+def test_a_direct_share_of_zero_gives_the_conservative_stage_the_whole_budget(share, stages):
+    minutes = ACCURACY.stage_minutes(share, 10.0)
+    assert list(minutes) == stages
+    assert sum(minutes.values()) == pytest.approx(10.0)
+    assert minutes["conservative"] == pytest.approx((1 - share) * 10.0)
 
 
 def test_fit_resumes_the_run_dir_its_own_command_left_and_replaces_another(tmp_path, monkeypatch):
@@ -107,7 +120,8 @@ def test_direct_share_must_leave_time_for_both_stages(share, capsys):
     assert f"--direct-share must be between 0 and 1, got {float(share)}" in capsys.readouterr().err
 
 
-def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stages", [["conservative"], ["direct", "conservative"]], ids=["as shipped", "two stages"])
+def test_two_step_training_of_the_ethanol_config_on_real_rmd17(stages, tmp_path, monkeypatch):
     source = shared_data("rmd17/ethanol_train.xyz")
     subset = tmp_path / "ethanol_20.xyz"
     ase.io.write(subset, ase.io.read(source, index=":20"), format="extxyz")
@@ -116,14 +130,15 @@ def test_two_step_training_of_the_ethanol_config_on_real_rmd17(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     overrides = [f"data.train=[{data_dir}]", f"data.val=[{data_dir}]", f"run_dir={tmp_path / 'run'}",
                  "logging.wandb.mode=disabled"]
-    for stage in ("direct", "conservative"):
+    overrides += ACCURACY.stage_overrides(dict.fromkeys(stages, 1.0))
+    for stage in stages:
         overrides += [f"{stage}.max_steps=2", f"{stage}.warmup_steps=1", f"{stage}.val_every=2",
                       f"{stage}.checkpoint_every=2", f"{stage}.log_every=1"]
     run_dir = fit(load_train_config(REPO_ROOT / "configs" / "rmd17-ethanol.yaml", overrides))
 
-    for stage in ("direct", "conservative"):
+    for stage in stages:
         assert (run_dir / "checkpoints" / stage / "best" / "model.pt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
-    for stage in ("direct", "conservative"):
+    for stage in stages:
         assert math.isfinite(summary[stage]["force_mae_mev_per_A"])
         assert math.isfinite(summary[stage]["energy_mae_mev_per_atom"])

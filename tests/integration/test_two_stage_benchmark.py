@@ -35,6 +35,13 @@ def test_two_stage_splits_the_budget_by_the_direct_share():
     assert config.conservative.init_from == ""  # this run's direct checkpoint
 
 
+def test_two_stage_hands_over_also_where_the_recipe_is_conservative_only():
+    # configs/rmd17-ethanol.yaml ships `stages: [conservative]` with `conservative.init_from: none`
+    config = load_train_config(REPO_ROOT / "configs" / "rmd17-ethanol.yaml", TWO_STAGE.arm_overrides("two_stage", 10.0, 0.3))
+    assert config.stages == ["direct", "conservative"]
+    assert config.conservative.init_from == ""  # this run's direct checkpoint, not fresh weights
+
+
 def test_direct_is_the_direct_stage_for_the_whole_budget():
     config = arm_config("direct")
     assert config.stages == ["direct"] and config.direct.max_minutes == 10.0
