@@ -185,12 +185,12 @@ def stage_minutes(direct_share: float, budget_minutes: float) -> dict[str, float
 
 def stage_overrides(minutes: dict[str, float], clock: str = "wall") -> list[str]:
     """`stages` and each stage's time on `clock` (wall or cpu); validation only at a stage's
-    end, a checkpoint every CHECKPOINT_EVERY steps to resume from. With both stages the
-    conservative one starts from this run's direct checkpoint, also where the recipe is
-    conservative only (its `conservative.init_from: none`)."""
+    end, a checkpoint every CHECKPOINT_EVERY steps to resume from. Where the conservative stage
+    starts follows from the stages: after the direct stage, from this run's direct checkpoint
+    (also where the recipe is conservative only); alone, from fresh weights."""
     overrides = [f"stages=[{','.join(minutes)}]"]
-    if list(minutes) == ["direct", "conservative"]:
-        overrides.append('conservative.init_from=""')
+    if "conservative" in minutes:
+        overrides.append('conservative.init_from=""' if "direct" in minutes else "conservative.init_from=none")
     for stage, stage_minutes in minutes.items():
         overrides += [f"{stage}.max_minutes={stage_minutes:.6g}", f"{stage}.clock={clock}",
                       f"{stage}.max_steps={UNLIMITED_STEPS}",

@@ -89,12 +89,13 @@ def prepare(dataset: str, out: Path) -> dict:
 
 # ----- one run --------------------------------------------------------------------------
 def arm_overrides(arm: str, budget_minutes: float, direct_share: float | None, clock: str = "wall") -> list[str]:
-    """The stages and time limits of an arm (accuracy.stage_overrides)."""
+    """The stages of an arm, their time limits and where its conservative stage starts
+    (accuracy.stage_overrides)."""
     if arm == "two_stage":
         minutes = accuracy.stage_minutes(direct_share, budget_minutes)
     else:
         minutes = {"scratch": {"conservative": budget_minutes}, "direct": {"direct": budget_minutes}}[arm]
-    return accuracy.stage_overrides(minutes, clock) + (["conservative.init_from=none"] if arm == "scratch" else [])
+    return accuracy.stage_overrides(minutes, clock)
 
 
 def handover_start(run_dir: Path) -> dict | None:
